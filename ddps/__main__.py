@@ -1,0 +1,5 @@
+import sys
+
+from ddps.cli import main
+
+sys.exit(main())

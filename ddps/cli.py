@@ -1,0 +1,141 @@
+"""ddps command line: argument parsing and nothing else; the work is in the engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ddps.errors import DDPSError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None:
+    p.add_argument("--preset", default=preset, help="smoke | cpu | paper (default: %(default)s)")
+    p.add_argument("--config", help="experiment YAML; its presets.<preset> overrides the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train_base.iters=100")
+    p.add_argument("--data-root", help="dataset root (for fashion-scenes: the Fashion-MNIST IDX folder; "
+                                       "also $DDPS_FASHION_MNIST)")
+
+
+def _resolve(args):
+    from ddps.config import resolve
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.insert(0, f"data.root={args.data_root}")
+    return resolve(args.preset, args.config, overrides)
+
+
+def cmd_data_build(args) -> int:
+    import numpy as np
+
+    from ddps.data import fashion_scenes
+    from ddps.errors import DataError
+    cfg = _resolve(args)
+    if args.dataset != "fashion-scenes":
+        raise DataError(f"only fashion-scenes is built; {args.dataset!r} is read in place")
+    d = cfg.data
+    spec = fashion_scenes.SceneSpec(d.canvas, d.min_objects, d.max_objects, d.min_scale, d.max_scale,
+                                    d.train_scenes, d.val_scenes, d.scene_seed)
+    path = fashion_scenes.build(spec, d.root or None, force=args.force)
+    print(f"fashion-scenes: {path}")
+    print(f"canvas {d.canvas}x{d.canvas}, {d.min_objects}-{d.max_objects} objects of "
+          f"{28 * d.min_scale:.0f}-{28 * d.max_scale:.0f} px")
+    shares = {}
+    for split in ("train", "val"):
+        images, masks = fashion_scenes.load(path, split)
+        shares[split] = fashion_scenes.pixel_shares(masks)
+        print(f"{split}: {len(images)} scenes")
+    print(f"{'class':<14}{'train %':>9}{'val %':>9}")
+    for k, name in enumerate(fashion_scenes.CLASS_NAMES):
+        print(f"{name:<14}{100 * shares['train'][k]:>9.2f}{100 * shares['val'][k]:>9.2f}")
+    assert np.isclose(shares["train"].sum(), 1.0)
+    return 0
+
+
+def cmd_train_base(args) -> int:
+    from ddps.engine.train_base import fit
+    from ddps.segmentors.checkpoint import read_checkpoint
+    cfg = _resolve(args)
+    path = fit(cfg, checkpoint=args.out, force=args.force)
+    metrics = read_checkpoint(path)["metrics"]
+    metrics_path = Path(path).with_suffix(".json")
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(f"checkpoint: {path}\nmetrics: {metrics_path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
+    print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ddps.config import resolve
+    from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
+    from ddps.engine.train_base import fit
+    cfg = resolve(args.preset, None, args.overrides)
+    print(f"== 1/3 fashion-scenes ({cfg.data.train_scenes} train / {cfg.data.val_scenes} val scenes)")
+    print(f"== 2/3 train the base segmentor ({cfg.base.arch}-{cfg.base.backbone}, preset {cfg.preset})")
+    path = fit(cfg)
+    print("== 3/3 evaluate it (single-scale / multi-scale + flip)")
+    print(evaluate_checkpoint(path))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="build a dataset cache and print its statistics")
+    build.add_argument("dataset", help="fashion-scenes")
+    build.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    _config_args(build)
+    build.set_defaults(func=cmd_data_build)
+
+    train = sub.add_parser("train-base", help="train a base segmentor and save its checkpoint")
+    _config_args(train)
+    train.add_argument("--out", help="checkpoint path (default: content-addressed under $DDPS_HOME)")
+    train.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    train.set_defaults(func=cmd_train_base)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint and print its row")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the embedded default: build data, train, evaluate")
+    demo.add_argument("--preset", default="cpu")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    """A DDPSError's message; for one re-raised by a DataLoader worker, its original last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DDPSError as e:
+        print(f"ddps: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddps: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Config layering: dataclass defaults <- named preset <- experiment YAML's presets.<name> <- --set key=value.
+
+The result is a frozen :class:`Config`; :func:`to_flat` turns it into the one flat dict that goes to Tune,
+MLflow and the checkpoint. Unknown sections or keys, wrong types and out-of-range values raise a one-line
+ConfigError naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from ddps.config.presets import PRESETS
+from ddps.config.schema import SECTIONS, Config
+from ddps.errors import ConfigError, choices
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def known_keys() -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in _field_types(s)]
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check (and lightly coerce) one value against its field type."""
+    def bad():
+        return ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(kind, '__name__', kind)}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            inner = typing.get_args(kind)[0]
+            return tuple(_coerce(key, v, inner) for v in value)
+        raise bad()
+    raise AssertionError(f"unsupported field type {kind} for {key}")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in {key!r}; choose from: {choices(SECTIONS)}")
+    if name not in _field_types(section):
+        raise ConfigError(f"unknown config key {key!r}; valid keys of {section}: "
+                          f"{', '.join(_field_types(section))}")
+    return section, name
+
+
+def flatten_nested(tree: Mapping, where: str) -> dict[str, Any]:
+    """{section: {key: value}} (as in YAML) -> {"section.key": value}."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{where} must be a mapping of sections, got {type(tree).__name__}")
+    flat = {}
+    for section, keys in tree.items():
+        if not isinstance(keys, Mapping):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {keys!r}")
+        for name, value in keys.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """['section.key=value', ...] -> flat dict; values are parsed as YAML scalars or lists."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: cannot parse the value {text!r}") from None
+    return out
+
+
+def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
+    """The flat overrides of an experiment YAML's presets.<preset> (empty when it has none)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"experiment file {path} must hold a mapping")
+    presets = doc.get("presets") or {}
+    return flatten_nested(presets.get(preset) or {}, f"{path}: presets.{preset}")
+
+
+def resolve(preset: str = "cpu", experiment: str | Path | None = None,
+            overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Resolve the layered config; ``overrides`` is a flat dict or a list of 'key=value' strings."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from: {choices(PRESETS)}")
+    layers = [PRESETS[preset]]
+    if experiment is not None:
+        layers.append(read_experiment(experiment, preset))
+    layers.append(dict(overrides) if isinstance(overrides, Mapping) else parse_set(overrides))
+    flat: dict[str, Any] = {}
+    for layer in layers:
+        flat.update(layer)
+    flat.pop("preset", None)
+    return from_flat({"preset": preset, **flat})
+
+
+def from_flat(flat: Mapping[str, Any]) -> Config:
+    """A flat dict (possibly partial) -> Config, checking every key, type and range."""
+    values: dict[str, dict] = {s: {} for s in SECTIONS}
+    for key, value in flat.items():
+        if key == "preset":
+            continue
+        section, name = _split_key(key)
+        values[section][name] = _coerce(key, value, _field_types(section)[name])
+    sections = {s: SECTIONS[s](**kv) for s, kv in values.items()}
+    return Config(preset=str(flat.get("preset", "cpu")), **sections)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """Config -> {"preset": ..., "section.key": value, ...}; tuples become lists."""
+    flat: dict[str, Any] = {"preset": cfg.preset}
+    for section in SECTIONS:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            flat[f"{section}.{name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def content_hash(cfg: Config, sections: Iterable[str], inputs: Iterable[str] = ()) -> str:
+    """sha256 of the canonical JSON of the given sections plus the hashes of a step's inputs."""
+    flat = to_flat(cfg)
+    chosen = {k: v for k, v in flat.items() if k.split(".")[0] in set(sections)}
+    payload = json.dumps({"config": chosen, "inputs": list(inputs)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,117 @@
+"""Typed configuration: one frozen dataclass per concern.
+
+A resolved configuration is also one flat dict {"section.key": value} — what goes to Tune, MLflow and the
+checkpoint alike (see ddps.config.load).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ddps.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {rule}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-scenes"  # fashion-scenes | ade20k | cityscapes | folder
+    root: str = ""                   # dataset root; for fashion-scenes the Fashion-MNIST IDX folder ('' = default)
+    ignore_index: int = 255
+    reduce_zero_label: bool = False  # folder datasets: label 0 -> ignore, others -1 (ADE20K's convention)
+    # fashion-scenes composition
+    canvas: int = 64
+    min_objects: int = 2
+    max_objects: int = 4
+    min_scale: float = 0.9
+    max_scale: float = 1.6
+    train_scenes: int = 8000
+    val_scenes: int = 1000
+    scene_seed: int = 0
+    # training augmentation (MMSegmentation's pipeline, with albumentations)
+    resize: int = 0           # short side before the ratio range; 0 = keep the image's size
+    ratio_min: float = 0.5
+    ratio_max: float = 2.0
+    crop: int = 64
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True
+    # test
+    test_resize: int = 0      # short side at test time; 0 = keep
+
+    def __post_init__(self):
+        _require(0 < self.ratio_min <= self.ratio_max, "data.ratio_min/ratio_max",
+                 (self.ratio_min, self.ratio_max), "0 < ratio_min <= ratio_max")
+        _require(self.crop >= 32 and self.crop % 32 == 0, "data.crop", self.crop, "a multiple of 32, >= 32")
+        _require(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio, "in (0, 1]")
+        _require(self.resize >= 0, "data.resize", self.resize, ">= 0")
+        _require(self.test_resize >= 0, "data.test_resize", self.test_resize, ">= 0")
+        _require(0 <= self.ignore_index <= 255, "data.ignore_index", self.ignore_index, "0..255")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    arch: str = "segformer"        # segformer | deeplabv3plus
+    backbone: str = "mit_b0"       # mit_b0..mit_b5 | mobilenet_v2, resnet50, resnet101
+    feature_channels: int = 256    # width of the feature map before the classifier (what DDPS conditions on)
+    encoder_weights: str = ""      # '' = random init; else a local state-dict file for the encoder
+
+    def __post_init__(self):
+        _require(self.feature_channels >= 8, "base.feature_channels", self.feature_channels, ">= 8")
+
+
+@dataclass(frozen=True)
+class TrainBaseConfig:
+    iters: int = 4000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_iters: int = 200
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    eval_every: int = 400          # iterations between held-out evaluations (plateau check)
+    log_every: int = 50
+    num_workers: int = 0
+    threads: int = 0               # torch threads; 0 = torch's default
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("iters", "batch_size", "eval_every", "log_every"):
+            _require(getattr(self, key) >= 1, f"train_base.{key}", getattr(self, key), ">= 1")
+        _require(self.lr > 0, "train_base.lr", self.lr, "> 0")
+        _require(0 <= self.warmup_iters < self.iters, "train_base.warmup_iters", self.warmup_iters,
+                 "0 <= warmup_iters < iters")
+        _require(self.num_workers >= 0 and self.threads >= 0, "train_base.num_workers/threads",
+                 (self.num_workers, self.threads), ">= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "whole"            # whole | slide
+    crop: int = 512                # sliding-window size and stride
+    stride: int = 341
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # multi-scale test
+    flip: bool = True              # flip in the multi-scale test
+    batch_size: int = 32
+    max_images: int = 0            # 0 = the whole val split
+
+    def __post_init__(self):
+        _require(self.mode in ("whole", "slide"), "eval.mode", self.mode, "whole or slide")
+        _require(0 < self.stride <= self.crop, "eval.stride", self.stride, "0 < stride <= crop")
+        _require(len(self.scales) > 0 and all(s > 0 for s in self.scales), "eval.scales", self.scales,
+                 "a non-empty list of positive factors")
+        _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    train_base: TrainBaseConfig = field(default_factory=TrainBaseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "preset"}

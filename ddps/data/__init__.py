@@ -1,0 +1,4 @@
+"""Datasets: the embedded fashion-scenes benchmark, ADE20K, Cityscapes and a generic folder layout."""
+from ddps.data.datasets import DATASETS, SegmentationDataset, build_dataset
+
+__all__ = ["DATASETS", "SegmentationDataset", "build_dataset"]

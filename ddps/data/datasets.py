@@ -1,0 +1,228 @@
+"""Segmentation datasets: the embedded fashion-scenes, ADE20K, Cityscapes and a generic folder layout.
+
+Every dataset yields {"image": (3, H, W) float32 normalised, "mask": (H, W) int64, "index": int} and knows
+its class names and ignore index. Reading checks each file: a corrupt image or mask, an image/mask size
+mismatch or a label value that is neither a class nor the ignore index raises a one-line DataError that
+names the file.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ddps.config import DataConfig
+from ddps.data import classes, fashion_scenes
+from ddps.data.transforms import EvalTransform, TrainTransform
+from ddps.errors import DataError, choices
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+Transform = Callable[[np.ndarray, np.ndarray], tuple]
+
+
+def check_labels(mask: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if len(bad):
+        raise DataError(f"{where}: label value {int(bad[0])} is not a class (0..{num_classes - 1}) "
+                        f"nor the ignore index {ignore_index}")
+
+
+class SegmentationDataset(Dataset):
+    """Base: subclasses implement ``__len__`` and ``read(i) -> (image (H, W, 3) uint8, mask (H, W), where)``."""
+
+    def __init__(self, name: str, class_names: Sequence[str], ignore_index: int, transform: Transform):
+        self.name = name
+        self.class_names = tuple(class_names)
+        self.ignore_index = ignore_index
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask, where = self.read(i)
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{where}: image is {image.shape[1]}x{image.shape[0]} but mask is "
+                            f"{mask.shape[1]}x{mask.shape[0]}")
+        check_labels(mask, self.num_classes, self.ignore_index, where)
+        image_t, mask_t = self.transform(image, mask)
+        return {"image": image_t, "mask": mask_t, "index": i}
+
+
+class ArrayDataset(SegmentationDataset):
+    """Scenes held in memory: images (N, H, W, 3) uint8, masks (N, H, W) uint8."""
+
+    def __init__(self, name, images, masks, class_names, ignore_index, transform):
+        super().__init__(name, class_names, ignore_index, transform)
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, i):
+        return self.images[i], self.masks[i], f"{self.name} scene {i}"
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel label image")
+            return np.asarray(im).astype(np.int64)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read mask {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+class FileDataset(SegmentationDataset):
+    """(image file, mask file) pairs; ``reduce_zero_label`` maps 0 -> ignore and k -> k - 1 (ADE20K)."""
+
+    def __init__(self, name, pairs, class_names, ignore_index, transform, reduce_zero_label=False):
+        super().__init__(name, class_names, ignore_index, transform)
+        if not pairs:
+            raise DataError(f"{name}: no images found")
+        self.pairs = pairs
+        self.reduce_zero_label = reduce_zero_label
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, i):
+        image_path, mask_path = self.pairs[i]
+        image, mask = read_image(image_path), read_mask(mask_path)
+        if self.reduce_zero_label:
+            mask = np.where(mask == 0, self.ignore_index, mask - 1)
+            mask[mask == self.ignore_index - 1] = self.ignore_index  # mmseg: 255 -> 254 -> back to 255
+        return image, mask, str(mask_path)
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} folder {path} does not exist")
+    return path
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def ade20k_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """ADEChallengeData2016/images/{training,validation}/*.jpg + annotations/.../*.png."""
+    base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    sub = {"train": "training", "val": "validation"}[split]
+    images = _require_dir(base / "images" / sub, "ADE20K images")
+    annotations = _require_dir(base / "annotations" / sub, "ADE20K annotations")
+    pairs = []
+    for image in _images_in(images):
+        mask = annotations / image.relative_to(images).with_suffix(".png")
+        if not mask.is_file():
+            raise DataError(f"ADE20K image {image} has no annotation {mask}")
+        pairs.append((image, mask))
+    return pairs
+
+
+def cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """leftImg8bit/{split}/<city>/<stem>_leftImg8bit.png + gtFine/{split}/<city>/<stem>_gtFine_labelTrainIds.png."""
+    images = _require_dir(root / "leftImg8bit" / split, "Cityscapes leftImg8bit")
+    labels = _require_dir(root / "gtFine" / split, "Cityscapes gtFine")
+    pairs = []
+    for image in sorted(images.rglob("*_leftImg8bit.png")):
+        rel = image.relative_to(images)
+        mask = labels / rel.parent / rel.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        if not mask.is_file():
+            raise DataError(f"Cityscapes image {image} has no label {mask} (run cityscapesscripts' "
+                            f"createTrainIdLabelImgs first)")
+        pairs.append((image, mask))
+    return pairs
+
+
+def folder_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """images/<stem>.png|jpg + masks/<stem>.png; splits/<split>.txt lists the stems of a split (optional)."""
+    images = _require_dir(root / "images", "dataset images")
+    masks = _require_dir(root / "masks", "dataset masks")
+    by_stem = {p.stem: p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    split_file = root / "splits" / f"{split}.txt"
+    if split_file.is_file():
+        stems = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+        unknown = [s for s in stems if s not in by_stem]
+        if unknown:
+            raise DataError(f"{split_file} names image {unknown[0]!r} that is not in {images}")
+    else:
+        stems = sorted(by_stem)
+        if (root / "splits").is_dir():
+            raise DataError(f"split file {split_file} does not exist; choose a split that has a file in {root / 'splits'}")
+        warnings.warn(f"{root} has no splits/{split}.txt: the {split} split is every image", stacklevel=2)
+    pairs = []
+    for stem in stems:
+        mask = masks / f"{stem}.png"
+        if not mask.is_file():
+            raise DataError(f"image {by_stem[stem]} has no mask {mask}")
+        pairs.append((by_stem[stem], mask))
+    return pairs
+
+
+def folder_class_names(root: Path) -> tuple[str, ...]:
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"class-names file {path} does not exist (one class name per line)")
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not names:
+        raise DataError(f"class-names file {path} is empty")
+    return names
+
+
+def _fashion_scenes(cfg: DataConfig, split: str, transform: Transform) -> SegmentationDataset:
+    spec = fashion_scenes.SceneSpec(cfg.canvas, cfg.min_objects, cfg.max_objects, cfg.min_scale,
+                                    cfg.max_scale, cfg.train_scenes, cfg.val_scenes, cfg.scene_seed)
+    path = fashion_scenes.build(spec, cfg.root or None)
+    images, masks = fashion_scenes.load(path, split)
+    return ArrayDataset(f"fashion-scenes/{split}", images, masks, fashion_scenes.CLASS_NAMES,
+                        cfg.ignore_index, transform)
+
+
+def _files(finder, class_names, default_reduce):
+    def make(cfg: DataConfig, split: str, transform: Transform) -> SegmentationDataset:
+        if not cfg.root:
+            raise DataError(f"data.root is not set: point it at the {cfg.dataset} folder")
+        root = _require_dir(Path(cfg.root).expanduser(), f"{cfg.dataset} root")
+        names = class_names(root) if callable(class_names) else class_names
+        return FileDataset(f"{cfg.dataset}/{split}", finder(root, split), names, cfg.ignore_index, transform,
+                           reduce_zero_label=default_reduce or cfg.reduce_zero_label)
+    return make
+
+
+DATASETS = {
+    "fashion-scenes": _fashion_scenes,
+    "ade20k": _files(ade20k_pairs, classes.ADE20K, True),
+    "cityscapes": _files(cityscapes_pairs, classes.CITYSCAPES, False),
+    "folder": _files(folder_pairs, folder_class_names, False),
+}
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool | None = None, seed: int | None = None
+                  ) -> SegmentationDataset:
+    """The dataset named by ``cfg.dataset``; training augmentation when ``train`` (default: split == 'train')."""
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; choose from: {choices(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    train = split == "train" if train is None else train
+    transform = TrainTransform(cfg, seed) if train else EvalTransform(cfg)
+    return DATASETS[cfg.dataset](cfg, split, transform)

@@ -1,0 +1,1 @@
+"""Engine: training and evaluation loops as plain functions of (config, reporter)."""

@@ -1,0 +1,122 @@
+"""Training of the base segmentor (stage 0), as a plain function of (config, reporter).
+
+The same function runs in-process (tests, ``ddps train-base``) and, later, inside a Ray Train worker.
+Stages: config -> data -> model -> optimiser -> loop (with held-out evaluations) -> checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
+from ddps.data import build_dataset
+from ddps.engine.evaluate import evaluate_base
+from ddps.engine.reporter import ConsoleReporter, Reporter
+from ddps.paths import cache_dir
+from ddps.segmentors import create_base
+from ddps.segmentors.checkpoint import save_base
+
+BASE_SECTIONS = ("data", "base", "train_base")
+
+
+def lr_at(it: int, cfg: TrainBaseConfig) -> float:
+    """Linear warm-up to cfg.lr, then polynomial decay to cfg.min_lr at cfg.iters (mmseg's PolyLR)."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    frac = (it - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters)
+    return (cfg.lr - cfg.min_lr) * (1 - frac) ** cfg.poly_power + cfg.min_lr
+
+
+def base_hash(cfg: Config) -> str:
+    return content_hash(cfg, BASE_SECTIONS)
+
+
+def default_checkpoint(cfg: Config) -> Path:
+    return cache_dir("checkpoints") / f"base-{cfg.base.arch}-{cfg.base.backbone}-{base_hash(cfg)[:16]}.pt"
+
+
+def plateau_gain(history: list[dict], iters: int) -> float:
+    """Held-out mIoU gain over the last fifth of the schedule: final minus the last eval at <= 80%."""
+    early = [h for h in history if h["iter"] <= 0.8 * iters]
+    if not early or history[-1]["iter"] != iters:
+        return math.nan
+    return history[-1]["mIoU"] - early[-1]["mIoU"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | None = None,
+        device: str = "cpu", force: bool = False) -> Path:
+    """Train a base segmentor per ``cfg`` and return its checkpoint; an existing one is reused."""
+    tc = cfg.train_base
+    reporter = reporter or ConsoleReporter("train-base", tc.iters)
+    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+    if path.exists() and not force:
+        reporter.info(f"reusing {path} (same config hash)")
+        return path
+
+    # ---- setup -----------------------------------------------------------------------------------
+    seed_everything(tc.seed)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    train_set = build_dataset(cfg.data, "train", seed=tc.seed)
+    val_set = build_dataset(cfg.data, "val")
+    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0,
+                        generator=torch.Generator().manual_seed(tc.seed))
+    model = create_base(cfg.base.arch, cfg.base.backbone, train_set.num_classes,
+                        feature_channels=cfg.base.feature_channels,
+                        encoder_weights=cfg.base.encoder_weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
+                  f"{len(val_set)} val images, {tc.iters} iters of batch {tc.batch_size}")
+
+    # ---- loop ------------------------------------------------------------------------------------
+    history: list[dict] = []
+    batches = iter(())
+    seen, window_start, window_images = 0, time.perf_counter(), 0
+    model.train()
+    for it in range(tc.iters):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        x, y = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, H, W)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, tc)
+        loss = F.cross_entropy(model.segment(x), y, ignore_index=train_set.ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(x)
+        window_images += len(x)
+        step = it + 1
+        if step % tc.log_every == 0 or step == tc.iters:
+            elapsed = time.perf_counter() - window_start
+            reporter.log({"loss": float(loss.detach()), "lr": lr_at(it, tc), "img_per_s": window_images / elapsed}, step)
+            window_start, window_images = time.perf_counter(), 0
+        if step % tc.eval_every == 0 or step == tc.iters:
+            scores = evaluate_base(model, val_set, cfg.eval, device=device)
+            history.append({"iter": step, "mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"]})
+            reporter.log({"val_mIoU": scores["mIoU"], "val_mBIoU": scores["mBIoU"]}, step)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+
+    # ---- checkpoint ------------------------------------------------------------------------------
+    final = {"val_mIoU": history[-1]["mIoU"], "val_mBIoU": history[-1]["mBIoU"],
+             "plateau_gain": plateau_gain(history, tc.iters), "images_seen": seen}
+    reporter.info(f"done: val mIoU {final['val_mIoU']:.2f}, mBIoU {final['val_mBIoU']:.2f}, "
+                  f"gain over the last fifth {final['plateau_gain']:+.2f}")
+    return save_base(path, model, config=to_flat(cfg), class_names=train_set.class_names, metrics=final,
+                     history=history, content_hash=base_hash(cfg))

@@ -1,0 +1,148 @@
+"""Base segmentors from segmentation-models-pytorch, behind one interface.
+
+``BaseSegmentor(x)`` returns the class logits and the feature map just before the final classifier, both
+at 1/4 of the input resolution: this feature map is what the DDPS denoiser conditions on (paper §3.1).
+For SegFormer it is the all-MLP decoder's fused map; for DeepLabV3+ the decoder's output after the
+low-level fusion. The smp segmentation head is split: its 1x1 conv is the classifier; its x4 upsampling
+is done by :meth:`BaseSegmentor.segment`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddps.errors import CheckpointError, ConfigError, choices
+
+ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus}
+BACKBONES = {
+    "segformer": ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"),
+    "deeplabv3plus": ("mobilenet_v2", "resnet50", "resnet101"),
+}
+# the keyword smp uses for the width of each architecture's decoder output (= the feature channels)
+_CHANNELS_KWARG = {"segformer": "decoder_segmentation_channels", "deeplabv3plus": "decoder_channels"}
+OUTPUT_STRIDE = 4
+PAD_MULTIPLE = 32  # every backbone above downsamples by 32: inputs are padded to a multiple of it
+
+
+class SegmentorOutput(NamedTuple):
+    logits: torch.Tensor    # (B, K, H/4, W/4)
+    features: torch.Tensor  # (B, C, H/4, W/4)
+
+
+@dataclass(frozen=True)
+class SegmentorSpec:
+    arch: str
+    backbone: str
+    num_classes: int
+    feature_channels: int = 256
+    encoder_weights: str = ""  # '' = random init; else a local file with the encoder's state dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.backbone}"
+
+
+class BaseSegmentor(nn.Module):
+    """An smp model seen as (logits, features) at 1/4 resolution."""
+
+    def __init__(self, spec: SegmentorSpec):
+        super().__init__()
+        validate_names(spec.arch, spec.backbone)
+        self.spec = spec
+        model = ARCHITECTURES[spec.arch](
+            encoder_name=spec.backbone, encoder_weights=None, classes=spec.num_classes,
+            **{_CHANNELS_KWARG[spec.arch]: spec.feature_channels})
+        self.encoder, self.decoder = model.encoder, model.decoder
+        self.classifier = model.segmentation_head[0]  # the 1x1 conv; the x4 upsampling is segment()'s
+        if spec.encoder_weights:
+            load_state(self.encoder, spec.encoder_weights, what=f"{spec.backbone} encoder weights")
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def feature_channels(self) -> int:
+        return self.spec.feature_channels
+
+    def forward(self, x: torch.Tensor) -> SegmentorOutput:
+        assert x.ndim == 4 and x.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(x.shape)}"
+        assert x.shape[2] % PAD_MULTIPLE == 0 and x.shape[3] % PAD_MULTIPLE == 0, \
+            f"input {tuple(x.shape[2:])} must be a multiple of {PAD_MULTIPLE}; see segmentors.inference.pad"
+        features = self.decoder(self.encoder(x))  # (B, C, H/4, W/4)
+        return SegmentorOutput(self.classifier(features), features)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits at the input resolution, (B, K, H, W)."""
+        logits = self(x).logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def freeze(self) -> "BaseSegmentor":
+        """Stop all gradients and hold norm layers in eval mode, so BatchNorm statistics cannot drift."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "BaseSegmentor":
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def validate_names(arch: str, backbone: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown base architecture {arch!r}; choose from: {choices(ARCHITECTURES)}")
+    if backbone not in BACKBONES[arch]:
+        raise ConfigError(f"unknown backbone {backbone!r} for {arch}; choose from: {', '.join(BACKBONES[arch])}")
+
+
+def create_base(arch: str, backbone: str, num_classes: int, **kwargs) -> BaseSegmentor:
+    """Build a base segmentor by name, e.g. create_base('segformer', 'mit_b0', 11)."""
+    return BaseSegmentor(SegmentorSpec(arch, backbone, num_classes, **kwargs))
+
+
+def load_state(module: nn.Module, path: str | Path, what: str) -> None:
+    """Load a state dict file into ``module`` strictly, with a one-line error on any mismatch.
+
+    Accepts a plain state dict, or a dict holding one under 'model' or 'state_dict' (as mmseg and timm save).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: file {path} does not exist") from None
+    except Exception as e:  # pickle errors, truncated zip archives, non-tensor payloads
+        raise CheckpointError(f"{what}: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
+    check_state(module, state, f"{what} in {path}")
+    module.load_state_dict(state)
+
+
+def check_state(module: nn.Module, state: dict, where: str) -> None:
+    """Raise one CheckpointError naming missing keys, unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    if problems:
+        raise CheckpointError(f"{where} does not fit: " + "; ".join(problems))

@@ -1,0 +1,47 @@
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ddps_home(tmp_path_factory):
+    """Every test session gets its own DDPS_HOME, so caches never leak between runs."""
+    home = tmp_path_factory.mktemp("ddps-home")
+    os.environ["DDPS_HOME"] = str(home)
+    return home
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def blob(rng, label):
+    """A 28x28 'garment': a filled rectangle with a hole, brightness by class."""
+    img = np.zeros((28, 28), np.uint8)
+    img[4:24, 6:22] = 60 + 15 * label
+    img[10:14, 12:16] = 0  # an enclosed hole: the silhouette fills it
+    return img
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """A Fashion-MNIST look-alike: train photos have classes 0-4 only, test photos 5-9 only."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for stem, n, classes in (("train", 50, range(0, 5)), ("t10k", 20, range(5, 10))):
+        labels = np.array([list(classes)[i % len(classes)] for i in range(n)], np.uint8)
+        images = np.stack([blob(rng, int(c)) for c in labels])
+        write_idx(root / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels)
+    return root

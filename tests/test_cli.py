@@ -1,0 +1,65 @@
+"""The command line, run as a user runs it: real subprocesses, one-line errors, printed tables."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def ddps(*args, env=None, timeout=600):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ddps", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def test_data_build_prints_counts_and_class_shares(tiny_fashion):
+    out = ddps("data", "build", "fashion-scenes", "--preset", "smoke", "--data-root", str(tiny_fashion))
+    assert out.returncode == 0, out.stderr
+    assert "train: 64 scenes" in out.stdout and "val: 16 scenes" in out.stdout
+    lines = [l for l in out.stdout.splitlines() if l.startswith(("background", "Trouser", "Ankle boot"))]
+    assert len(lines) == 3
+    shares = [float(l.split()[-2]) for l in out.stdout.splitlines()[-11:]]
+    assert sum(shares) == pytest.approx(100, abs=0.1)
+
+
+def test_train_base_then_eval_prints_the_row(tmp_path):
+    ckpt = tmp_path / "base.pt"
+    out = ddps("train-base", "--preset", "smoke", "--out", str(ckpt))
+    assert out.returncode == 0, out.stderr
+    assert "[train-base] it 20/20" in out.stdout and "val_mIoU" in out.stdout
+    assert ckpt.exists() and ckpt.with_suffix(".json").exists()
+    again = ddps("train-base", "--preset", "smoke", "--out", str(ckpt))
+    assert "reusing" in again.stdout  # a finished checkpoint is not retrained
+    ev = ddps("eval", str(ckpt))
+    assert ev.returncode == 0, ev.stderr
+    header, rule, row = ev.stdout.strip().splitlines()[-3:]
+    assert header == "| Method | Backbone | #P(M) | mIoU (ss/ms) | mBIoU |"
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["SegFormer", "MiT-B0"]
+    ss, ms = (float(v) for v in cells[3].split("/"))
+    assert 0 <= ss <= 100 and 0 <= ms <= 100 and 0 <= float(cells[4]) <= 100
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["train-base", "--preset", "smoke", "--set", "base.backbone=vit_h"], {},
+     "unknown backbone 'vit_h' for segformer; choose from: mit_b0"),
+    (["train-base", "--preset", "smoke", "--set", "data.dataset=coco"], {},
+     "unknown dataset 'coco'; choose from: ade20k, cityscapes, fashion-scenes, folder"),
+    (["data", "build", "fashion-scenes", "--preset", "smoke", "--data-root", "/nonexistent/fmnist"], {},
+     "Fashion-MNIST file /nonexistent/fmnist/train-images-idx3-ubyte.gz is missing"),
+    (["data", "build", "fashion-scenes", "--preset", "smoke"], {"DDPS_FASHION_MNIST": "/nowhere"},
+     "Fashion-MNIST file /nowhere/train-images-idx3-ubyte.gz is missing"),
+    (["train-base", "--preset", "huge"], {}, "unknown preset 'huge'; choose from: cpu, paper, smoke"),
+    (["eval", "/nonexistent.pt"], {}, "checkpoint /nonexistent.pt does not exist"),
+])
+def test_bad_input_is_one_line_on_stderr_without_traceback(args, env, message):
+    out = ddps(*args, env=env)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_paper_preset_without_ade20k_says_what_to_set():
+    out = ddps("train-base", "--preset", "paper")
+    assert out.returncode == 2 and "data.root is not set: point it at the ade20k folder" in out.stderr

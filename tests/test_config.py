@@ -1,0 +1,65 @@
+"""Config layering, the flat dict, content hashes and the one-line errors of bad values."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddps.config import PRESETS, content_hash, from_flat, known_keys, resolve, to_flat
+from ddps.errors import ConfigError
+
+
+def test_layering_order_defaults_preset_experiment_set(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("presets:\n  smoke:\n    train_base: {iters: 7, lr: 0.5}\n    data: {canvas: 40}\n")
+    cfg = resolve("smoke", exp, ["train_base.iters=9"])
+    assert cfg.train_base.iters == 9              # --set beats the experiment
+    assert cfg.train_base.lr == 0.5               # the experiment beats the preset and the default
+    assert cfg.data.canvas == 40
+    assert cfg.data.train_scenes == PRESETS["smoke"]["data.train_scenes"]  # the preset beats the default
+    assert cfg.data.min_objects == 2              # the default where nobody says otherwise
+
+
+def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
+    cfg = resolve("cpu")
+    assert from_flat(to_flat(cfg)) == cfg
+    other = resolve("cpu", overrides=["eval.flip=false"])
+    assert content_hash(cfg, ["data", "base", "train_base"]) == content_hash(other, ["data", "base", "train_base"])
+    assert content_hash(cfg, ["eval"]) != content_hash(other, ["eval"])
+    assert content_hash(cfg, ["data"], ["a"]) != content_hash(cfg, ["data"], ["b"])
+
+
+@pytest.mark.parametrize("item, match", [
+    ("data.colour=1", r"unknown config key 'data.colour'; valid keys of data: dataset, root"),
+    ("model.x=1", r"unknown config section 'model' .*; choose from: base, data, eval, train_base"),
+    ("train_base.iters=ten", r"train_base.iters='ten' has the wrong type: expected int"),
+    ("data.flip=yes please", r"data.flip='yes please' has the wrong type: expected bool"),
+    ("train_base.lr=-1", r"train_base.lr=-1.0 is out of range: > 0"),
+    ("data.crop=50", r"data.crop=50 is out of range: a multiple of 32"),
+    ("eval.mode=tiles", r"eval.mode='tiles' is out of range: whole or slide"),
+    ("nonsense", r"--set 'nonsense' is not of the form section.key=value"),
+])
+def test_bad_values_give_one_line_errors(item, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        resolve("cpu", overrides=[item])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_preset_and_missing_experiment(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpu'; choose from: cpu, paper, smoke"):
+        resolve("gpu")
+    with pytest.raises(ConfigError, match=r"experiment file .*nope.yaml does not exist"):
+        resolve("cpu", tmp_path / "nope.yaml")
+
+
+scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False), st.booleans(),
+                    st.text(max_size=8), st.lists(st.floats(0.1, 4), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(known_keys() + ["data.x", "y.z", "preset"]), scalars, max_size=4))
+def test_fuzzed_overrides_either_resolve_or_raise_config_error(overrides):
+    try:
+        cfg = resolve("cpu", overrides=overrides)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+    else:
+        assert from_flat(to_flat(cfg)) == cfg

@@ -1,0 +1,14 @@
+"""The layers of DESIGN.md hold: importing the core leaves ray and mlflow out of sys.modules."""
+import subprocess
+import sys
+
+CORE = ["ddps.config", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference", "ddps.metrics",
+        "ddps.engine.train_base", "ddps.engine.evaluate_checkpoint", "ddps.cli"]
+
+
+def test_core_and_engine_do_not_import_ray_or_mlflow():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in CORE) +
+            "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]\n"
+            "assert not bad, bad\nprint('clean')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr

@@ -1,0 +1,69 @@
+"""MMSegmentation's training pipeline with albumentations, and the test-time resize."""
+import random
+
+import numpy as np
+import torch
+
+from ddps.config import DataConfig
+from ddps.data.transforms import MEAN, STD, EvalTransform, TrainTransform, cat_max_ratio_window
+
+
+def test_cat_max_ratio_window_avoids_crops_dominated_by_one_class():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 80:] = 1  # class 0 covers 80%: about one random 40x40 crop in six is balanced enough
+    rng = random.Random(0)
+    for _ in range(50):
+        y1, y2, x1, x2 = cat_max_ratio_window(mask, 40, 0.75, 255, rng, tries=100)
+        window = mask[y1:y2, x1:x2]
+        assert (y2 - y1, x2 - x1) == (40, 40)
+        counts = np.bincount(window.ravel(), minlength=2)
+        assert counts.max() / counts.sum() < 0.75
+
+
+def test_cat_max_ratio_ignores_the_ignore_index():
+    mask = np.full((50, 50), 255, np.uint8)
+    mask[:, :25] = 0
+    mask[:, 25:30] = 1
+    rng = random.Random(1)
+    y1, y2, x1, x2 = cat_max_ratio_window(mask, 30, 0.75, 255, rng, tries=200)
+    counts = np.bincount(mask[y1:y2, x1:x2][mask[y1:y2, x1:x2] != 255].ravel())
+    counts = counts[counts > 0]
+    assert len(counts) == 2 and counts.max() / counts.sum() < 0.75
+
+
+def test_train_transform_outputs_crop_size_and_pads_masks_with_ignore():
+    cfg = DataConfig(crop=64, resize=0, ratio_min=0.5, ratio_max=0.5, photometric=False, flip=False)
+    image = np.full((64, 64, 3), 128, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 1
+    x, y = TrainTransform(cfg, seed=0)(image, mask)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y.shape == (64, 64) and y.dtype == torch.int64
+    # scaled to 32x32, then padded bottom/right: the padding is ignore in the mask and zero in the image
+    assert (y[32:, :] == 255).all() and (y[:, 32:] == 255).all() and (y[:32, :32] != 255).all()
+    zero = torch.tensor([(0 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
+    assert torch.allclose(x[:, 40:, 40:], zero.expand(3, 24, 24), atol=1e-5)
+
+
+def test_train_transform_resizes_short_side_and_keeps_labels_nearest():
+    cfg = DataConfig(crop=32, resize=48, ratio_min=1.0, ratio_max=1.0, photometric=True, flip=True)
+    image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    mask = np.random.default_rng(1).integers(0, 3, (60, 90), dtype=np.uint8)
+    x, y = TrainTransform(cfg, seed=0)(image, mask)
+    assert x.shape == (3, 32, 32)
+    assert set(np.unique(y.numpy())) <= {0, 1, 2}  # nearest interpolation: no new label values
+
+
+def test_train_transform_is_reproducible_with_a_seed():
+    cfg = DataConfig(crop=32)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.random.default_rng(1).integers(0, 3, (64, 64), dtype=np.uint8)
+    a = [TrainTransform(cfg, seed=5)(image, mask) for _ in range(2)]
+    assert torch.equal(a[0][0], a[1][0]) and torch.equal(a[0][1], a[1][1])
+
+
+def test_test_transform_resizes_the_image_only():
+    cfg = DataConfig(test_resize=32)
+    image = np.zeros((64, 96, 3), np.uint8)
+    mask = np.ones((64, 96), np.uint8)
+    x, y = EvalTransform(cfg)(image, mask)
+    assert x.shape == (3, 32, 48) and y.shape == (64, 96)
