@@ -30,29 +30,15 @@ def _resolve(args):
 
 
 def cmd_data_build(args) -> int:
-    import numpy as np
-
     from ddps.data import fashion_scenes
     from ddps.errors import DataError
     cfg = _resolve(args)
     if args.dataset != "fashion-scenes":
-        raise DataError(f"only fashion-scenes is built; {args.dataset!r} is read in place")
-    d = cfg.data
-    spec = fashion_scenes.SceneSpec(d.canvas, d.min_objects, d.max_objects, d.min_scale, d.max_scale,
-                                    d.train_scenes, d.val_scenes, d.scene_seed)
-    path = fashion_scenes.build(spec, d.root or None, force=args.force)
-    print(f"fashion-scenes: {path}")
-    print(f"canvas {d.canvas}x{d.canvas}, {d.min_objects}-{d.max_objects} objects of "
-          f"{28 * d.min_scale:.0f}-{28 * d.max_scale:.0f} px")
-    shares = {}
-    for split in ("train", "val"):
-        images, masks = fashion_scenes.load(path, split)
-        shares[split] = fashion_scenes.pixel_shares(masks)
-        print(f"{split}: {len(images)} scenes")
-    print(f"{'class':<14}{'train %':>9}{'val %':>9}")
-    for k, name in enumerate(fashion_scenes.CLASS_NAMES):
-        print(f"{name:<14}{100 * shares['train'][k]:>9.2f}{100 * shares['val'][k]:>9.2f}")
-    assert np.isclose(shares["train"].sum(), 1.0)
+        raise DataError(f"only fashion-scenes is built; {args.dataset!r} is read in place "
+                        f"(set data.dataset and data.root)")
+    spec = fashion_scenes.spec_from(cfg.data)
+    path = fashion_scenes.build(spec, cfg.data.root or None, force=args.force)
+    print(fashion_scenes.summary(path, spec))
     return 0
 
 
@@ -70,7 +56,7 @@ def cmd_train_base(args) -> int:
 
 def cmd_eval(args) -> int:
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
-    print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms))
+    print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset))
     return 0
 
 
@@ -79,7 +65,10 @@ def cmd_demo(args) -> int:
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
     from ddps.engine.train_base import fit
     cfg = resolve(args.preset, None, args.overrides)
-    print(f"== 1/3 fashion-scenes ({cfg.data.train_scenes} train / {cfg.data.val_scenes} val scenes)")
+    from ddps.data import fashion_scenes
+    print("== 1/3 build fashion-scenes")
+    spec = fashion_scenes.spec_from(cfg.data)
+    print(fashion_scenes.summary(fashion_scenes.build(spec, cfg.data.root or None), spec))
     print(f"== 2/3 train the base segmentor ({cfg.base.arch}-{cfg.base.backbone}, preset {cfg.preset})")
     path = fit(cfg)
     print("== 3/3 evaluate it (single-scale / multi-scale + flip)")
@@ -105,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train_base)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint and print its row")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", help="a ddps checkpoint, or a state-dict file of the model --preset/--set build")
+    ev.add_argument("--preset", default="cpu", help="for a bare state-dict file: the config that builds its model")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test")
     ev.set_defaults(func=cmd_eval)

@@ -63,3 +63,16 @@ def test_bad_input_is_one_line_on_stderr_without_traceback(args, env, message):
 def test_paper_preset_without_ade20k_says_what_to_set():
     out = ddps("train-base", "--preset", "paper")
     assert out.returncode == 2 and "data.root is not set: point it at the ade20k folder" in out.stderr
+
+
+def test_eval_of_a_users_state_dict_file_and_its_mismatch_error(tmp_path):
+    import torch
+
+    from ddps.segmentors import create_base
+    model = create_base("segformer", "mit_b0", 11, feature_channels=32)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "user.pth")
+    ok = ddps("eval", str(tmp_path / "user.pth"), "--preset", "smoke", "--no-ms")
+    assert ok.returncode == 0, ok.stderr
+    assert "| SegFormer | MiT-B0 |" in ok.stdout
+    bad = ddps("eval", str(tmp_path / "user.pth"), "--preset", "smoke", "--set", "base.feature_channels=64")
+    assert bad.returncode == 2 and "does not fit" in bad.stderr and "shape mismatches" in bad.stderr

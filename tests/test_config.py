@@ -43,6 +43,10 @@ def test_bad_values_give_one_line_errors(item, match):
     assert "\n" not in str(info.value)
 
 
+def test_exponent_without_a_dot_is_a_float():
+    assert resolve("cpu", overrides=["train_base.lr=2e-3"]).train_base.lr == 0.002
+
+
 def test_unknown_preset_and_missing_experiment(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown preset 'gpu'; choose from: cpu, paper, smoke"):
         resolve("gpu")

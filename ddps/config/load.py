@@ -45,6 +45,11 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '2e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad()
     if kind is str:
         if isinstance(value, str):

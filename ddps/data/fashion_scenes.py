@@ -135,6 +135,29 @@ def load(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"fashion-scenes cache {path} is unreadable ({e}); delete it to rebuild") from None
 
 
+def spec_from(data_cfg) -> SceneSpec:
+    """The scene parameters of a DataConfig."""
+    d = data_cfg
+    return SceneSpec(d.canvas, d.min_objects, d.max_objects, d.min_scale, d.max_scale, d.train_scenes,
+                     d.val_scenes, d.scene_seed)
+
+
+def summary(path: Path, spec: SceneSpec) -> str:
+    """Counts and per-class pixel shares of a built cache, as printed by ``ddps data build``."""
+    lines = [f"fashion-scenes: {path}",
+             f"canvas {spec.canvas}x{spec.canvas}, {spec.min_objects}-{spec.max_objects} objects of "
+             f"{28 * spec.min_scale:.0f}-{28 * spec.max_scale:.0f} px, seed {spec.seed}"]
+    shares = {}
+    for split in ("train", "val"):
+        images, masks = load(path, split)
+        shares[split] = pixel_shares(masks)
+        lines.append(f"{split}: {len(images)} scenes")
+    lines.append(f"{'class':<14}{'train %':>9}{'val %':>9}")
+    for k, name in enumerate(CLASS_NAMES):
+        lines.append(f"{name:<14}{100 * shares['train'][k]:>9.2f}{100 * shares['val'][k]:>9.2f}")
+    return "\n".join(lines)
+
+
 def pixel_shares(masks: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
     """Fraction of pixels per class, (num_classes,)."""
     counts = np.bincount(masks.ravel(), minlength=num_classes).astype(np.float64)

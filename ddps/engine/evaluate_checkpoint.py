@@ -1,25 +1,45 @@
-"""``ddps eval CHECKPOINT``: dispatch on what the checkpoint is and print its result row."""
+"""``ddps eval CHECKPOINT``: dispatch on what the checkpoint is and print its result row.
+
+- a ddps base-segmentor checkpoint: rebuilt from the config it carries, evaluated on its own dataset;
+- any other state-dict file (a user's weights): the model is built from ``--preset`` / ``--set`` and the
+  file is loaded strictly, with a one-line error on missing / unexpected keys or shape mismatches.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
-from ddps.config import from_flat, parse_set
+from ddps.config import from_flat, parse_set, resolve
 from ddps.data import build_dataset
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.rows import HEADER, result_row
 from ddps.errors import CheckpointError
+from ddps.segmentors import create_base, load_state
 from ddps.segmentors.checkpoint import KIND_BASE, load_base, read_checkpoint
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True) -> str:
-    """Evaluate on the checkpoint's own dataset (``overrides`` may change data/eval keys); return the row."""
-    payload = read_checkpoint(path)
-    if payload["kind"] != KIND_BASE:
+def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
+                        preset: str = "cpu") -> str:
+    """Evaluate single-scale (and multi-scale + flip) and return the header and the row."""
+    overrides = list(overrides)
+    try:
+        payload = read_checkpoint(path)
+    except CheckpointError as e:
+        if "not a ddps checkpoint" not in str(e):
+            raise
+        payload = None
+    if payload is None:  # a user's weights: the config says what model it is
+        cfg = resolve(preset, None, overrides)
+        val_set = build_dataset(cfg.data, "val")
+        model = create_base(cfg.base.arch, cfg.base.backbone, val_set.num_classes,
+                            feature_channels=cfg.base.feature_channels)
+        load_state(model, path, what=f"{cfg.base.arch}-{cfg.base.backbone} weights")
+    elif payload["kind"] == KIND_BASE:
+        cfg = from_flat({**payload["config"], **parse_set(overrides)})
+        val_set = build_dataset(cfg.data, "val")
+        model, _ = load_base(path, num_classes=val_set.num_classes)
+    else:
         raise CheckpointError(f"checkpoint {path} is a {payload['kind']!r}; ddps eval knows: {KIND_BASE}")
-    cfg = from_flat({**payload["config"], **parse_set(overrides)})
-    val_set = build_dataset(cfg.data, "val")
-    model, _ = load_base(path, num_classes=val_set.num_classes)
     ss = evaluate_base(model, val_set, cfg.eval)
     ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
     row = result_row(cfg.base.arch, cfg.base.backbone, model.num_params(), ss["mIoU"],
