@@ -16,7 +16,8 @@ demo: bootstrap
 	$(PY) -m ddps demo
 
 test: bootstrap
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 clean-venv:
 	rm -rf .venv

@@ -10,7 +10,17 @@ STAMP="$VENV/.ddps-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     echo "bootstrap: creating $VENV"
-    python3 -m venv "$VENV"
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+      rm -rf "$VENV"
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bootstrap: python3 has no venv module; installing Debian's python3-venv"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "$VENV"
+      else
+        echo "bootstrap: python3 cannot create a venv; run 'sudo apt-get install python3-venv'" >&2
+        exit 1
+      fi
+    fi
   fi
   echo "bootstrap: installing ddps and its pinned dependencies into $VENV (about 2 minutes the first time)"
   # pip warns about unreachable local indexes on some machines; keep the rest of its output

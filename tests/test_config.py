@@ -36,6 +36,14 @@ def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
     ("data.crop=50", r"data.crop=50 is out of range: a multiple of 32"),
     ("eval.mode=tiles", r"eval.mode='tiles' is out of range: whole or slide"),
     ("nonsense", r"--set 'nonsense' is not of the form section.key=value"),
+    ("train_base.weight_decay=-1", r"train_base.weight_decay=-1.0 is out of range: >= 0"),
+    ("data.ratio_max=.inf", r"data.ratio_max=inf is not a finite number"),
+    ("train_base.lr=nan", r"train_base.lr='nan' is not a finite number"),
+    ("train_base.min_lr=1.0", r"train_base.min_lr=1.0 is out of range: 0 <= min_lr <= lr"),
+    ("eval.max_images=-3", r"eval.max_images=-3 is out of range"),
+    ("base.backbone=mit_b9", r"unknown backbone 'mit_b9' for segformer; choose from: mit_b0"),
+    ("base.arch=unet", r"unknown base architecture 'unet'; choose from: deeplabv3plus, segformer"),
+    ("data.max_scale=3.0", r"data.min_scale/max_scale=\(0.9, 3.0\) is out of range"),
 ])
 def test_bad_values_give_one_line_errors(item, match):
     with pytest.raises(ConfigError, match=match) as info:

@@ -148,8 +148,35 @@ def test_missing_mask_file(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(DataError, match=r"unknown dataset 'coco'; choose from: ade20k, cityscapes, fashion-scenes, folder"):
-        build_dataset(DataConfig(dataset="coco"), "val")
+    from ddps.config.choices import DATASET_NAMES
+    from ddps.data import DATASETS
+    from ddps.errors import ConfigError
+    assert set(DATASETS) == set(DATASET_NAMES)
+    with pytest.raises(ConfigError, match=r"unknown dataset 'coco'; choose from: ade20k, cityscapes, fashion-scenes, folder"):
+        DataConfig(dataset="coco")
+
+
+def test_ignore_index_inside_the_class_range(tmp_path):
+    with pytest.raises(DataError, match=r"ignore index 1 is one of its 3 classes"):
+        build_dataset(cfg(make_folder(tmp_path), "folder", ignore_index=1), "val")
+
+
+def test_mixed_image_sizes_are_evaluated_in_batches_of_one_size(tmp_path):
+    import torch
+
+    from ddps.config import EvalConfig
+    from ddps.engine.evaluate import evaluate_base
+    from ddps.segmentors import create_base
+    root = make_folder(tmp_path)
+    save(root / "images" / "s3.png", image(h=64, w=72))
+    save(root / "masks" / "s3.png", np.ones((64, 72)))
+    (root / "splits" / "val.txt").write_text("s2\ns3\ns1\n")
+    ds = build_dataset(cfg(root, "folder"), "val")
+    torch.manual_seed(0)
+    model = create_base("segformer", "mit_b0", 3, feature_channels=16)
+    batched = evaluate_base(model, ds, EvalConfig(batch_size=3, scales=(1.0,)))
+    single = evaluate_base(model, ds, EvalConfig(batch_size=1, scales=(1.0,)))
+    assert batched["mIoU"] == pytest.approx(single["mIoU"]) and batched["mBIoU"] == pytest.approx(single["mBIoU"])
 
 
 def test_unknown_split(tmp_path):

@@ -78,3 +78,23 @@ def test_corrupt_idx_file_is_reported(tiny_fashion):
 def test_bad_scene_parameters(change, match):
     with pytest.raises(DataError, match=match):
         fs.SceneSpec(**{**SPEC.__dict__, **change}).validate()
+
+
+def test_damaged_cache_is_rebuilt(tiny_fashion, tmp_path):
+    path = fs.build(SPEC, tiny_fashion, folder=tmp_path)
+    good = fs.load(path, "val")[1]
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(DataError, match="unreadable"):
+        fs.load(path, "val")
+    with pytest.warns(UserWarning, match="damaged; rebuilding"):
+        assert fs.build(SPEC, tiny_fashion, folder=tmp_path) == path
+    np.testing.assert_array_equal(fs.load(path, "val")[1], good)
+
+
+def test_damaged_gzip_stream_is_reported(tiny_fashion):
+    path = tiny_fashion / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+        idx.load_split("test", tiny_fashion)

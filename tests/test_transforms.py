@@ -38,19 +38,24 @@ def test_train_transform_outputs_crop_size_and_pads_masks_with_ignore():
     mask[:, 32:] = 1
     x, y = TrainTransform(cfg, seed=0)(image, mask)
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y.shape == (64, 64) and y.dtype == torch.int64
-    # scaled to 32x32, then padded bottom/right: the padding is ignore in the mask and zero in the image
+    # scaled to 32x32, then padded bottom/right after normalisation: the padding is ignore in the mask
+    # and 0 (= the mean colour) in the image, as the test-time padding of segmentors.inference.pad
     assert (y[32:, :] == 255).all() and (y[:, 32:] == 255).all() and (y[:32, :32] != 255).all()
-    zero = torch.tensor([(0 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
-    assert torch.allclose(x[:, 40:, 40:], zero.expand(3, 24, 24), atol=1e-5)
+    assert (x[:, 32:, :] == 0).all() and (x[:, :, 32:] == 0).all()
+    grey = torch.tensor([(128 / 255 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1)
+    assert torch.allclose(x[:, :32, :32], grey.expand(3, 32, 32), atol=1e-5)
 
 
 def test_train_transform_resizes_short_side_and_keeps_labels_nearest():
-    cfg = DataConfig(crop=32, resize=48, ratio_min=1.0, ratio_max=1.0, photometric=True, flip=True)
+    cfg = DataConfig(crop=64, resize=48, ratio_min=1.0, ratio_max=1.0, photometric=True, flip=False)
     image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
-    mask = np.random.default_rng(1).integers(0, 3, (60, 90), dtype=np.uint8)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[::2, ::3] = 200  # a fine pattern: any interpolation but nearest would invent values in between
     x, y = TrainTransform(cfg, seed=0)(image, mask)
-    assert x.shape == (3, 32, 32)
-    assert set(np.unique(y.numpy())) <= {0, 1, 2}  # nearest interpolation: no new label values
+    # short side 60 -> 48, long side 90 -> 72; the 64 crop keeps 48 rows, the rest is padding
+    assert x.shape == (3, 64, 64)
+    assert (y[48:] == 255).all() and (y[:48] != 255).all()
+    assert set(np.unique(y[:48].numpy())) == {0, 200}
 
 
 def test_train_transform_is_reproducible_with_a_seed():
@@ -67,3 +72,15 @@ def test_test_transform_resizes_the_image_only():
     mask = np.ones((64, 96), np.uint8)
     x, y = EvalTransform(cfg)(image, mask)
     assert x.shape == (3, 32, 48) and y.shape == (64, 96)
+
+
+def test_reseeded_copies_draw_different_augmentations():
+    # what each DataLoader worker does (ddps.engine.train_base.reseed_worker)
+    cfg = DataConfig(crop=32)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.random.default_rng(1).integers(0, 3, (64, 64), dtype=np.uint8)
+    a, b = TrainTransform(cfg, seed=5), TrainTransform(cfg, seed=5)
+    b.reseed(6)
+    outs_a = [a(image, mask)[0] for _ in range(3)]
+    outs_b = [b(image, mask)[0] for _ in range(3)]
+    assert not all(torch.equal(p, q) for p, q in zip(outs_a, outs_b))

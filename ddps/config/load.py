@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -43,14 +44,19 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return value
         raise bad()
     if kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '2e-3' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '2e-3' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad()
+        if number is None:
+            raise bad()
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} is not a finite number")
+        return number
     if kind is str:
         if isinstance(value, str):
             return value

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ddps.errors import ConfigError
+from ddps.config.choices import BACKBONES, DATASET_NAMES
+from ddps.errors import ConfigError, choices
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -42,8 +43,18 @@ class DataConfig:
     test_resize: int = 0      # short side at test time; 0 = keep
 
     def __post_init__(self):
-        _require(0 < self.ratio_min <= self.ratio_max, "data.ratio_min/ratio_max",
-                 (self.ratio_min, self.ratio_max), "0 < ratio_min <= ratio_max")
+        if self.dataset not in DATASET_NAMES:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose from: {choices(DATASET_NAMES)}")
+        _require(self.canvas >= 32, "data.canvas", self.canvas, ">= 32")
+        _require(1 <= self.min_objects <= self.max_objects, "data.min_objects/max_objects",
+                 (self.min_objects, self.max_objects), "1 <= min_objects <= max_objects")
+        _require(0 < self.min_scale <= self.max_scale and 28 * self.max_scale <= self.canvas,
+                 "data.min_scale/max_scale", (self.min_scale, self.max_scale),
+                 "0 < min_scale <= max_scale and 28 x max_scale <= data.canvas")
+        _require(self.train_scenes >= 1 and self.val_scenes >= 1, "data.train_scenes/val_scenes",
+                 (self.train_scenes, self.val_scenes), ">= 1")
+        _require(0 < self.ratio_min <= self.ratio_max <= 8, "data.ratio_min/ratio_max",
+                 (self.ratio_min, self.ratio_max), "0 < ratio_min <= ratio_max <= 8")
         _require(self.crop >= 32 and self.crop % 32 == 0, "data.crop", self.crop, "a multiple of 32, >= 32")
         _require(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio, "in (0, 1]")
         _require(self.resize >= 0, "data.resize", self.resize, ">= 0")
@@ -59,6 +70,11 @@ class BaseConfig:
     encoder_weights: str = ""      # '' = random init; else a local state-dict file for the encoder
 
     def __post_init__(self):
+        if self.arch not in BACKBONES:
+            raise ConfigError(f"unknown base architecture {self.arch!r}; choose from: {choices(BACKBONES)}")
+        if self.backbone not in BACKBONES[self.arch]:
+            raise ConfigError(f"unknown backbone {self.backbone!r} for {self.arch}; choose from: "
+                              f"{', '.join(BACKBONES[self.arch])}")
         _require(self.feature_channels >= 8, "base.feature_channels", self.feature_channels, ">= 8")
 
 
@@ -71,6 +87,8 @@ class TrainBaseConfig:
     warmup_iters: int = 200
     poly_power: float = 1.0
     min_lr: float = 0.0
+    head_lr_mult: float = 1.0      # learning-rate factor of the decode head (mmseg's SegFormer: 10)
+    norm_decay: bool = True        # False: no weight decay on norm layers and biases (mmseg's SegFormer)
     eval_every: int = 400          # iterations between held-out evaluations (plateau check)
     log_every: int = 50
     num_workers: int = 0
@@ -81,6 +99,10 @@ class TrainBaseConfig:
         for key in ("iters", "batch_size", "eval_every", "log_every"):
             _require(getattr(self, key) >= 1, f"train_base.{key}", getattr(self, key), ">= 1")
         _require(self.lr > 0, "train_base.lr", self.lr, "> 0")
+        _require(0 <= self.min_lr <= self.lr, "train_base.min_lr", self.min_lr, "0 <= min_lr <= lr")
+        _require(self.weight_decay >= 0, "train_base.weight_decay", self.weight_decay, ">= 0")
+        _require(self.poly_power >= 0, "train_base.poly_power", self.poly_power, ">= 0")
+        _require(self.head_lr_mult > 0, "train_base.head_lr_mult", self.head_lr_mult, "> 0")
         _require(0 <= self.warmup_iters < self.iters, "train_base.warmup_iters", self.warmup_iters,
                  "0 <= warmup_iters < iters")
         _require(self.num_workers >= 0 and self.threads >= 0, "train_base.num_workers/threads",
@@ -103,6 +125,8 @@ class EvalConfig:
         _require(len(self.scales) > 0 and all(s > 0 for s in self.scales), "eval.scales", self.scales,
                  "a non-empty list of positive factors")
         _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _require(self.max_images >= 0, "eval.max_images", self.max_images, ">= 0 (0 = all)")
+        _require(self.crop >= 32, "eval.crop", self.crop, ">= 32")
 
 
 @dataclass(frozen=True)

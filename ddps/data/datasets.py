@@ -37,6 +37,9 @@ class SegmentationDataset(Dataset):
     """Base: subclasses implement ``__len__`` and ``read(i) -> (image (H, W, 3) uint8, mask (H, W), where)``."""
 
     def __init__(self, name: str, class_names: Sequence[str], ignore_index: int, transform: Transform):
+        if 0 <= ignore_index < len(class_names):
+            raise DataError(f"{name}: ignore index {ignore_index} is one of its {len(class_names)} classes "
+                            f"(0..{len(class_names) - 1}); choose data.ignore_index >= {len(class_names)}")
         self.name = name
         self.class_names = tuple(class_names)
         self.ignore_index = ignore_index
@@ -73,22 +76,28 @@ class ArrayDataset(SegmentationDataset):
         return self.images[i], self.masks[i], f"{self.name} scene {i}"
 
 
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBomb...)
+        raise DataError(f"cannot read image {path}: {_reason(e)}") from None
 
 
 def read_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel label image")
-            return np.asarray(im).astype(np.int64)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read mask {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            mode = im.mode
+            if mode in ("L", "P", "I", "I;16", "1"):
+                return np.asarray(im).astype(np.int64)
+    except Exception as e:
+        raise DataError(f"cannot read mask {path}: {_reason(e)}") from None
+    raise DataError(f"mask {path} has mode {mode}; expected a single-channel label image (L, P, I or 1)")
 
 
 class FileDataset(SegmentationDataset):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def build(spec: SceneSpec, data_root: str | os.PathLike | None = None, *, force:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"fashion-scenes-{key[:16]}.npz"
     if path.exists() and not force:
-        return path
+        if _readable(path, key):
+            return path
+        warnings.warn(f"fashion-scenes cache {path} is damaged; rebuilding it", stacklevel=2)
     train_photos, train_labels = idx.load_split("train", data_root)
     test_photos, test_labels = idx.load_split("test", data_root)
     train_images, train_masks = compose(train_photos, train_labels, spec.train_scenes, spec, spec.seed * 2)
@@ -124,6 +127,15 @@ def build(spec: SceneSpec, data_root: str | os.PathLike | None = None, *, force:
     return path
 
 
+def _readable(path: Path, key: str) -> bool:
+    try:
+        with np.load(path) as archive:
+            return str(archive["key"]) == key and all(
+                f"{s}_{a}" in archive.files for s in ("train", "val") for a in ("images", "masks"))
+    except Exception:
+        return False
+
+
 def load(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and masks of one split ('train' or 'val') from a built cache."""
     if split not in ("train", "val"):
@@ -131,7 +143,7 @@ def load(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as archive:
             return archive[f"{split}_images"], archive[f"{split}_masks"]
-    except (OSError, KeyError, ValueError) as e:
+    except Exception as e:  # OSError, KeyError, ValueError, zipfile.BadZipFile, zlib.error
         raise DataError(f"fashion-scenes cache {path} is unreadable ({e}); delete it to rebuild") from None
 
 

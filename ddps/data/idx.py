@@ -48,8 +48,8 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    except Exception as e:  # OSError, EOFError, zlib.error on damaged gzip streams
+        raise DataError(f"cannot read IDX file {path}: {type(e).__name__}: {str(e)[:120]}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"IDX file {path} is corrupt: bad magic number (expected uint8 IDX)")
     ndim = data[3]

@@ -3,9 +3,12 @@
 Training (mmseg's ADE20K / Cityscapes pipeline):
   resize the short side to ``resize`` (0 = keep) -> random scale by a ratio in [ratio_min, ratio_max]
   -> random crop of ``crop`` x ``crop`` whose most frequent class covers < cat_max_ratio of it (10 tries)
-  -> pad to the crop size (image 0, mask = ignore index) -> horizontal flip (p = 0.5)
-  -> photometric distortion (brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, hue +-18 of 180)
-  -> normalise with the ImageNet mean/std.
+  -> horizontal flip (p = 0.5)
+  -> photometric distortion: brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, hue +-18 of 180,
+     each drawn independently with p = 0.5 (albumentations' saturation blends with the grey image
+     rather than scaling S in HSV; mmseg also randomises whether contrast comes first)
+  -> normalise with the ImageNet mean/std -> pad to the crop size with 0 (= the mean colour after
+     normalisation, as mmseg and as ``segmentors.inference.pad`` at test time; mask = ignore index).
 Albumentations has no category-balanced crop; :func:`cat_max_ratio_window` picks the window and the crop
 is a slice. Test: resize the short side to ``test_resize`` (image only: metrics use the original labels).
 """
@@ -58,16 +61,25 @@ class TrainTransform:
         if (low, high) != (0.0, 0.0):
             scale.append(A.RandomScale(scale_limit=(low, high), p=1.0))
         self.rescale = A.Compose(scale, seed=seed)
-        after = [A.PadIfNeeded(min_height=cfg.crop, min_width=cfg.crop, position="top_left",
-                               border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=cfg.ignore_index)]
-        if cfg.flip:
-            after.append(A.HorizontalFlip(p=0.5))
+        after = [A.HorizontalFlip(p=0.5)] if cfg.flip else []
         if cfg.photometric:
-            after += [A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5),
-                      A.ColorJitter(brightness=(1.0, 1.0), contrast=(1.0, 1.0), saturation=(0.5, 1.5),
-                                    hue=(-0.1, 0.1), p=0.5)]
-        after.append(A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0))
+            keep = (1.0, 1.0)
+            after += [
+                A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.0, p=0.5),
+                A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5),
+                A.ColorJitter(brightness=keep, contrast=keep, saturation=(0.5, 1.5), hue=0.0, p=0.5),
+                A.ColorJitter(brightness=keep, contrast=keep, saturation=keep, hue=0.1, p=0.5),  # 0.1 turn = 18/180
+            ]
+        after += [A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0),
+                  A.PadIfNeeded(min_height=cfg.crop, min_width=cfg.crop, position="top_left",
+                                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=cfg.ignore_index)]
         self.after = A.Compose(after, seed=None if seed is None else seed + 1)
+
+    def reseed(self, seed: int) -> None:
+        """Give this copy its own random stream (call it in each DataLoader worker)."""
+        self.rng.seed(seed)
+        self.rescale.set_random_seed(seed % 2**32)
+        self.after.set_random_seed((seed + 1) % 2**32)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.rescale(image=image, mask=mask)

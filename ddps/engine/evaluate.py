@@ -12,10 +12,20 @@ from ddps.segmentors import BaseSegmentor
 from ddps.segmentors.inference import predict, predict_multiscale
 
 
+def collate_sizes(items: list[dict]) -> list[dict]:
+    """Stack items into batches of one size: one batch when all images match (fashion-scenes), else one
+    batch per distinct size (ADE20K, Cityscapes and folders of mixed sizes)."""
+    by_size: dict[tuple, list[dict]] = {}
+    for item in items:
+        by_size.setdefault((tuple(item["image"].shape), tuple(item["mask"].shape)), []).append(item)
+    return [{"image": torch.stack([i["image"] for i in group]), "mask": torch.stack([i["mask"] for i in group])}
+            for group in by_size.values()]
+
+
 def eval_loader(dataset: SegmentationDataset, cfg: EvalConfig) -> DataLoader:
     if cfg.max_images and cfg.max_images < len(dataset):
         dataset = Subset(dataset, range(cfg.max_images))
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0, collate_fn=collate_sizes)
 
 
 @torch.no_grad()
@@ -25,7 +35,7 @@ def evaluate_base(model: BaseSegmentor, dataset: SegmentationDataset, cfg: EvalC
     was_training = model.training
     model.eval()
     metrics = SegMetrics(dataset.num_classes, dataset.ignore_index)
-    for batch in eval_loader(dataset, cfg):
+    for batch in (b for batches in eval_loader(dataset, cfg) for b in batches):
         x, label = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, h, w)
         if multiscale:
             scores = predict_multiscale(model.segment, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop, cfg.stride)

@@ -42,6 +42,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
         raise CheckpointError(f"checkpoint {path} is a {payload['kind']!r}; ddps eval knows: {KIND_BASE}")
     ss = evaluate_base(model, val_set, cfg.eval)
     ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
-    row = result_row(cfg.base.arch, cfg.base.backbone, model.num_params(), ss["mIoU"],
+    row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss["mIoU"],
                      ms["mIoU"] if ms else None, ss["mBIoU"])
     return f"{HEADER}\n{row}"

@@ -20,8 +20,9 @@ from ddps.data import build_dataset
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.paths import cache_dir
-from ddps.segmentors import create_base
-from ddps.segmentors.checkpoint import save_base
+from ddps.errors import CheckpointError, DataError
+from ddps.segmentors import BaseSegmentor, create_base
+from ddps.segmentors.checkpoint import read_checkpoint, save_base
 
 BASE_SECTIONS = ("data", "base", "train_base")
 
@@ -50,6 +51,30 @@ def plateau_gain(history: list[dict], iters: int) -> float:
     return history[-1]["mIoU"] - early[-1]["mIoU"]
 
 
+def param_groups(model: BaseSegmentor, cfg: TrainBaseConfig) -> list[dict]:
+    """AdamW groups: the decode head (decoder + classifier) at lr x head_lr_mult; without norm_decay,
+    norm weights and all biases (1-D tensors) get no weight decay (mmseg's SegFormer recipe)."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_mult = 1.0 if name.startswith("encoder.") else cfg.head_lr_mult
+        decay = 0.0 if (not cfg.norm_decay and p.ndim <= 1) else cfg.weight_decay
+        groups.setdefault((lr_mult, decay), []).append(p)
+    return [{"params": ps, "lr_mult": m, "weight_decay": d} for (m, d), ps in groups.items()]
+
+
+def reseed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: each worker's augmentation draws its own random stream."""
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "reseed"):
+        transform.reseed(seed)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -63,6 +88,11 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | 
     reporter = reporter or ConsoleReporter("train-base", tc.iters)
     path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
     if path.exists() and not force:
+        existing = read_checkpoint(path).get("hash")
+        if existing != base_hash(cfg):
+            raise CheckpointError(f"{path} exists but was trained with another config (hash "
+                                  f"{str(existing)[:12]} != {base_hash(cfg)[:12]}); pass --force to overwrite "
+                                  f"it or choose another --out")
         reporter.info(f"reusing {path} (same config hash)")
         return path
 
@@ -72,13 +102,16 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | 
         torch.set_num_threads(tc.threads)
     train_set = build_dataset(cfg.data, "train", seed=tc.seed)
     val_set = build_dataset(cfg.data, "val")
+    if len(train_set) < tc.batch_size:
+        raise DataError(f"{train_set.name} has {len(train_set)} images, fewer than train_base.batch_size="
+                        f"{tc.batch_size}")
     loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                         num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0,
-                        generator=torch.Generator().manual_seed(tc.seed))
+                        worker_init_fn=reseed_worker, generator=torch.Generator().manual_seed(tc.seed))
     model = create_base(cfg.base.arch, cfg.base.backbone, train_set.num_classes,
                         feature_channels=cfg.base.feature_channels,
                         encoder_weights=cfg.base.encoder_weights).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
     reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
                   f"{len(val_set)} val images, {tc.iters} iters of batch {tc.batch_size}")
 
@@ -95,7 +128,7 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | 
             batch = next(batches)
         x, y = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, H, W)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, tc)
+            group["lr"] = lr_at(it, tc) * group["lr_mult"]
         loss = F.cross_entropy(model.segment(x), y, ignore_index=train_set.ignore_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

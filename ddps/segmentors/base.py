@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddps.config.choices import BACKBONES
 from ddps.errors import CheckpointError, ConfigError, choices
 
 ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus}
-BACKBONES = {
-    "segformer": ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"),
-    "deeplabv3plus": ("mobilenet_v2", "resnet50", "resnet101"),
-}
+assert set(ARCHITECTURES) == set(BACKBONES)
 # the keyword smp uses for the width of each architecture's decoder output (= the feature channels)
 _CHANNELS_KWARG = {"segformer": "decoder_segmentation_channels", "deeplabv3plus": "decoder_channels"}
 OUTPUT_STRIDE = 4

@@ -39,7 +39,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); is it truncated?") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first[:160]})") from None
     if not isinstance(payload, dict) or "kind" not in payload:
         raise CheckpointError(f"{path} is not a ddps checkpoint (no 'kind'); for bare weights use "
                               f"base.encoder_weights or load_state()")
@@ -51,11 +52,15 @@ def load_base(path: str | Path, num_classes: int | None = None) -> tuple[BaseSeg
     payload = read_checkpoint(path)
     if payload["kind"] != KIND_BASE:
         raise CheckpointError(f"checkpoint {path} holds a {payload['kind']}, not a base segmentor")
-    spec = SegmentorSpec(**{**payload["spec"], "encoder_weights": ""})
+    try:
+        spec = SegmentorSpec(**{**payload["spec"], "encoder_weights": ""})
+        state = payload["model"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is incomplete or from another version ({e})") from None
     if num_classes is not None and spec.num_classes != num_classes:
         raise CheckpointError(f"checkpoint {path} predicts {spec.num_classes} classes but the dataset has "
                               f"{num_classes}")
     model = BaseSegmentor(spec)
-    check_state(model, payload["model"], f"checkpoint {path}")
-    model.load_state_dict(payload["model"])
+    check_state(model, state, f"checkpoint {path}")
+    model.load_state_dict(state)
     return model, payload
