@@ -15,8 +15,13 @@ PRESETS: dict[str, dict] = {
         "train_base.eval_every": 10, "train_base.log_every": 5,
         "eval.scales": (0.5, 1.0), "eval.batch_size": 16,
     },
+    # Sized on 2 cores: SegFormer-B0 with a 128-channel head at batch 32 trains ~1.7x faster per image
+    # than with 256 channels at batch 16 (measured side by side); 10k iterations reach a plateau.
     "cpu": {
         "data.ratio_min": 0.75, "data.ratio_max": 1.5,
+        "base.feature_channels": 128,
+        "train_base.iters": 10000, "train_base.batch_size": 32, "train_base.lr": 4e-3,
+        "train_base.warmup_iters": 300, "train_base.eval_every": 500, "train_base.log_every": 100,
     },
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
