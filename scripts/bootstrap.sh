@@ -23,9 +23,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     fi
   fi
   echo "bootstrap: installing ddps and its pinned dependencies into $VENV (about 2 minutes the first time)"
-  # pip warns about unreachable local indexes on some machines; keep the rest of its output
+  # pip warns about unreachable local indexes on some machines, setuptools about editable installs:
+  # keep the rest of their output (errors included; pipefail keeps pip's exit status)
+  export PYTHONWARNINGS=ignore
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
   "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+  unset PYTHONWARNINGS
   "$VENV/bin/python" -c "import ddps, torch, segmentation_models_pytorch, albumentations, ray, mlflow"
   touch "$STAMP"
 fi

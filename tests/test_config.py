@@ -25,6 +25,10 @@ def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
     assert content_hash(cfg, ["data", "base", "train_base"]) == content_hash(other, ["data", "base", "train_base"])
     assert content_hash(cfg, ["eval"]) != content_hash(other, ["eval"])
     assert content_hash(cfg, ["data"], ["a"]) != content_hash(cfg, ["data"], ["b"])
+    # how often a run logs or evaluates does not change the weights it produces; the learning rate does
+    watched = resolve("cpu", overrides=["train_base.log_every=7", "train_base.eval_every=9"])
+    assert content_hash(watched, ["train_base"]) == content_hash(cfg, ["train_base"])
+    assert content_hash(resolve("cpu", overrides=["train_base.lr=0.1"]), ["train_base"]) != content_hash(cfg, ["train_base"])
 
 
 @pytest.mark.parametrize("item, match", [
