@@ -62,13 +62,16 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     from ddps.config import resolve
+    from ddps.data import fashion_scenes
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
     from ddps.engine.train_base import fit
     cfg = resolve(args.preset, None, args.overrides)
-    from ddps.data import fashion_scenes
-    print("== 1/3 build fashion-scenes")
-    spec = fashion_scenes.spec_from(cfg.data)
-    print(fashion_scenes.summary(fashion_scenes.build(spec, cfg.data.root or None), spec))
+    if cfg.data.dataset == "fashion-scenes":
+        print("== 1/3 build fashion-scenes")
+        spec = fashion_scenes.spec_from(cfg.data)
+        print(fashion_scenes.summary(fashion_scenes.build(spec, cfg.data.root or None), spec))
+    else:
+        print(f"== 1/3 dataset {cfg.data.dataset} at {cfg.data.root or '(data.root not set)'}")
     print(f"== 2/3 train the base segmentor ({cfg.base.arch}-{cfg.base.backbone}, preset {cfg.preset})")
     path = fit(cfg)
     print("== 3/3 evaluate it (single-scale / multi-scale + flip)")
