@@ -17,6 +17,12 @@ class CheckpointError(DDPSError):
     """A checkpoint file cannot be read or does not fit the model."""
 
 
+def reason(error: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def choices(names) -> str:
     """Format valid choices for an error message: 'a, b, c'."""
     return ", ".join(sorted(names))

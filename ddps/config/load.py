@@ -18,7 +18,7 @@ import yaml
 
 from ddps.config.presets import PRESETS
 from ddps.config.schema import SECTIONS, Config
-from ddps.errors import ConfigError, choices
+from ddps.errors import ConfigError, choices, reason
 
 
 def _field_types(section: str) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"experiment file {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"experiment file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"experiment file {path} is not valid YAML: {reason(e)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"experiment file {path} must hold a mapping")
     presets = doc.get("presets") or {}

@@ -16,7 +16,8 @@ PRESETS: dict[str, dict] = {
         "eval.scales": (0.5, 1.0), "eval.batch_size": 16,
     },
     # Sized on 2 cores: SegFormer-B0 with a 128-channel head at batch 32 trains ~1.7x faster per image
-    # than with 256 channels at batch 16 (measured side by side); 10k iterations reach a plateau.
+    # than with 256 channels at batch 16 (benchmarks/base_throughput.py). 10k iterations do NOT reach the
+    # plateau criterion yet (+0.75 mIoU over the last fifth; README, 'Results').
     "cpu": {
         "data.ratio_min": 0.75, "data.ratio_max": 1.5,
         "base.feature_channels": 128,

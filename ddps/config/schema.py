@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ddps.config.choices import BACKBONES, DATASET_NAMES
+from ddps.config.choices import DATASET_NAMES, check_base_names
 from ddps.errors import ConfigError, choices
 
 
@@ -70,11 +70,7 @@ class BaseConfig:
     encoder_weights: str = ""      # '' = random init; else a local state-dict file for the encoder
 
     def __post_init__(self):
-        if self.arch not in BACKBONES:
-            raise ConfigError(f"unknown base architecture {self.arch!r}; choose from: {choices(BACKBONES)}")
-        if self.backbone not in BACKBONES[self.arch]:
-            raise ConfigError(f"unknown backbone {self.backbone!r} for {self.arch}; choose from: "
-                              f"{', '.join(BACKBONES[self.arch])}")
+        check_base_names(self.arch, self.backbone)
         _require(self.feature_channels >= 8, "base.feature_channels", self.feature_channels, ">= 8")
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ddps.config import DataConfig
 from ddps.data import classes, fashion_scenes
 from ddps.data.transforms import EvalTransform, TrainTransform
-from ddps.errors import DataError, choices
+from ddps.errors import DataError, choices, reason
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -76,17 +76,12 @@ class ArrayDataset(SegmentationDataset):
         return self.images[i], self.masks[i], f"{self.name} scene {i}"
 
 
-def _reason(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
-
-
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBomb...)
-        raise DataError(f"cannot read image {path}: {_reason(e)}") from None
+        raise DataError(f"cannot read image {path}: {reason(e)}") from None
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -96,7 +91,7 @@ def read_mask(path: Path) -> np.ndarray:
             if mode in ("L", "P", "I", "I;16", "1"):
                 return np.asarray(im).astype(np.int64)
     except Exception as e:
-        raise DataError(f"cannot read mask {path}: {_reason(e)}") from None
+        raise DataError(f"cannot read mask {path}: {reason(e)}") from None
     raise DataError(f"mask {path} has mode {mode}; expected a single-channel label image (L, P, I or 1)")
 
 
@@ -198,8 +193,7 @@ def folder_class_names(root: Path) -> tuple[str, ...]:
 
 
 def _fashion_scenes(cfg: DataConfig, split: str, transform: Transform) -> SegmentationDataset:
-    spec = fashion_scenes.SceneSpec(cfg.canvas, cfg.min_objects, cfg.max_objects, cfg.min_scale,
-                                    cfg.max_scale, cfg.train_scenes, cfg.val_scenes, cfg.scene_seed)
+    spec = fashion_scenes.spec_from(cfg)
     path = fashion_scenes.build(spec, cfg.root or None)
     images, masks = fashion_scenes.load(path, split)
     return ArrayDataset(f"fashion-scenes/{split}", images, masks, fashion_scenes.CLASS_NAMES,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddps.errors import DataError
+from ddps.errors import DataError, reason
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DDPS_FASHION_MNIST"
@@ -49,7 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except Exception as e:  # OSError, EOFError, zlib.error on damaged gzip streams
-        raise DataError(f"cannot read IDX file {path}: {type(e).__name__}: {str(e)[:120]}") from None
+        raise DataError(f"cannot read IDX file {path}: {type(e).__name__}: {reason(e)}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"IDX file {path} is corrupt: bad magic number (expected uint8 IDX)")
     ndim = data[3]

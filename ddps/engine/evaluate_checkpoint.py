@@ -13,33 +13,25 @@ from ddps.config import from_flat, parse_set, resolve
 from ddps.data import build_dataset
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.rows import HEADER, result_row
-from ddps.errors import CheckpointError
-from ddps.segmentors import create_base, load_state
-from ddps.segmentors.checkpoint import KIND_BASE, load_base, read_checkpoint
+from ddps.segmentors import apply_state, create_base, read_state_file
+from ddps.segmentors.checkpoint import base_from_payload, is_checkpoint
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
                         preset: str = "cpu") -> str:
     """Evaluate single-scale (and multi-scale + flip) and return the header and the row."""
     overrides = list(overrides)
-    try:
-        payload = read_checkpoint(path)
-    except CheckpointError as e:
-        if "not a ddps checkpoint" not in str(e):
-            raise
-        payload = None
-    if payload is None:  # a user's weights: the config says what model it is
+    payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
+    if is_checkpoint(payload):
+        cfg = from_flat({**payload["config"], **parse_set(overrides)})
+        val_set = build_dataset(cfg.data, "val")
+        model = base_from_payload(payload, path, num_classes=val_set.num_classes)
+    else:  # a user's weights: the config says what model it is
         cfg = resolve(preset, None, overrides)
         val_set = build_dataset(cfg.data, "val")
         model = create_base(cfg.base.arch, cfg.base.backbone, val_set.num_classes,
                             feature_channels=cfg.base.feature_channels)
-        load_state(model, path, what=f"{cfg.base.arch}-{cfg.base.backbone} weights")
-    elif payload["kind"] == KIND_BASE:
-        cfg = from_flat({**payload["config"], **parse_set(overrides)})
-        val_set = build_dataset(cfg.data, "val")
-        model, _ = load_base(path, num_classes=val_set.num_classes)
-    else:
-        raise CheckpointError(f"checkpoint {path} is a {payload['kind']!r}; ddps eval knows: {KIND_BASE}")
+        apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
     ss = evaluate_base(model, val_set, cfg.eval)
     ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
     row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss["mIoU"],

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddps.config.choices import BACKBONES
-from ddps.errors import CheckpointError, ConfigError, choices
+from ddps.config.choices import BACKBONES, check_base_names
+from ddps.errors import CheckpointError, reason
 
 ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus}
 assert set(ARCHITECTURES) == set(BACKBONES)
@@ -51,7 +51,7 @@ class BaseSegmentor(nn.Module):
 
     def __init__(self, spec: SegmentorSpec):
         super().__init__()
-        validate_names(spec.arch, spec.backbone)
+        check_base_names(spec.arch, spec.backbone)
         self.spec = spec
         model = ARCHITECTURES[spec.arch](
             encoder_name=spec.backbone, encoder_weights=None, classes=spec.num_classes,
@@ -96,36 +96,41 @@ class BaseSegmentor(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def validate_names(arch: str, backbone: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown base architecture {arch!r}; choose from: {choices(ARCHITECTURES)}")
-    if backbone not in BACKBONES[arch]:
-        raise ConfigError(f"unknown backbone {backbone!r} for {arch}; choose from: {', '.join(BACKBONES[arch])}")
-
-
 def create_base(arch: str, backbone: str, num_classes: int, **kwargs) -> BaseSegmentor:
     """Build a base segmentor by name, e.g. create_base('segformer', 'mit_b0', 11)."""
     return BaseSegmentor(SegmentorSpec(arch, backbone, num_classes, **kwargs))
 
 
-def load_state(module: nn.Module, path: str | Path, what: str) -> None:
-    """Load a state dict file into ``module`` strictly, with a one-line error on any mismatch.
+def read_state_file(path: str | Path, what: str):
+    """``torch.load(weights_only=True)`` of a file, with a one-line CheckpointError when it is missing or
+    unreadable (truncated archive, pickled objects that are not plain tensors and values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: {reason(e)})") from None
+
+
+def apply_state(module: nn.Module, payload, where: str) -> None:
+    """Load a loaded file's state dict into ``module`` strictly, with a one-line error on any mismatch.
 
     Accepts a plain state dict, or a dict holding one under 'model' or 'state_dict' (as mmseg and timm save).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what}: file {path} does not exist") from None
-    except Exception as e:  # pickle errors, truncated zip archives, non-tensor payloads
-        raise CheckpointError(f"{what}: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state = payload
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
-    check_state(module, state, f"{what} in {path}")
+        raise CheckpointError(f"{where} holds a {type(state).__name__}, not a state dict")
+    check_state(module, state, where)
     module.load_state_dict(state)
+
+
+def load_state(module: nn.Module, path: str | Path, what: str) -> None:
+    """Load a state-dict file into ``module`` strictly (see :func:`apply_state`)."""
+    apply_state(module, read_state_file(path, what), f"{what} in {path}")
 
 
 def check_state(module: nn.Module, state: dict, where: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ddps.errors import CheckpointError
-from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state
+from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state, read_state_file
 
 KIND_BASE = "base_segmentor"
 
@@ -31,25 +31,28 @@ def save_base(path: str | Path, model: BaseSegmentor, *, config: dict, class_nam
     return path
 
 
+def is_checkpoint(payload) -> bool:
+    """Whether a loaded file is a ddps checkpoint (rather than a bare state dict)."""
+    return isinstance(payload, dict) and "kind" in payload
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict; a one-line CheckpointError when it is missing, corrupt or not ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first[:160]})") from None
-    if not isinstance(payload, dict) or "kind" not in payload:
+    payload = read_state_file(path, "checkpoint")
+    if not is_checkpoint(payload):
         raise CheckpointError(f"{path} is not a ddps checkpoint (no 'kind'); for bare weights use "
                               f"base.encoder_weights or load_state()")
     return payload
 
 
 def load_base(path: str | Path, num_classes: int | None = None) -> tuple[BaseSegmentor, dict]:
-    """Rebuild a base segmentor from its checkpoint; check it against ``num_classes`` when given."""
+    """Rebuild a base segmentor from its checkpoint file; check it against ``num_classes`` when given."""
     payload = read_checkpoint(path)
+    return base_from_payload(payload, path, num_classes), payload
+
+
+def base_from_payload(payload: dict, path: str | Path, num_classes: int | None = None) -> BaseSegmentor:
+    """Rebuild a base segmentor from an already-read checkpoint."""
     if payload["kind"] != KIND_BASE:
         raise CheckpointError(f"checkpoint {path} holds a {payload['kind']}, not a base segmentor")
     try:
@@ -63,4 +66,4 @@ def load_base(path: str | Path, num_classes: int | None = None) -> tuple[BaseSeg
     model = BaseSegmentor(spec)
     check_state(model, state, f"checkpoint {path}")
     model.load_state_dict(state)
-    return model, payload
+    return model
