@@ -23,6 +23,11 @@ def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None
 
 def _resolve(args):
     from ddps.config import resolve
+    from ddps.errors import ConfigError
+    experiment = getattr(args, "experiment", None)
+    if experiment and args.config and experiment != args.config:
+        raise ConfigError(f"two experiment files given ({experiment} and --config {args.config}); give one")
+    args.config = args.config or experiment
     overrides = list(args.overrides)
     if args.data_root:
         overrides.insert(0, f"data.root={args.data_root}")
@@ -54,9 +59,38 @@ def cmd_train_base(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ddps.engine import train_base, train_refiner
+    from ddps.engine.reporter import ConsoleReporter
+    from ddps.segmentors.checkpoint import read_checkpoint
+    cfg = _resolve(args)
+    base = args.base
+    if not base:
+        base = train_base.default_checkpoint(cfg)
+        if not base.exists():
+            print(f"no base checkpoint for this config yet: training it first ({cfg.base.arch}-{cfg.base.backbone},"
+                  f" {cfg.train_base.iters} iterations); pass --base to use another")
+        base = train_base.fit(cfg)
+    path = train_refiner.fit(cfg, base, reporter_factory=lambda stage, iters: ConsoleReporter(stage, iters),
+                             out_dir=args.out, force=args.force)
+    metrics = read_checkpoint(path)["metrics"]
+    metrics_path = Path(path).with_suffix(".json")
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(f"checkpoint: {path}\nmetrics: {metrics_path}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
-    print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset))
+    print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset,
+                              all_steps=args.all_steps, split=args.split))
+    return 0
+
+
+def cmd_refine(args) -> int:
+    from ddps.engine.refine_images import refine_images
+    for path in refine_images(args.images, args.checkpoint, args.out, steps=args.steps, seed=args.seed):
+        print(path)
     return 0
 
 
@@ -96,12 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     train.set_defaults(func=cmd_train_base)
 
+    tr = sub.add_parser("train", help="train the DDPS refiner (stage 1 then stage 2) on a frozen base segmentor")
+    tr.add_argument("experiment", nargs="?", help="experiment YAML (same as --config)")
+    _config_args(tr)
+    tr.add_argument("--base", help="base segmentor checkpoint (default: the config's, trained first if missing)")
+    tr.add_argument("--out", help="checkpoint folder (default: $DDPS_HOME/checkpoints, content-addressed)")
+    tr.add_argument("--force", action="store_true", help="retrain stages even if their checkpoints exist")
+    tr.set_defaults(func=cmd_train)
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint and print its row")
     ev.add_argument("checkpoint", help="a ddps checkpoint, or a state-dict file of the model --preset/--set build")
     ev.add_argument("--preset", default="cpu", help="for a bare state-dict file: the config that builds its model")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test")
+    ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test (base segmentors)")
+    ev.add_argument("--all-steps", action="store_true", help="refiners: metrics after every refinement step")
+    ev.add_argument("--split", default="val", help="refiners: val (default) | holdout (the train.holdout "
+                                                   "training scenes kept for choosing hyper-parameters)")
     ev.set_defaults(func=cmd_eval)
+
+    rf = sub.add_parser("refine", help="refine your own images with a trained refiner")
+    rf.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    rf.add_argument("--checkpoint", required=True, help="a refiner checkpoint (ddps train)")
+    rf.add_argument("--out", required=True, help="folder for <stem>.png masks and <stem>-strip.png strips")
+    rf.add_argument("--steps", type=int, help="test steps (default: the checkpoint's infer.steps)")
+    rf.add_argument("--seed", type=int, default=0)
+    rf.set_defaults(func=cmd_refine)
 
     demo = sub.add_parser("demo", help="the embedded default: build data, train, evaluate")
     demo.add_argument("--preset", default="cpu")

@@ -33,7 +33,7 @@ def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
 
 @pytest.mark.parametrize("item, match", [
     ("data.colour=1", r"unknown config key 'data.colour'; valid keys of data: dataset, root"),
-    ("model.x=1", r"unknown config section 'model' .*; choose from: base, data, eval, train_base"),
+    ("model.x=1", r"unknown config section 'model' .*; choose from: base, data, denoiser, diffusion, eval, infer, train, train_base"),
     ("train_base.iters=ten", r"train_base.iters='ten' has the wrong type: expected int"),
     ("data.flip=yes please", r"data.flip='yes please' has the wrong type: expected bool"),
     ("train_base.lr=-1", r"train_base.lr=-1.0 is out of range: > 0"),

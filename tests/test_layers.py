@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 CORE = ["ddps.config", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference", "ddps.metrics",
-        "ddps.engine.train_base", "ddps.engine.evaluate_checkpoint", "ddps.cli"]
+        "ddps.diffusion", "ddps.denoiser", "ddps.refiner.model", "ddps.refiner.sampler", "ddps.refiner.objective",
+        "ddps.refiner.checkpoint", "ddps.engine.train_base", "ddps.engine.train_refiner",
+        "ddps.engine.evaluate_checkpoint", "ddps.engine.refine_images", "ddps.cli"]
 
 
 def test_core_and_engine_do_not_import_ray_or_mlflow():

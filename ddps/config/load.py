@@ -161,12 +161,15 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 
 
 # keys that change how a run is watched or scheduled on the machine, not what it computes
-NOT_HASHED = frozenset({"train_base.log_every", "train_base.eval_every", "train_base.threads"})
+NOT_HASHED = frozenset({"train_base.log_every", "train_base.eval_every", "train_base.threads",
+                        "train.log_every", "train.eval_every", "train.threads"})
 
 
-def content_hash(cfg: Config, sections: Iterable[str], inputs: Iterable[str] = ()) -> str:
-    """sha256 of the canonical JSON of the given sections (less NOT_HASHED) plus the hashes of a step's inputs."""
+def content_hash(cfg: Config, sections: Iterable[str], inputs: Iterable[str] = (), exclude: Iterable[str] = ()) -> str:
+    """sha256 of the canonical JSON of the given sections (less NOT_HASHED and ``exclude``) plus the hashes
+    of a step's inputs."""
     flat = to_flat(cfg)
-    chosen = {k: v for k, v in flat.items() if k.split(".")[0] in set(sections) and k not in NOT_HASHED}
+    skip = NOT_HASHED | set(exclude)
+    chosen = {k: v for k, v in flat.items() if k.split(".")[0] in set(sections) and k not in skip}
     payload = json.dumps({"config": chosen, "inputs": list(inputs)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -14,6 +14,9 @@ PRESETS: dict[str, dict] = {
         "train_base.iters": 20, "train_base.batch_size": 8, "train_base.warmup_iters": 2,
         "train_base.eval_every": 10, "train_base.log_every": 5,
         "eval.scales": (0.5, 1.0), "eval.batch_size": 16,
+        "denoiser.size": "XXS", "diffusion.steps": 10, "infer.steps": 5,
+        "train.stage1_iters": 6, "train.stage2_iters": 6, "train.batch_size": 8, "train.warmup_iters": 2,
+        "train.lr": 1e-3, "train.ema_every": 2, "train.eval_every": 6, "train.log_every": 3,
     },
     # Sized on 2 cores: SegFormer-B0 with a 128-channel head at batch 32 trains ~1.7x faster per image
     # than with 256 channels at batch 16 (benchmarks/base_throughput.py). Trained from scratch its val mIoU
@@ -24,6 +27,10 @@ PRESETS: dict[str, dict] = {
         "base.feature_channels": 128,
         "train_base.iters": 30000, "train_base.batch_size": 32, "train_base.lr": 4e-3,
         "train_base.warmup_iters": 300, "train_base.eval_every": 1000, "train_base.log_every": 100,
+        # the refiner: sized to train both stages in <= 15 min on 2 cores (see README, 'Refiner')
+        "denoiser.size": "XS", "diffusion.steps": 20, "infer.steps": 20,
+        "train.stage1_iters": 1500, "train.stage2_iters": 3000, "train.batch_size": 32, "train.lr": 1e-3,
+        "train.warmup_iters": 200, "train.halve_every": 1500, "train.eval_every": 1500, "train.log_every": 100,
     },
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
@@ -33,5 +40,11 @@ PRESETS: dict[str, dict] = {
         "train_base.weight_decay": 0.01, "train_base.warmup_iters": 1500, "train_base.eval_every": 16000,
         "train_base.num_workers": 4,
         "eval.mode": "slide", "eval.crop": 512, "eval.stride": 341, "eval.batch_size": 1,
+        # DDPS (paper §4.1 and the official config): UNet-S, T = 20, 80k single-step + 160k multi-step
+        # iterations at batch 32, AdamW 1.5e-4, warm-up 1000, x0.5 every halve_every (interval: our choice)
+        "denoiser.size": "S", "diffusion.steps": 20, "infer.steps": 20,
+        "train.stage1_iters": 80000, "train.stage2_iters": 160000, "train.batch_size": 32,
+        "train.warmup_iters": 1000, "train.halve_every": 40000, "train.feature_cache": False,
+        "train.eval_every": 16000, "train.log_every": 50, "train.cond_dropout": 0.1,
     },
 }

@@ -125,6 +125,126 @@ class EvalConfig:
         _require(self.crop >= 32, "eval.crop", self.crop, ">= 32")
 
 
+DENOISER_SIZES = ("XXS", "XS", "T", "S", "M", "L")  # ddps.denoiser.UNET_SIZES; tested to match
+METHODS = ("ddps", "head")
+TRANSITIONS = ("uniform", "mask", "uniform+mask")    # ddps.diffusion.TRANSITIONS; tested to match
+NOISE_SCHEDULES = ("linear", "cosine")
+TARGETS = ("gt", "initial", "first")
+LOSSES = ("ce", "hybrid")
+STAGE_PLANS = ("two-stage", "multi-step")
+RENOISE = ("free", "posterior")
+
+
+def _choose(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not a valid choice; choose from: {choices(valid)}")
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """The refiner network (paper §3.2): a UNet on concat(base features, mask embedding) -> clean-mask logits."""
+    method: str = "ddps"            # ddps | head (the same UNet as a plain decode head: no mask input, no diffusion)
+    size: str = "T"                 # UNet size: XXS, XS (CPU) | T, S, M, L (paper Table 5)
+    embed_dim: int = 16             # mask embedding width (official code: 16)
+    embed_trainable: bool = False   # official code: a frozen random embedding
+    dropout: float = 0.1            # before the 1x1 classifier
+    mask_scale: int = 4             # masks live at 1/mask_scale of the input (resize codec; features are at 1/4)
+
+    def __post_init__(self):
+        _choose("denoiser.method", self.method, METHODS)
+        _choose("denoiser.size", self.size, DENOISER_SIZES)
+        _require(self.embed_dim >= 1, "denoiser.embed_dim", self.embed_dim, ">= 1")
+        _require(0 <= self.dropout < 1, "denoiser.dropout", self.dropout, "in [0, 1)")
+        _require(self.mask_scale in (1, 2, 4, 8), "denoiser.mask_scale", self.mask_scale, "one of 1, 2, 4, 8")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise process over masks (paper §3.1, App. A)."""
+    kind: str = "discrete"          # discrete | bits (Gaussian diffusion on analog bits, Table 8)
+    transition: str = "uniform"     # uniform (replace-only) | mask (absorbing) | uniform+mask
+    schedule: str = "linear"        # linear | cosine
+    steps: int = 20                 # T, the train steps
+    bit_scale: float = 0.1          # analog-bit input scaling (bits)
+
+    def __post_init__(self):
+        _choose("diffusion.kind", self.kind, ("discrete", "bits"))
+        _choose("diffusion.transition", self.transition, TRANSITIONS)
+        _choose("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
+        _require(1 <= self.steps <= 1000, "diffusion.steps", self.steps, "1..1000")
+        _require(self.bit_scale > 0, "diffusion.bit_scale", self.bit_scale, "> 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Refiner training (Algorithm 1); the base segmentor stays frozen."""
+    target: str = "first"           # what is noised: gt | initial (base argmax) | first (denoiser at x_T, no grad)
+    loss: str = "ce"                # ce | hybrid (CE + vlb_weight x VLB)
+    vlb_weight: float = 1.0
+    stages: str = "two-stage"       # two-stage (stage 1 at t = T, then all steps) | multi-step (all steps only)
+    stage1_iters: int = 2000
+    stage2_iters: int = 2000
+    batch_size: int = 32
+    accumulate: int = 1             # gradient accumulation: batch_size / accumulate images per forward
+    lr: float = 1.5e-4
+    beta1: float = 0.9
+    beta2: float = 0.96
+    weight_decay: float = 0.045
+    warmup_iters: int = 1000
+    halve_every: int = 0            # halve the lr every K iterations (0 = never), down to min_lr
+    min_lr: float = 1e-6
+    ema: bool = True
+    ema_decay: float = 0.99         # ema <- decay * ema + (1 - decay) * weights, every ema_every iterations
+    ema_every: int = 25
+    cond_dropout: float = 0.0       # probability of zeroed features (the unconditional branch CFG needs)
+    feature_cache: bool = True      # compute the frozen base's features once (no augmentation; flips kept)
+    flip: bool = True               # horizontal flips (with the cache: features of flipped images, cached too)
+    holdout: int = 0                # train scenes held out for choosing hyper-parameters (0 = none)
+    eval_every: int = 1000
+    log_every: int = 100
+    threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        _choose("train.target", self.target, TARGETS)
+        _choose("train.loss", self.loss, LOSSES)
+        _choose("train.stages", self.stages, STAGE_PLANS)
+        for key in ("batch_size", "accumulate", "ema_every", "eval_every", "log_every"):
+            _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
+        _require(self.stage1_iters >= 0 and self.stage2_iters >= 1, "train.stage1_iters/stage2_iters",
+                 (self.stage1_iters, self.stage2_iters), "stage1_iters >= 0, stage2_iters >= 1")
+        _require(self.batch_size % self.accumulate == 0, "train.accumulate", self.accumulate,
+                 "must divide train.batch_size")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "train.lr/min_lr", (self.lr, self.min_lr),
+                 "lr > 0 and 0 <= min_lr <= lr")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", (self.beta1, self.beta2),
+                 "in [0, 1)")
+        _require(self.weight_decay >= 0 and self.vlb_weight >= 0, "train.weight_decay/vlb_weight",
+                 (self.weight_decay, self.vlb_weight), ">= 0")
+        _require(self.warmup_iters >= 0 and self.halve_every >= 0 and self.holdout >= 0,
+                 "train.warmup_iters/halve_every/holdout", (self.warmup_iters, self.halve_every, self.holdout),
+                 ">= 0")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
+        _require(0 <= self.cond_dropout < 1, "train.cond_dropout", self.cond_dropout, "in [0, 1)")
+        _require(self.threads >= 0, "train.threads", self.threads, ">= 0")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Refinement (Algorithm 2): a uniform random start, then `steps` calls of the denoiser."""
+    steps: int = 20                 # test steps K <= diffusion.steps (stride sampling)
+    renoise: str = "free"           # free: q(x_s | argmax x0) | posterior: q(x_s | x_t, argmax x0)
+    cfg_scale: float = 0.0          # classifier-free guidance s: (s + 1) l_cond - s l_uncond
+    oracle_t: int = 0               # mask-reliance diagnostic: t of the re-noised ground truth (0 = max(1, T // 10))
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "infer.steps", self.steps, ">= 1")
+        _choose("infer.renoise", self.renoise, RENOISE)
+        _require(self.cfg_scale >= 0, "infer.cfg_scale", self.cfg_scale, ">= 0")
+        _require(self.oracle_t >= 0, "infer.oracle_t", self.oracle_t, ">= 0")
+
+
 @dataclass(frozen=True)
 class Config:
     preset: str = "cpu"
@@ -132,6 +252,16 @@ class Config:
     base: BaseConfig = field(default_factory=BaseConfig)
     train_base: TrainBaseConfig = field(default_factory=TrainBaseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def __post_init__(self):
+        _require(self.infer.steps <= self.diffusion.steps, "infer.steps", self.infer.steps,
+                 f"<= diffusion.steps ({self.diffusion.steps}): test steps cannot exceed train steps")
+        _require(self.infer.oracle_t <= self.diffusion.steps, "infer.oracle_t", self.infer.oracle_t,
+                 f"<= diffusion.steps ({self.diffusion.steps})")
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "preset"}

@@ -52,6 +52,14 @@ class SegmentationDataset(Dataset):
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         raise NotImplementedError
 
+    def tail(self, n: int) -> "SegmentationDataset":
+        """The last ``n`` items as a dataset of the same kind (e.g. training scenes held out for tuning)."""
+        return _Slice(self, range(len(self) - n, len(self)))
+
+    def head(self, n: int) -> "SegmentationDataset":
+        """The first ``n`` items."""
+        return _Slice(self, range(min(n, len(self))))
+
     def __getitem__(self, i: int) -> dict:
         image, mask, where = self.read(i)
         if image.shape[:2] != mask.shape:
@@ -60,6 +68,18 @@ class SegmentationDataset(Dataset):
         check_labels(mask, self.num_classes, self.ignore_index, where)
         image_t, mask_t = self.transform(image, mask)
         return {"image": image_t, "mask": mask_t, "index": i}
+
+
+class _Slice(SegmentationDataset):
+    def __init__(self, parent: SegmentationDataset, indices: range):
+        super().__init__(parent.name, parent.class_names, parent.ignore_index, parent.transform)
+        self.parent, self.indices = parent, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, i: int):
+        return self.parent.read(self.indices[i])
 
 
 class ArrayDataset(SegmentationDataset):

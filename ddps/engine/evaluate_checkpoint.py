@@ -1,6 +1,8 @@
 """``ddps eval CHECKPOINT``: dispatch on what the checkpoint is and print its result row.
 
 - a ddps base-segmentor checkpoint: rebuilt from the config it carries, evaluated on its own dataset;
+- a ddps refiner checkpoint: its base and denoiser, evaluated at the base's own prediction, step 1 and the
+  last step (every step with ``all_steps``), with the mask-reliance diagnostic;
 - any other state-dict file (a user's weights): the model is built from ``--preset`` / ``--set`` and the
   file is loaded strictly, with a one-line error on missing / unexpected keys or shape mismatches.
 """
@@ -15,13 +17,19 @@ from ddps.engine.evaluate import evaluate_base
 from ddps.engine.rows import HEADER, result_row
 from ddps.segmentors import apply_state, create_base, read_state_file
 from ddps.segmentors.checkpoint import base_from_payload, is_checkpoint
+from ddps.refiner.checkpoint import KIND_REFINER, load_refiner
+from ddps.refiner.build import build_codec
+from ddps.engine.features import compute_cache
+from ddps.engine.evaluate_refiner import evaluate_refiner
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
-                        preset: str = "cpu") -> str:
+                        preset: str = "cpu", all_steps: bool = False, split: str = "val") -> str:
     """Evaluate single-scale (and multi-scale + flip) and return the header and the row."""
     overrides = list(overrides)
     payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
+    if is_checkpoint(payload) and payload["kind"] == KIND_REFINER:
+        return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
         val_set = build_dataset(cfg.data, "val")
@@ -37,3 +45,58 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
     row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss["mIoU"],
                      ms["mIoU"] if ms else None, ss["mBIoU"])
     return f"{HEADER}\n{row}"
+
+
+def evaluation_split(cfg, split: str):
+    """The val split, or the last train.holdout training scenes (test transform) for choosing hyper-parameters."""
+    from ddps.errors import ConfigError
+    if split == "val":
+        return build_dataset(cfg.data, "val")
+    if split != "holdout":
+        raise ConfigError(f"unknown evaluation split {split!r}; choose from: holdout, val")
+    if not cfg.train.holdout:
+        raise ConfigError("--split holdout needs a refiner trained with train.holdout > 0")
+    return build_dataset(cfg.data, "train", train=False).tail(cfg.train.holdout)
+
+
+REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 / last) | mBIoU (base / step 1 / last) |\n"
+                  "|---|---|---|---|---|---|")
+
+
+def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = (), all_steps: bool = False,
+                                split: str = "val", device="cpu") -> str:
+    """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
+    hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
+    denoiser, process, base, payload = load_refiner(path, payload=payload)
+    cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
+    val_set = evaluation_split(cfg, split)
+    if val_set.num_classes != base.num_classes:
+        from ddps.errors import CheckpointError
+        raise CheckpointError(f"checkpoint {path} predicts {base.num_classes} classes but {val_set.name} has "
+                              f"{val_set.num_classes}")
+    cache = compute_cache(base, val_set, build_codec(cfg), device=device)
+    head = cfg.denoiser.method == "head"
+    result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val_set.num_classes,
+                              ignore_index=val_set.ignore_index, reliance=not head, device=device, head=head)
+    return refiner_report(result, cfg, base, denoiser, all_steps)
+
+
+def refiner_report(result: dict, cfg, base, denoiser, all_steps: bool = False) -> str:
+    from ddps.engine.rows import ARCH_NAMES, backbone_name
+    initial, first, last = result["initial"], result["steps"][0], result["steps"][-1]
+    method = "UNet head" if cfg.denoiser.method == "head" else f"DDPS ({len(result['steps'])} steps)"
+    params = (base.num_params() + sum(p.numel() for p in denoiser.parameters())) / 1e6
+    row = (f"| {method} | {ARCH_NAMES.get(base.spec.arch, base.spec.arch)} {backbone_name(base.spec.backbone)} | "
+           f"UNet-{cfg.denoiser.size} | {params:.2f} | {initial['mIoU']:.2f} / {first['mIoU']:.2f} / "
+           f"{last['mIoU']:.2f} | {initial['mBIoU']:.2f} / {first['mBIoU']:.2f} / {last['mBIoU']:.2f} |")
+    lines = [REFINER_HEADER, row]
+    if "reliance" in result:
+        r = result["reliance"]
+        lines.append(f"mask reliance (mIoU): (a) own trajectory {r['own']:.2f} | (b) oracle ground truth "
+                     f"re-noised at t={r['oracle_t']} {r['oracle']:.2f} | (c) fresh random mask {r['random']:.2f}")
+    if all_steps:
+        lines += ["", "| step | t | mIoU | mBIoU | aAcc |", "|---|---|---|---|---|",
+                  f"| base | - | {initial['mIoU']:.2f} | {initial['mBIoU']:.2f} | {initial['aAcc']:.2f} |"]
+        for k, (t, scores) in enumerate(zip(result["times"], result["steps"]), 1):
+            lines.append(f"| {k} | {t} | {scores['mIoU']:.2f} | {scores['mBIoU']:.2f} | {scores['aAcc']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Evaluation of a refiner: metrics of the base's own prediction and of every refinement step, in one pass,
+plus the mask-reliance diagnostic.
+
+Mask reliance (does the denoiser read its mask input at all?), last-step mIoU when the denoiser is fed
+(a) its own trajectory (normal inference), (b) the ground truth re-noised at a small t (an oracle mask,
+one call), (c) a fresh random mask from q(x_T) at every step. (b) ≈ (c) means the mask input is ignored:
+the "prior" is then only a decode head on the features.
+"""
+from __future__ import annotations
+
+import torch
+
+from ddps.config import Config
+from ddps.diffusion.bits import BitDiffusion
+from ddps.engine.features import FeatureCache
+from ddps.metrics import SegMetrics
+from ddps.refiner.codecs import ResizeCodec
+from ddps.refiner.sampler import refine
+
+
+def oracle_input(process, batch, codec: ResizeCodec, t: int, ignore_index: int, generator=None) -> torch.Tensor:
+    """The ground truth at the mask size (ignore pixels: the base's guess), re-noised to time t."""
+    gt = codec.encode(batch.labels)
+    gt = torch.where(gt == ignore_index, batch.base_pred, gt)
+    B = gt.shape[0]
+    t_batch = torch.full((B,), t, dtype=torch.long, device=gt.device)
+    if isinstance(process, BitDiffusion):
+        return process.q_sample(process.encode(gt), t_batch, generator=generator)
+    return process.q_sample(gt, t_batch, generator=generator)
+
+
+@torch.no_grad()
+def evaluate_refiner(denoiser, process, cache: FeatureCache, cfg: Config, *, num_classes: int,
+                     ignore_index: int, steps: int | None = None, renoise: str | None = None,
+                     cfg_scale: float | None = None, reliance: bool = False, device="cpu",
+                     batch_size: int | None = None, head: bool = False) -> dict:
+    """{'initial': scores, 'steps': [scores per step], 'times': [...], 'reliance': {...}} over ``cache``.
+
+    Scores are SegMetrics.compute() dicts (mIoU, aAcc, IoU, mBIoU, BIoU) at the label resolution. ``head``:
+    the UNet-as-head baseline, one call without a mask.
+    """
+    ic = cfg.infer
+    steps = steps or ic.steps
+    renoise = renoise or ic.renoise
+    cfg_scale = ic.cfg_scale if cfg_scale is None else cfg_scale
+    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    batch_size = batch_size or cfg.eval.batch_size
+    generator = torch.Generator().manual_seed(ic.seed)
+    was_training = denoiser.training
+    denoiser.eval()
+    initial = SegMetrics(num_classes, ignore_index)
+    per_step: list[SegMetrics] = []
+    extra = {name: SegMetrics(num_classes, ignore_index) for name in (("oracle", "random") if reliance else ())}
+    times: list[int] = []
+    limit = len(cache) if not cfg.eval.max_images else min(len(cache), cfg.eval.max_images)
+    oracle_t = ic.oracle_t or max(1, process.steps // 10)
+    for start in range(0, limit, batch_size):
+        batch = cache.batch(torch.arange(start, min(start + batch_size, limit)), device)
+        size = batch.labels.shape[-2:]
+        initial.update(codec.decode(batch.base_logits, size).argmax(1), batch.labels)
+        if head:
+            trajectory_logits, times = [denoiser(batch.features)], [0]
+        else:
+            traj = refine(denoiser, process, batch.features, steps, renoise, cfg_scale, generator)
+            trajectory_logits, times = traj.logits, traj.times
+        if not per_step:
+            per_step = [SegMetrics(num_classes, ignore_index) for _ in trajectory_logits]
+        for metrics, logits in zip(per_step, trajectory_logits):
+            metrics.update(codec.decode(logits, size).argmax(1), batch.labels)
+        if reliance and not head:
+            x = oracle_input(process, batch, codec, oracle_t, ignore_index, generator)
+            t = torch.full((len(x),), oracle_t, dtype=torch.long, device=x.device)
+            extra["oracle"].update(codec.decode(denoiser(batch.features, x, t), size).argmax(1), batch.labels)
+            fresh = refine(denoiser, process, batch.features, steps, "fresh", cfg_scale, generator)
+            extra["random"].update(codec.decode(fresh.final, size).argmax(1), batch.labels)
+    denoiser.train(was_training)
+    result = {"initial": initial.compute(), "steps": [m.compute() for m in per_step], "times": times,
+              "images": limit}
+    if reliance and not head:
+        result["reliance"] = {"own": result["steps"][-1]["mIoU"], "oracle": extra["oracle"].compute()["mIoU"],
+                              "random": extra["random"].compute()["mIoU"], "oracle_t": oracle_t}
+    return result

@@ -1,0 +1,88 @@
+"""The frozen base segmentor's side of refiner training and evaluation: features and its own prediction.
+
+The base is frozen, so for a split without augmentation its features never change: ``FeatureCache``
+computes them once (and those of the horizontally flipped images, when flips are on) and holds them in
+memory as float16. Where augmentation is wanted, ``base_batch`` computes them per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ddps.errors import DataError
+from ddps.refiner.codecs import ResizeCodec
+from ddps.refiner.objective import Batch
+from ddps.segmentors import BaseSegmentor
+from ddps.segmentors.inference import pad
+
+
+def stack_pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader collate: (images (B, 3, H, W), masks (B, H, W))."""
+    return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+
+
+@torch.no_grad()
+def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, codec: ResizeCodec) -> Batch:
+    """Features and argmax of the frozen base at the mask size, for images (B, 3, H, W) with labels (B, H, W)."""
+    H, W = images.shape[-2:]
+    out = base(pad(images))
+    h4, w4 = -(-H // 4), -(-W // 4)
+    features, logits = out.features[..., :h4, :w4], out.logits[..., :h4, :w4]  # (B, C, H/4, W/4)
+    size = codec.mask_size(H, W)
+    logits = codec.features(logits, size)
+    return Batch(features=codec.features(features, size), labels=labels, base_pred=logits.argmax(1),
+                 base_logits=logits)
+
+
+@dataclass
+class FeatureCache:
+    """Every image of a split through the frozen base, once: features (N, C, h, w) and base logits
+    (N, K, h, w) in float16, labels (N, H, W) uint8 — the flipped copies follow the originals when ``flip``."""
+    features: torch.Tensor
+    base_logits: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batch(self, index: torch.Tensor, device="cpu") -> Batch:
+        logits = self.base_logits[index].to(device, torch.float32)
+        return Batch(features=self.features[index].to(device, torch.float32),
+                     labels=self.labels[index].to(device, torch.long), base_pred=logits.argmax(1),
+                     base_logits=logits)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.features, self.base_logits, self.labels))
+
+
+@torch.no_grad()
+def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, flip: bool = False,
+                  batch_size: int = 64, device="cpu", progress=None) -> FeatureCache:
+    """Run the frozen base over ``dataset`` (its test transform) once; all images must share one size."""
+    base.eval()
+    feats, preds, labels = [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=stack_pairs)
+    size = None
+    for images, masks in loader:
+        if size is None:
+            size = images.shape[-2:]
+        elif images.shape[-2:] != size:
+            raise DataError(f"{getattr(dataset, 'name', 'dataset')}: images of different sizes "
+                            f"({tuple(size)} and {tuple(images.shape[-2:])}) cannot share a feature cache; "
+                            f"set train.feature_cache=false")
+        for flipped in ((False, True) if flip else (False,)):
+            x, y = (images.flip(-1), masks.flip(-1)) if flipped else (images, masks)
+            b = base_batch(base, x.to(device), y, codec)
+            feats.append(b.features.half().cpu())
+            preds.append(b.base_logits.half().cpu())
+            labels.append(y.to(torch.uint8))
+        if progress:
+            progress(len(feats))
+    # originals first, then flips, in dataset order
+    order = list(range(0, len(feats), 2 if flip else 1)) + (list(range(1, len(feats), 2)) if flip else [])
+    return FeatureCache(torch.cat([feats[i] for i in order]), torch.cat([preds[i] for i in order]),
+                        torch.cat([labels[i] for i in order]))

@@ -1,0 +1,91 @@
+"""``ddps refine IMAGE...``: a trained refiner on a user's own images.
+
+For each image: the refined mask as an indexed PNG (one palette colour per class, the class index as the
+pixel value) and a trajectory strip, image | base | step 1 | ... | step K, as an RGB PNG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ddps.config import from_flat
+from ddps.data.transforms import EvalTransform
+from ddps.engine.features import base_batch
+from ddps.errors import DataError
+from ddps.refiner.build import build_codec
+from ddps.refiner.checkpoint import load_refiner
+from ddps.refiner.sampler import refine
+from ddps.segmentors.checkpoint import read_checkpoint
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 colours: black for class 0, then well-separated hues (deterministic)."""
+    colours = [(0, 0, 0)]
+    for k in range(1, num_classes):
+        hue = (k * 0.618033988749895) % 1.0
+        colours.append(tuple(int(255 * c) for c in _hsv(hue, 0.75, 0.95)))
+    return np.array(colours[:num_classes], np.uint8)
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: int = 2) -> np.ndarray:
+    """Side by side: the RGB image then each label map in colour, separated by white gaps."""
+    tiles = [image] + [colours[m] for m in masks]
+    h = image.shape[0]
+    out = []
+    for i, tile in enumerate(tiles):
+        out.append(tile)
+        if i + 1 < len(tiles):
+            out.append(np.full((h, gap, 3), 255, np.uint8))
+    return np.concatenate(out, axis=1)
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"image {path} cannot be read ({type(e).__name__})") from None
+
+
+@torch.no_grad()
+def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | Path, steps: int | None = None,
+                  seed: int = 0, device="cpu") -> list[Path]:
+    payload = read_checkpoint(checkpoint)
+    denoiser, process, base, payload = load_refiner(checkpoint, payload=payload)
+    cfg = from_flat(payload["config"])
+    codec, transform = build_codec(cfg), EvalTransform(cfg.data)
+    colours = palette(base.num_classes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    written = []
+    for path in map(Path, images):
+        rgb = read_image(path)
+        x, _ = transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
+        label_size = rgb.shape[:2]
+        batch = base_batch(base, x[None].to(device), torch.zeros(1, *label_size, dtype=torch.long), codec)
+        base_mask = codec.decode(batch.base_logits, label_size).argmax(1)[0].cpu().numpy()
+        if cfg.denoiser.method == "head":
+            masks = [codec.decode(denoiser(batch.features), label_size).argmax(1)[0].cpu().numpy()]
+        else:
+            traj = refine(denoiser, process, batch.features, steps or cfg.infer.steps, cfg.infer.renoise,
+                          cfg.infer.cfg_scale, generator)
+            masks = [codec.decode(l, label_size).argmax(1)[0].cpu().numpy() for l in traj.logits]
+        mask_png = Image.fromarray(masks[-1].astype(np.uint8), mode="P")
+        mask_png.putpalette(colours.reshape(-1).tolist())
+        mask_path, strip_path = out / f"{path.stem}.png", out / f"{path.stem}-strip.png"
+        mask_png.save(mask_path)
+        Image.fromarray(strip(rgb, [base_mask] + masks, colours)).save(strip_path)
+        written += [mask_path, strip_path]
+    return written

@@ -1,0 +1,252 @@
+"""Training of the DDPS refiner (Algorithm 1) as plain functions of (config, reporter); the base is frozen.
+
+A *stage* is one optimiser run: ``stage1`` (single step at t = T), ``stage2`` (all steps, initialised from
+stage 1's weights), ``multistep`` (all steps from scratch, stage1 + stage2 iterations: the multi-step-only
+ablation) or ``head`` (the UNet as a plain decode head, the same iterations and batch size as both DDPS
+stages together). Each stage's checkpoint is addressed by the hash of what determines it, so a finished
+stage is reused. Stages: config -> base and data -> model -> optimiser -> loop (held-out evaluations) -> checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddps.config import Config, TrainConfig, content_hash, to_flat
+from ddps.data import build_dataset
+from ddps.engine.evaluate_refiner import evaluate_refiner
+from ddps.engine.features import FeatureCache, base_batch, compute_cache, stack_pairs
+from ddps.engine.reporter import ConsoleReporter, Reporter
+from ddps.engine.train_base import reseed_worker, seed_everything
+from ddps.errors import CheckpointError, ConfigError, DataError
+from ddps.paths import cache_dir
+from ddps.refiner.build import build_codec, build_denoiser, build_process
+from ddps.refiner.checkpoint import save_refiner
+from ddps.refiner.objective import head_loss, refiner_loss
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+
+STAGE1_ONLY_KEYS = ("train.stage2_iters",)  # what stage 1 does not depend on
+
+
+def stages_of(cfg: Config) -> list[str]:
+    if cfg.denoiser.method == "head":
+        return ["head"]
+    if cfg.train.stages == "multi-step" or cfg.train.stage1_iters == 0:
+        return ["multistep"]
+    return ["stage1", "stage2"]
+
+
+def stage_iters(cfg: Config, stage: str) -> int:
+    tc = cfg.train
+    return {"stage1": tc.stage1_iters, "stage2": tc.stage2_iters}.get(stage, tc.stage1_iters + tc.stage2_iters)
+
+
+def stage_hash(cfg: Config, stage: str, base_hash: str) -> str:
+    """What determines a stage's weights: data, denoiser, diffusion and train sections plus the base's hash
+    (and, for stage 2, stage 1's hash); stage 1 leaves out what only stage 2 reads."""
+    sections = ("data", "denoiser", "diffusion", "train")
+    if stage == "stage1":
+        return content_hash(cfg, sections, [base_hash, stage], exclude=STAGE1_ONLY_KEYS)
+    inputs = [base_hash, stage]
+    if stage == "stage2":
+        inputs.append(stage_hash(cfg, "stage1", base_hash))
+    return content_hash(cfg, sections, inputs)
+
+
+def stage_checkpoint(cfg: Config, stage: str, base_hash: str, out_dir: str | Path | None = None) -> Path:
+    folder = Path(out_dir) if out_dir else cache_dir("checkpoints")
+    return folder / f"refiner-{cfg.denoiser.method}-{stage}-{stage_hash(cfg, stage, base_hash)[:16]}.pt"
+
+
+def refiner_lr(it: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr, then halved every tc.halve_every iterations, never below tc.min_lr."""
+    if it < tc.warmup_iters:
+        return tc.lr * (it + 1) / tc.warmup_iters
+    halvings = it // tc.halve_every if tc.halve_every else 0
+    return max(tc.lr * 0.5 ** halvings, tc.min_lr)
+
+
+class EMA:
+    """Exponential moving average of the whole state: ema <- d·ema + (1 − d)·w, every ``every`` iterations."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, every: int):
+        self.decay, self.every = decay, every
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        if step % self.every:
+            return
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+@dataclass
+class RefinerData:
+    """Where refiner batches come from: a feature cache, or augmented images through the frozen base."""
+    train_cache: FeatureCache | None
+    train_loader: torch.utils.data.DataLoader | None
+    select: FeatureCache          # held-out split for evaluations during training (holdout scenes or val)
+    select_name: str
+    num_classes: int
+    ignore_index: int
+    class_names: tuple
+
+
+def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None) -> RefinerData:
+    """The training stream's source and the held-out split that evaluations during training use: the last
+    train.holdout training scenes when > 0 (for choosing hyper-parameters without touching val), else val."""
+    tc = cfg.train
+    codec = build_codec(cfg)
+    train_eval = build_dataset(cfg.data, "train", train=False)
+    n_train = len(train_eval) - tc.holdout
+    if n_train < tc.batch_size:
+        raise DataError(f"{train_eval.name} leaves {n_train} training images after train.holdout={tc.holdout}, "
+                        f"fewer than train.batch_size={tc.batch_size}")
+    if tc.holdout:
+        select_set, select_name = train_eval.tail(tc.holdout), "holdout"
+    else:
+        select_set, select_name = build_dataset(cfg.data, "val"), "val"
+    t0 = time.perf_counter()
+    select = compute_cache(base, select_set, codec, device=device)
+    cache, loader = None, None
+    if tc.feature_cache:
+        cache = compute_cache(base, train_eval.head(n_train), codec, flip=tc.flip, device=device)
+        if reporter:
+            reporter.info(f"feature cache: {len(cache)} train images ({'with' if tc.flip else 'no'} flips), "
+                          f"{cache.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f}s")
+    else:
+        loader = torch.utils.data.DataLoader(
+            build_dataset(cfg.data, "train", seed=tc.seed).head(n_train), batch_size=tc.batch_size,
+            shuffle=True, drop_last=True, num_workers=0, worker_init_fn=reseed_worker,
+            generator=torch.Generator().manual_seed(tc.seed), collate_fn=stack_pairs)
+    return RefinerData(cache, loader, select, select_name, train_eval.num_classes, train_eval.ignore_index,
+                       train_eval.class_names)
+
+
+def batches(data: RefinerData, base, codec, batch_size: int, seed: int, device="cpu"):
+    """An endless stream of refiner batches (reshuffled every epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        if data.train_cache is not None:
+            order = torch.randperm(len(data.train_cache), generator=generator)
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield data.train_cache.batch(order[i:i + batch_size], device)
+        else:
+            for images, labels in data.train_loader:
+                yield base_batch(base, images.to(device), labels.to(device), codec)
+
+
+def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerData, *, path: Path,
+              init_state: dict | None = None, reporter: Reporter | None = None, device="cpu") -> dict:
+    """One optimiser run; returns the checkpoint payload it saved at ``path``."""
+    tc = cfg.train
+    iters = stage_iters(cfg, stage)
+    reporter = reporter or ConsoleReporter(stage, iters)
+    seed_everything(tc.seed + {"stage1": 0, "stage2": 1}.get(stage, 2))
+    codec = build_codec(cfg)
+    process = build_process(cfg, data.num_classes)
+    denoiser = build_denoiser(cfg, data.num_classes, base.feature_channels, process).to(device)
+    if init_state is not None:
+        denoiser.load_state_dict(init_state)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
+    generator = torch.Generator().manual_seed(tc.seed + 7)
+    stream = batches(data, base, codec, tc.batch_size, tc.seed + 11, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+    reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "
+                  f"{iters} iters of batch {tc.batch_size}, T={process.steps}, target {tc.target}, "
+                  f"loss {tc.loss}, evaluated on {data.select_name}")
+
+    history: list[dict] = []
+    window_start, window_images = time.perf_counter(), 0
+    denoiser.train()
+    for it in range(iters):
+        for group in optimizer.param_groups:
+            group["lr"] = refiner_lr(it, tc)
+        batch = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        micro = tc.batch_size // tc.accumulate
+        for m in range(tc.accumulate):
+            part = type(batch)(**{k: (v[m * micro:(m + 1) * micro] if v is not None else None)
+                                  for k, v in batch.__dict__.items()})
+            with autocast:
+                if stage == "head":
+                    loss, parts = head_loss(denoiser, part, codec, data.ignore_index)
+                else:
+                    loss, parts = refiner_loss(
+                        denoiser, process, part, codec, stage=1 if stage == "stage1" else 2, target=tc.target,
+                        loss=tc.loss, vlb_weight=tc.vlb_weight, cond_dropout=tc.cond_dropout,
+                        ignore_index=data.ignore_index, generator=generator)
+            (loss / tc.accumulate).backward()
+        optimizer.step()
+        step = it + 1
+        if ema:
+            ema.update(denoiser, step)
+        window_images += tc.batch_size
+        if step % tc.log_every == 0 or step == iters:
+            elapsed = time.perf_counter() - window_start
+            reporter.log({"loss": float(loss.detach()), **parts, "lr": refiner_lr(it, tc),
+                          "img_per_s": window_images / elapsed}, step)
+            window_start, window_images = time.perf_counter(), 0
+        if step % tc.eval_every == 0 or step == iters:
+            scores = _evaluate(cfg, stage, denoiser, ema, process, data, device)
+            history.append({"iter": step, **scores})
+            reporter.log({f"{data.select_name}_{k}": v for k, v in scores.items()}, step)
+            window_start = time.perf_counter()
+
+    metrics = {"select_split": data.select_name, **history[-1]}
+    return _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
+
+
+def _evaluate(cfg, stage, denoiser, ema, process, data: RefinerData, device) -> dict:
+    model = denoiser
+    if ema:
+        model = copy.deepcopy(denoiser)
+        model.load_state_dict(ema.state)
+    steps = 1 if stage == "stage1" else cfg.infer.steps
+    result = evaluate_refiner(model, process, data.select, cfg, num_classes=data.num_classes,
+                              ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head")
+    return {"mIoU_base": result["initial"]["mIoU"], "mIoU_step1": result["steps"][0]["mIoU"],
+            "mIoU_last": result["steps"][-1]["mIoU"], "mBIoU_last": result["steps"][-1]["mBIoU"]}
+
+
+def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data) -> dict:
+    save_refiner(path, denoiser=denoiser, ema_state=ema.state if ema else None, config=to_flat(cfg),
+                 base_payload=base_payload, stage=stage, metrics=metrics, history=history,
+                 content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
+    return read_checkpoint(path)
+
+
+def fit(cfg: Config, base_checkpoint: str | Path, reporter_factory=None, out_dir: str | Path | None = None,
+        device: str = "cpu", force: bool = False, log=print) -> Path:
+    """Train every stage the config asks for (reusing finished ones) and return the last stage's checkpoint."""
+    base_payload = read_checkpoint(base_checkpoint)
+    base = base_from_payload(base_payload, base_checkpoint).freeze().to(device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = None
+    init_state = None
+    path = None
+    for stage in stages_of(cfg):
+        path = stage_checkpoint(cfg, stage, base_payload["hash"], out_dir)
+        if path.exists() and not force:
+            payload = read_checkpoint(path)
+            if payload.get("hash") != stage_hash(cfg, stage, base_payload["hash"]):
+                raise CheckpointError(f"{path} exists but was trained with another config; pass --force")
+            log(f"[{stage}] reusing {path} (same config hash)")
+        else:
+            if data is None:
+                data = prepare_data(cfg, base, device, ConsoleReporter("data"))
+            reporter = reporter_factory(stage, stage_iters(cfg, stage)) if reporter_factory else None
+            payload = fit_stage(cfg, stage, base, base_payload, data, path=path, init_state=init_state,
+                                reporter=reporter, device=device)
+        init_state = payload["model"]  # stage 2 starts from stage 1's weights (not its EMA)
+    return path

@@ -1,0 +1,61 @@
+"""The denoiser network of DDPS (paper §3.2): UNet(concat(base features, mask input), t) -> clean-mask logits.
+
+The mask input is the embedding of a discrete mask (``Embedding(num_states, 16)``, frozen and random as in
+the official code, or trainable), the analog bits of the Gaussian variant (Table 8), or nothing: the
+"UNet as decode head" baseline of Table 7. Dropout 0.1 and a 1x1 classifier follow the UNet. Condition
+dropout zeroes the features of chosen samples, which trains the unconditional branch that classifier-free
+guidance needs (official code: the mask embedding stays, the features are zeroed).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddps.denoiser import UNET_SIZES, create_unet
+
+MASK_INPUTS = ("embed", "bits", "none")
+
+
+class MaskDenoiser(nn.Module):
+    def __init__(self, *, feature_channels: int, num_classes: int, size: str, mask_input: str = "embed",
+                 num_states: int | None = None, bits: int = 0, embed_dim: int = 16,
+                 embed_trainable: bool = False, dropout: float = 0.1):
+        super().__init__()
+        assert mask_input in MASK_INPUTS, mask_input
+        self.mask_input, self.num_classes = mask_input, num_classes
+        extra = 0
+        if mask_input == "embed":
+            self.embed = nn.Embedding(num_states or num_classes, embed_dim)
+            self.embed.weight.requires_grad_(embed_trainable)
+            extra = embed_dim
+        elif mask_input == "bits":
+            assert bits >= 1, bits
+            extra = bits
+        out_channels = UNET_SIZES[size]["dim"]
+        self.unet = create_unet(size, feature_channels + extra, out_channels=out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Conv2d(out_channels, num_classes, 1)
+
+    def forward(self, features: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, C, h, w); x_t (B, h, w) states or (B, bits, h, w) analog bits; t (B,);
+        drop_cond (B,) bool: zero those samples' features. Returns clean-mask logits (B, K, h, w)."""
+        B = features.shape[0]
+        if drop_cond is not None:
+            features = features * (~drop_cond).to(features.dtype).view(B, 1, 1, 1)
+        parts = [features]
+        if self.mask_input == "embed":
+            assert x_t is not None and x_t.shape == (B, *features.shape[2:]), \
+                f"mask {None if x_t is None else tuple(x_t.shape)} must be (B, h, w) = {(B, *features.shape[2:])}"
+            parts.append(self.embed(x_t).permute(0, 3, 1, 2).to(features.dtype))  # (B, E, h, w)
+        elif self.mask_input == "bits":
+            assert x_t is not None and x_t.shape[0] == B and x_t.shape[2:] == features.shape[2:], tuple(x_t.shape)
+            parts.append(x_t.to(features.dtype))
+        if t is None:
+            t = torch.zeros(B, device=features.device)
+        h = self.unet(torch.cat(parts, 1), t.float())
+        return self.classifier(self.dropout(h))
+
+    def unet_params(self) -> int:
+        """Parameters of the UNet alone (DESIGN.md: from its input conv to its output conv)."""
+        return sum(p.numel() for p in self.unet.parameters())

@@ -1,0 +1,98 @@
+"""Refinement, Algorithm 2 of the paper: one sampler for every variant.
+
+Time runs t = 0 (clean) ... T (pure noise). With K test steps (stride sampling, Δ = T // K) the denoiser
+is called at t_k = T - k·Δ for k = 0 ... K-1, starting from a sample of q(x_T) (a uniform random mask for
+the replace-only transition). After each call the prediction x̂0 = argmax is re-noised to t_{k+1}:
+
+- ``free``:      x_{t_{k+1}} ~ q(x_{t_{k+1}} | x̂0)                (free re-noising; the paper's default)
+- ``posterior``: x_{t_{k+1}} ~ q(x_{t_{k+1}} | x_{t_k}, x̂0)       (exact Bayes over the stride, Eq. 3)
+- ``fresh``:     x_{t_{k+1}} ~ q(x_T), ignoring x̂0                 (the mask-reliance diagnostic's control)
+
+For Gaussian bit diffusion the step is DDIM's (η = 0) from the expected analog bits of softmax(logits).
+Classifier-free guidance: ℓ = (s + 1)·ℓ(features) − s·ℓ(zero features), with s = 0 the conditional output.
+The base features are computed once by the caller; every step's logits are returned (the trajectory),
+so one pass gives every step's metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddps.diffusion.bits import BitDiffusion
+from ddps.diffusion.discrete import MaskDiffusion
+
+RENOISE_MODES = ("free", "posterior", "fresh")
+
+
+def step_times(train_steps: int, test_steps: int) -> list[int]:
+    """t_k = T − k·(T // K), k = 0 … K−1: the times at which the denoiser is called."""
+    if not 1 <= test_steps <= train_steps:
+        raise ValueError(f"test steps {test_steps} must be in 1..{train_steps} (the train steps)")
+    stride = train_steps // test_steps
+    return [train_steps - k * stride for k in range(test_steps)]
+
+
+@dataclass
+class Trajectory:
+    times: list[int]
+    logits: list[torch.Tensor]  # after each call: (B, K, h, w)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.logits[-1]
+
+
+def guided_logits(denoiser, features, x_t, t, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance; s = 0 is exactly the conditional output (one call)."""
+    cond = denoiser(features, x_t, t)
+    if cfg_scale == 0:
+        return cond
+    uncond = denoiser(torch.zeros_like(features), x_t, t)
+    return (cfg_scale + 1) * cond - cfg_scale * uncond
+
+
+@torch.no_grad()
+def refine(denoiser, process: MaskDiffusion | BitDiffusion, features: torch.Tensor, steps: int,
+           renoise: str = "free", cfg_scale: float = 0.0, generator: torch.Generator | None = None,
+           start: torch.Tensor | None = None, start_t: int | None = None) -> Trajectory:
+    """Run Algorithm 2 on ``features`` (B, C, h, w) and return the trajectory of ``steps`` predictions.
+
+    ``start``/``start_t``: begin from a given noisy mask at time ``start_t`` instead of q(x_T) (used by the
+    oracle of the mask-reliance diagnostic); the stride then spans ``start_t``.
+    """
+    if renoise not in RENOISE_MODES:
+        raise ValueError(f"unknown re-noising {renoise!r}; choose from: {', '.join(RENOISE_MODES)}")
+    B, _, h, w = features.shape
+    top = process.steps if start_t is None else start_t
+    times = step_times(top, min(steps, top))
+    x = process.prior((B, h, w), generator=generator, device=features.device) if start is None else start
+    logits_seen = []
+    for k, t in enumerate(times):
+        t_batch = torch.full((B,), t, device=features.device, dtype=torch.long)
+        logits = guided_logits(denoiser, features, x, t_batch, cfg_scale)  # (B, K, h, w)
+        logits_seen.append(logits)
+        if k + 1 == len(times):
+            break
+        s = times[k + 1]
+        x = next_state(process, x, logits, t, s, renoise, generator)
+    return Trajectory(times, logits_seen)
+
+
+def next_state(process, x_t: torch.Tensor, logits: torch.Tensor, t: int, s: int, renoise: str,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The denoiser's input at time s < t, from its prediction at time t."""
+    B, _, h, w = logits.shape
+    if renoise == "fresh":
+        return process.prior((B, h, w), generator=generator, device=logits.device)
+    s_batch = torch.full((B,), s, device=logits.device, dtype=torch.long)
+    t_batch = torch.full((B,), t, device=logits.device, dtype=torch.long)
+    if isinstance(process, BitDiffusion):
+        x0_bits = process.encode_probs(logits.float().softmax(1))  # (B, bits, h, w)
+        if renoise == "free":
+            return process.q_sample(x0_bits, s_batch, generator=generator)
+        return process.ddim_step(x_t, x0_bits, t_batch, s_batch)
+    x0 = logits.argmax(1)  # (B, h, w)
+    if renoise == "free":
+        return process.q_sample(x0, s_batch, generator=generator)
+    return process.sample(process.posterior(x_t, x0, t_batch, s_batch), generator=generator)
