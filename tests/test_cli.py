@@ -76,3 +76,36 @@ def test_eval_of_a_users_state_dict_file_and_its_mismatch_error(tmp_path):
     assert "| SegFormer | MiT-B0 |" in ok.stdout
     bad = ddps("eval", str(tmp_path / "user.pth"), "--preset", "smoke", "--set", "base.feature_channels=64")
     assert bad.returncode == 2 and "does not fit" in bad.stderr and "shape mismatches" in bad.stderr
+
+
+def test_train_refiner_then_eval_and_refine_a_users_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+    base = tmp_path / "base.pt"
+    assert ddps("train-base", "--preset", "smoke", "--out", str(base)).returncode == 0
+    out = ddps("train", "--preset", "smoke", "--base", str(base), "--out", str(tmp_path / "ref"))
+    assert out.returncode == 0, out.stderr
+    assert "[stage1] it 6/6" in out.stdout and "[stage2] it 6/6" in out.stdout
+    ckpt = next((tmp_path / "ref").glob("refiner-ddps-stage2-*.pt"))
+    again = ddps("train", "--preset", "smoke", "--base", str(base), "--out", str(tmp_path / "ref"))
+    assert again.stdout.count("reusing") == 2  # both finished stages reused, none retrained
+    ev = ddps("eval", str(ckpt), "--all-steps")
+    assert ev.returncode == 0, ev.stderr
+    lines = ev.stdout.splitlines()
+    assert lines[0].startswith("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 / last)")
+    assert lines[2].startswith("| DDPS (5 steps) | SegFormer MiT-B0 | UNet-XXS |")
+    assert lines[3].startswith("mask reliance (mIoU): (a) own trajectory")
+    assert [l.split("|")[1].strip() for l in lines if l.startswith("| ") and l.split("|")[1].strip().isdigit()] \
+        == ["1", "2", "3", "4", "5"]
+    image = tmp_path / "mine.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)).save(image)
+    rf = ddps("refine", str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"))
+    assert rf.returncode == 0, rf.stderr
+    mask = Image.open(tmp_path / "out" / "mine.png")
+    strip = Image.open(tmp_path / "out" / "mine-strip.png")
+    assert mask.mode == "P" and mask.size == (50, 40) and max(np.asarray(mask).ravel()) < 11
+    assert strip.size == (50 * 7 + 2 * 6, 40)  # image | base | 5 steps
+    bad = ddps("refine", str(tmp_path / "missing.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"))
+    assert bad.returncode == 2 and "image" in bad.stderr and "missing.png does not exist" in bad.stderr
+    wrong = ddps("eval", str(ckpt), "--set", "infer.steps=50")
+    assert wrong.returncode == 2 and "infer.steps=50 is out of range" in wrong.stderr

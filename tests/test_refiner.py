@@ -8,6 +8,7 @@ from ddps.config.schema import DENOISER_SIZES, TRANSITIONS
 from ddps.denoiser import UNET_SIZES
 from ddps.diffusion import TRANSITIONS as DIFFUSION_TRANSITIONS
 from ddps.diffusion import BitDiffusion, MaskDiffusion
+from ddps.diffusion.rng import SampleRNG
 from ddps.engine.features import FeatureCache
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.train_refiner import EMA, refiner_lr, stage_hash, stage_iters, stages_of
@@ -116,6 +117,10 @@ def test_bit_diffusion_refines_through_the_same_sampler():
         assert traj.final.shape == (2, K, 6, 6)
 
 
+def keyed(n, seed=0):
+    return SampleRNG(seed, torch.arange(n))
+
+
 def _batch(B=3, h=4):
     labels = torch.randint(0, K, (B, 4 * h, 4 * h))
     return Batch(features=torch.randn(B, C, h, h), labels=labels, base_pred=torch.randint(0, K, (B, h, h)))
@@ -131,8 +136,7 @@ def test_first_prediction_target_is_computed_without_gradient():
         return original(*args, **kwargs)
     net.forward = spy
     net.train()
-    loss, _ = refiner_loss(net, process, _batch(), ResizeCodec(4), stage=2, target="first",
-                           generator=torch.Generator().manual_seed(0))
+    loss, _ = refiner_loss(net, process, _batch(), ResizeCodec(4), stage=2, target="first", rng=keyed(3))
     assert grad_modes == [False, True]  # the first prediction, then the trained call
     loss.backward()
     assert net.classifier.weight.grad is not None
@@ -146,11 +150,11 @@ def test_stage1_noises_at_max_t_and_targets_pick_their_x0(target, monkeypatch):
     calls = []
     original = process.q_sample
 
-    def spy(x0, t, generator=None):
+    def spy(x0, t, generator=None, noise=None):
         calls.append((x0.clone(), t.clone()))
-        return original(x0, t, generator)
+        return original(x0, t, generator, noise)
     monkeypatch.setattr(process, "q_sample", spy)
-    refiner_loss(net, process, batch, ResizeCodec(4), stage=1, target=target, generator=torch.Generator().manual_seed(0))
+    refiner_loss(net, process, batch, ResizeCodec(4), stage=1, target=target, rng=keyed(3))
     x0, t = calls[-1]
     assert (t == 10).all()
     if target == "gt":
@@ -161,8 +165,7 @@ def test_stage1_noises_at_max_t_and_targets_pick_their_x0(target, monkeypatch):
 
 def test_hybrid_loss_adds_a_vlb_term():
     net, process, batch = denoiser(), MaskDiffusion(K, 10), _batch()
-    g = torch.Generator().manual_seed(0)
-    _, parts = refiner_loss(net, process, batch, ResizeCodec(4), stage=2, target="gt", loss="hybrid", generator=g)
+    _, parts = refiner_loss(net, process, batch, ResizeCodec(4), stage=2, target="gt", loss="hybrid", rng=keyed(3))
     assert parts["vlb"] >= 0 and "ce" in parts
 
 
@@ -218,3 +221,31 @@ def test_reliance_diagnostic_separates_a_mask_reader_from_random_input():
                               ignore_index=255, reliance=True)
     r = result["reliance"]
     assert r["oracle"] > 95 and r["random"] < 40 and len(result["steps"]) == 5
+
+
+@pytest.mark.parametrize("process", [MaskDiffusion(K, 10), MaskDiffusion(K, 10, transition="uniform+mask"),
+                                     BitDiffusion(K, 10)], ids=["uniform", "uniform+mask", "bits"])
+def test_keyed_draws_make_the_loss_independent_of_how_a_batch_is_split(process):
+    """What data parallelism needs: the mean loss of the halves equals the loss of the whole batch."""
+    states = getattr(process, "num_states", K)
+    torch.manual_seed(0)
+    net = MaskDenoiser(feature_channels=C, num_classes=K, size="XXS", num_states=states, dropout=0.0,
+                       mask_input="bits" if isinstance(process, BitDiffusion) else "embed",
+                       bits=getattr(process, "bits", 0))
+    batch = _batch(B=4)
+    keys = torch.tensor([11, 3, 7, 42])
+    batch = Batch(batch.features, batch.labels, batch.base_pred, keys=keys)
+    kw = dict(stage=2, target="first", cond_dropout=0.5)
+    whole, _ = refiner_loss(net, process, batch, ResizeCodec(4), rng=SampleRNG(5, keys), **kw)
+    halves = [refiner_loss(net, process, part, ResizeCodec(4), rng=SampleRNG(5, part.keys), **kw)[0]
+              for part in batch.split(2)]
+    assert torch.allclose(whole, sum(halves) / 2, atol=1e-5)
+    other, _ = refiner_loss(net, process, batch, ResizeCodec(4), rng=SampleRNG(6, keys), **kw)
+    assert not torch.allclose(whole, other)  # the draws are live: another seed, another loss
+
+
+def test_sample_rng_depends_on_key_and_stream_only():
+    a = SampleRNG(1, torch.tensor([5, 9])).rand((3,), stream=2)
+    b = SampleRNG(1, torch.tensor([9, 5, 1])).rand((3,), stream=2)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+    assert not torch.equal(a, SampleRNG(1, torch.tensor([5, 9])).rand((3,), stream=3))

@@ -65,16 +65,23 @@ class BitDiffusion:
         codes = self.codes.to(x.device, x.dtype)
         return torch.einsum("bnhw,kn->bkhw", x, codes).argmax(dim=1)     # (B, K, H, W) -> (B, H, W)
 
-    def q_sample(self, x0_bits: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, eps ~ N(0, I) (DDPM Eq. 4)."""
-        keep, noise = self._coefficients(t, x0_bits)
-        eps = torch.randn(x0_bits.shape, generator=generator, device=x0_bits.device, dtype=x0_bits.dtype)
-        return keep * x0_bits + noise * eps
+    def q_sample(self, x0_bits: torch.Tensor, t, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, eps ~ N(0, I) (DDPM Eq. 4);
+        ``noise``: eps itself (B, bits, H, W), e.g. keyed by sample (SampleRNG)."""
+        keep, scale = self._coefficients(t, x0_bits)
+        eps = noise if noise is not None else torch.randn(x0_bits.shape, generator=generator,
+                                                          device=x0_bits.device, dtype=x0_bits.dtype)
+        assert eps.shape == x0_bits.shape, f"noise {tuple(eps.shape)} for bits {tuple(x0_bits.shape)}"
+        return keep * x0_bits + scale * eps
 
     def prior(self, shape: tuple[int, int, int], generator: torch.Generator | None = None,
-              device=None) -> torch.Tensor:
-        """x_T ~ N(0, I): (B, bits, H, W) for shape = (B, H, W)."""
+              device=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I): (B, bits, H, W) for shape = (B, H, W); ``noise``: that sample itself."""
         batch, height, width = shape
+        if noise is not None:
+            assert noise.shape == (batch, self.bits, height, width), tuple(noise.shape)
+            return noise.to(device) if device is not None else noise
         return torch.randn((batch, self.bits, height, width), generator=generator, device=device)
 
     def ddim_step(self, x_t: torch.Tensor, x0_pred_bits: torch.Tensor, t, s) -> torch.Tensor:

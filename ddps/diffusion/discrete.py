@@ -187,9 +187,10 @@ class MaskDiffusion:
         mats = self._between_batch(torch.zeros_like(t), t, self._dtype(x0))  # (B, S, S) = Q_bar_t
         return self._propagate(x0, mats)
 
-    def q_sample(self, x0: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) (DDPS Eq. 2): (B, H, W) long."""
-        return self.sample(self.q_probs(x0, t), generator)
+    def q_sample(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPS Eq. 2): (B, H, W) long; ``noise`` as in :meth:`sample`."""
+        return self.sample(self.q_probs(x0, t), generator, noise)
 
     def renoise(self, x_s: torch.Tensor, s, t, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_t ~ q(x_t | x_s) = Cat(x_s Q_{s->t}) for s <= t, multi-step forward (free re-noising, DDPS Alg. 2)."""
@@ -232,13 +233,16 @@ class MaskDiffusion:
 
     # ----------------------------------------------------------------------------------- sampling
 
-    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """x ~ Cat(probs) per pixel by Gumbel-max, argmax_k (log p_k + g_k) with g = -log(-log u).
 
-        (B, S, H, W) probabilities -> (B, H, W) long; zero-probability states are never drawn.
+        (B, S, H, W) probabilities -> (B, H, W) long; zero-probability states are never drawn. ``noise``:
+        the uniforms u (B, S, H, W) to use instead of drawing them (e.g. keyed by sample, see SampleRNG).
         """
         probs = probs.float()
-        u = torch.rand(probs.shape, generator=generator, device=probs.device)
+        u = torch.rand(probs.shape, generator=generator, device=probs.device) if noise is None else noise
+        assert u.shape == probs.shape, f"noise {tuple(u.shape)} for probabilities {tuple(probs.shape)}"
         gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
         return (probs.log() + gumbel).argmax(dim=1)                      # log 0 = -inf is never chosen
 
@@ -255,11 +259,11 @@ class MaskDiffusion:
         return p
 
     def prior(self, shape: tuple[int, int, int], generator: torch.Generator | None = None,
-              device=None) -> torch.Tensor:
+              device=None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_T ~ the stationary distribution (the start of DDPS Alg. 2): (B, H, W) long."""
         batch, height, width = shape
         p = self.stationary().to(device=device, dtype=torch.float32)
-        return self.sample(p.view(1, -1, 1, 1).expand(batch, -1, height, width), generator)
+        return self.sample(p.view(1, -1, 1, 1).expand(batch, -1, height, width), generator, noise)
 
     # ----------------------------------------------------------------------------------- loss
 

@@ -19,13 +19,15 @@ from ddps.segmentors import BaseSegmentor
 from ddps.segmentors.inference import pad
 
 
-def stack_pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DataLoader collate: (images (B, 3, H, W), masks (B, H, W))."""
-    return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+def stack_pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DataLoader collate: (images (B, 3, H, W), masks (B, H, W), dataset indices (B,))."""
+    return (torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]),
+            torch.tensor([i["index"] for i in items]))
 
 
 @torch.no_grad()
-def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, codec: ResizeCodec) -> Batch:
+def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, codec: ResizeCodec,
+               keys: torch.Tensor | None = None) -> Batch:
     """Features and argmax of the frozen base at the mask size, for images (B, 3, H, W) with labels (B, H, W)."""
     H, W = images.shape[-2:]
     out = base(pad(images))
@@ -34,7 +36,7 @@ def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, 
     size = codec.mask_size(H, W)
     logits = codec.features(logits, size)
     return Batch(features=codec.features(features, size), labels=labels, base_pred=logits.argmax(1),
-                 base_logits=logits)
+                 base_logits=logits, keys=keys)
 
 
 @dataclass
@@ -48,11 +50,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.features)
 
-    def batch(self, index: torch.Tensor, device="cpu") -> Batch:
+    def batch(self, index: torch.Tensor, device="cpu", keys: torch.Tensor | None = None) -> Batch:
         logits = self.base_logits[index].to(device, torch.float32)
         return Batch(features=self.features[index].to(device, torch.float32),
                      labels=self.labels[index].to(device, torch.long), base_pred=logits.argmax(1),
-                     base_logits=logits)
+                     base_logits=logits, keys=keys)
 
     @property
     def nbytes(self) -> int:
@@ -61,13 +63,13 @@ class FeatureCache:
 
 @torch.no_grad()
 def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, flip: bool = False,
-                  batch_size: int = 64, device="cpu", progress=None) -> FeatureCache:
+                  batch_size: int = 64, device="cpu") -> FeatureCache:
     """Run the frozen base over ``dataset`` (its test transform) once; all images must share one size."""
     base.eval()
     feats, preds, labels = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=stack_pairs)
     size = None
-    for images, masks in loader:
+    for images, masks, _ in loader:
         if size is None:
             size = images.shape[-2:]
         elif images.shape[-2:] != size:
@@ -80,8 +82,6 @@ def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, 
             feats.append(b.features.half().cpu())
             preds.append(b.base_logits.half().cpu())
             labels.append(y.to(torch.uint8))
-        if progress:
-            progress(len(feats))
     # originals first, then flips, in dataset order
     order = list(range(0, len(feats), 2 if flip else 1)) + (list(range(1, len(feats), 2)) if flip else [])
     return FeatureCache(torch.cat([feats[i] for i in order]), torch.cat([preds[i] for i in order]),

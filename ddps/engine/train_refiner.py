@@ -21,7 +21,8 @@ from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import FeatureCache, base_batch, compute_cache, stack_pairs
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.engine.train_base import reseed_worker, seed_everything
-from ddps.errors import CheckpointError, ConfigError, DataError
+from ddps.diffusion.rng import SampleRNG
+from ddps.errors import CheckpointError, DataError
 from ddps.paths import cache_dir
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.checkpoint import save_refiner
@@ -131,16 +132,22 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
 
 
 def batches(data: RefinerData, base, codec, batch_size: int, seed: int, device="cpu"):
-    """An endless stream of refiner batches (reshuffled every epoch)."""
+    """An endless stream of refiner batches, reshuffled every epoch. Each sample carries the key of its
+    random draws: epoch x N + its index, unique over the run and independent of how batches are split."""
     generator = torch.Generator().manual_seed(seed)
+    epoch = 0
     while True:
         if data.train_cache is not None:
-            order = torch.randperm(len(data.train_cache), generator=generator)
-            for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield data.train_cache.batch(order[i:i + batch_size], device)
+            n = len(data.train_cache)
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n - batch_size + 1, batch_size):
+                index = order[i:i + batch_size]
+                yield data.train_cache.batch(index, device, keys=epoch * n + index)
         else:
-            for images, labels in data.train_loader:
-                yield base_batch(base, images.to(device), labels.to(device), codec)
+            n = len(data.train_loader.dataset)
+            for images, labels, index in data.train_loader:
+                yield base_batch(base, images.to(device), labels.to(device), codec, keys=epoch * n + index)
+        epoch += 1
 
 
 def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerData, *, path: Path,
@@ -158,7 +165,7 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
-    generator = torch.Generator().manual_seed(tc.seed + 7)
+    rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
     stream = batches(data, base, codec, tc.batch_size, tc.seed + 11, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
     reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "
@@ -173,18 +180,15 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
             group["lr"] = refiner_lr(it, tc)
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        micro = tc.batch_size // tc.accumulate
-        for m in range(tc.accumulate):
-            part = type(batch)(**{k: (v[m * micro:(m + 1) * micro] if v is not None else None)
-                                  for k, v in batch.__dict__.items()})
+        for part in batch.split(tc.accumulate):
             with autocast:
                 if stage == "head":
                     loss, parts = head_loss(denoiser, part, codec, data.ignore_index)
                 else:
                     loss, parts = refiner_loss(
                         denoiser, process, part, codec, stage=1 if stage == "stage1" else 2, target=tc.target,
-                        loss=tc.loss, vlb_weight=tc.vlb_weight, cond_dropout=tc.cond_dropout,
-                        ignore_index=data.ignore_index, generator=generator)
+                        rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
+                        cond_dropout=tc.cond_dropout, ignore_index=data.ignore_index)
             (loss / tc.accumulate).backward()
         optimizer.step()
         step = it + 1

@@ -7,6 +7,8 @@ Per batch (frozen base features F, ground truth y at the label size, y↓ at the
 3. x_t ~ q(x_t | x0) (Eq. 2), or x_t = √ᾱ·bits(x0) + √(1−ᾱ)·ε for Gaussian bit diffusion;
 4. logits = f(F · keep, x_t, t), features zeroed with probability p (condition dropout, for CFG);
 5. loss = CE(upsample(logits), y), the ground truth always; ``hybrid`` adds w · VLB (discrete only).
+Every random draw (t, x_T, the noise, the dropout) is keyed by sample (SampleRNG): the loss of a sample does
+not depend on the batch it is in, so data-parallel workers reproduce single-process training.
 The UNet-as-head baseline (Table 7) is f(F) with no mask input and plain CE.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddps.diffusion.bits import BitDiffusion
+from ddps.diffusion.rng import SampleRNG
 from ddps.refiner.codecs import ResizeCodec
 
 
@@ -26,54 +29,76 @@ class Batch:
     labels: torch.Tensor        # (B, H, W) ground truth at the label size (ignore index allowed)
     base_pred: torch.Tensor     # (B, h, w) the base segmentor's argmax at the mask size
     base_logits: torch.Tensor | None = None  # (B, K, h, w) its logits, when the caller has them
+    keys: torch.Tensor | None = None         # (B,) each sample's key for its random draws (SampleRNG)
+
+    def split(self, parts: int) -> list["Batch"]:
+        """Equal micro-batches (gradient accumulation)."""
+        n = self.features.shape[0] // parts
+        return [Batch(**{k: (v[i * n:(i + 1) * n] if v is not None else None) for k, v in self.__dict__.items()})
+                for i in range(parts)]
+
+
+# the streams of a sample's random draws (SampleRNG)
+STREAM_T, STREAM_FIRST, STREAM_NOISE, STREAM_DROP = range(4)
+
+
+def _noise_shape(process, h: int, w: int) -> tuple[int, int, int]:
+    return (process.bits, h, w) if isinstance(process, BitDiffusion) else (process.num_states, h, w)
+
+
+def _draw(process, rng: SampleRNG, h: int, w: int, stream: int) -> torch.Tensor:
+    shape = _noise_shape(process, h, w)
+    return rng.randn(shape, stream) if isinstance(process, BitDiffusion) else rng.rand(shape, stream)
 
 
 def noised_input(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
-                 ignore_index: int, generator: torch.Generator | None = None):
-    """Steps 1-3: (x0 at the mask size, t (B,), x_t) for one batch."""
+                 ignore_index: int, rng: SampleRNG):
+    """Steps 1-3: (x0 at the mask size, t (B,), x_t) for one batch; every draw keyed by sample."""
     feats = batch.features
     B, _, h, w = feats.shape
     T = process.steps
     if stage == 1:
-        t = torch.full((B,), T, dtype=torch.long, device=feats.device)
+        t = torch.full((B,), T, dtype=torch.long)
     else:
-        t = torch.randint(1, T + 1, (B,), generator=generator, device="cpu").to(feats.device)
+        t = 1 + (rng.rand((), STREAM_T) * T).long().clamp(max=T - 1)      # uniform on 1..T
+    t = t.to(feats.device)
     if target == "gt":
         x0 = codec.encode(batch.labels)                                    # (B, h, w)
         x0 = torch.where(x0 == ignore_index, batch.base_pred, x0)          # ignore pixels: the base's guess
     elif target == "initial":
         x0 = batch.base_pred
     elif target == "first":
-        x0 = first_prediction(denoiser, process, feats, generator)
+        x0 = first_prediction(denoiser, process, feats, noise=_draw(process, rng, h, w, STREAM_FIRST))
     else:
         raise ValueError(f"unknown target {target!r}")
+    noise = _draw(process, rng, h, w, STREAM_NOISE).to(feats.device)
     if isinstance(process, BitDiffusion):
-        x_t = process.q_sample(process.encode(x0), t, generator=generator)  # (B, bits, h, w)
+        x_t = process.q_sample(process.encode(x0), t, noise=noise)        # (B, bits, h, w)
     else:
-        x_t = process.q_sample(x0, t, generator=generator)                 # (B, h, w)
+        x_t = process.q_sample(x0, t, noise=noise)                         # (B, h, w)
     return x0, t, x_t
 
 
 @torch.no_grad()
-def first_prediction(denoiser, process, features: torch.Tensor, generator=None) -> torch.Tensor:
+def first_prediction(denoiser, process, features: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
     """argmax f(F, x_T, T) with x_T ~ q(x_T): the denoiser's own first guess, without gradient (Alg. 1)."""
     B, _, h, w = features.shape
-    x_T = process.prior((B, h, w), generator=generator, device=features.device)
+    x_T = process.prior((B, h, w), generator=generator, device=features.device,
+                        noise=None if noise is None else noise.to(features.device))
     t = torch.full((B,), process.steps, dtype=torch.long, device=features.device)
     return denoiser(features, x_T, t).argmax(1)
 
 
 def refiner_loss(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
-                 loss: str = "ce", vlb_weight: float = 1.0, cond_dropout: float = 0.0, ignore_index: int = 255,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                 rng: SampleRNG, loss: str = "ce", vlb_weight: float = 1.0, cond_dropout: float = 0.0,
+                 ignore_index: int = 255) -> tuple[torch.Tensor, dict]:
     """Algorithm 1's loss for one batch; returns (loss, {'ce': ..., 'vlb': ...})."""
     feats = batch.features
-    B = feats.shape[0]
     x0, t, x_t = noised_input(denoiser, process, batch, codec, stage=stage, target=target,
-                              ignore_index=ignore_index, generator=generator)
+                              ignore_index=ignore_index, rng=rng)
     drop = None
     if cond_dropout > 0:
-        drop = torch.rand(B, generator=generator).to(feats.device) < cond_dropout
+        drop = (rng.rand((), STREAM_DROP) < cond_dropout).to(feats.device)
     logits = denoiser(feats, x_t, t, drop)                                  # (B, K, h, w)
     ce = F.cross_entropy(codec.decode(logits, batch.labels.shape[-2:]).float(), batch.labels,
                          ignore_index=ignore_index)
