@@ -19,13 +19,14 @@ from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import FeatureCache, base_batch, compute_cache, stack_pairs
+from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
-from ddps.engine.train_base import reseed_worker, seed_everything
+from ddps.engine.train_base import seed_everything
 from ddps.diffusion.rng import SampleRNG
 from ddps.errors import CheckpointError, DataError
 from ddps.paths import cache_dir
 from ddps.refiner.build import build_codec, build_denoiser, build_process
-from ddps.refiner.checkpoint import save_refiner
+from ddps.refiner.checkpoint import refiner_payload, save_payload
 from ddps.refiner.objective import head_loss, refiner_loss
 from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 
@@ -92,7 +93,7 @@ class EMA:
 class RefinerData:
     """Where refiner batches come from: a feature cache, or augmented images through the frozen base."""
     train_cache: FeatureCache | None
-    train_loader: torch.utils.data.DataLoader | None
+    train_set: torch.utils.data.Dataset | None
     select: FeatureCache          # held-out split for evaluations during training (holdout scenes or val)
     select_name: str
     num_classes: int
@@ -116,44 +117,68 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
         select_set, select_name = build_dataset(cfg.data, "val"), "val"
     t0 = time.perf_counter()
     select = compute_cache(base, select_set, codec, device=device)
-    cache, loader = None, None
+    cache, train_set = None, None
     if tc.feature_cache:
         cache = compute_cache(base, train_eval.head(n_train), codec, flip=tc.flip, device=device)
         if reporter:
             reporter.info(f"feature cache: {len(cache)} train images ({'with' if tc.flip else 'no'} flips), "
                           f"{cache.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f}s")
     else:
-        loader = torch.utils.data.DataLoader(
-            build_dataset(cfg.data, "train", seed=tc.seed).head(n_train), batch_size=tc.batch_size,
-            shuffle=True, drop_last=True, num_workers=0, worker_init_fn=reseed_worker,
-            generator=torch.Generator().manual_seed(tc.seed), collate_fn=stack_pairs)
-    return RefinerData(cache, loader, select, select_name, train_eval.num_classes, train_eval.ignore_index,
+        train_set = build_dataset(cfg.data, "train", seed=tc.seed).head(n_train)
+    return RefinerData(cache, train_set, select, select_name, train_eval.num_classes, train_eval.ignore_index,
                        train_eval.class_names)
 
 
-def batches(data: RefinerData, base, codec, batch_size: int, seed: int, device="cpu"):
-    """An endless stream of refiner batches, reshuffled every epoch. Each sample carries the key of its
-    random draws: epoch x N + its index, unique over the run and independent of how batches are split."""
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        if data.train_cache is not None:
-            n = len(data.train_cache)
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n - batch_size + 1, batch_size):
-                index = order[i:i + batch_size]
-                yield data.train_cache.batch(index, device, keys=epoch * n + index)
-        else:
-            n = len(data.train_loader.dataset)
-            for images, labels, index in data.train_loader:
-                yield base_batch(base, images.to(device), labels.to(device), codec, keys=epoch * n + index)
-        epoch += 1
+def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu"):
+    """This worker's endless stream of refiner batches in ``order`` (which knows its position). Each sample
+    carries the key of its random draws: epoch x N + its index, independent of how batches are split."""
+    if data.train_cache is not None:
+        for index, keys in order:
+            yield data.train_cache.batch(index, device, keys=keys)
+    else:
+        pairs = (list(zip(index.tolist(), keys.tolist())) for index, keys in order)
+        loader = torch.utils.data.DataLoader(KeyedDataset(data.train_set), batch_sampler=pairs, num_workers=0,
+                                             collate_fn=stack_keyed)
+        for images, labels, keys in loader:
+            yield base_batch(base, images.to(device), labels.to(device), codec, keys=keys)
 
 
-def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerData, *, path: Path,
-              init_state: dict | None = None, reporter: Reporter | None = None, device="cpu") -> dict:
-    """One optimiser run; returns the checkpoint payload it saved at ``path``."""
+class KeyedDataset(torch.utils.data.Dataset):
+    """Items addressed by (index, key) pairs, as GlobalOrder yields them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, pair):
+        index, key = pair
+        return {**self.dataset[int(index)], "key": int(key)}
+
+
+def stack_keyed(items: list[dict]):
+    images, masks, _ = stack_pairs(items)
+    return images, masks, torch.tensor([i["key"] for i in items])
+
+
+def train_size(data: RefinerData) -> int:
+    return len(data.train_cache) if data.train_cache is not None else len(data.train_set)
+
+
+def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerData, *, path: Path | None,
+              init_state: dict | None = None, reporter: Reporter | None = None, worker: Worker | None = None,
+              checkpointer: Checkpointer | None = None) -> dict:
+    """One optimiser run of ``stage``; returns the final payload (rank 0 also saves it at ``path``).
+
+    Data-parallel: each of ``worker.world_size`` ranks takes its shard of every global batch of
+    train.batch_size samples; gradients are averaged by the wrapped (DDP) model, and every random draw is
+    keyed by sample, so the weights follow single-process training. ``checkpointer``: the training state
+    every ``checkpointer.every`` iterations, and where a restarted run resumes.
+    """
     tc = cfg.train
+    worker = worker or Worker()
+    device = worker.device
     iters = stage_iters(cfg, stage)
     reporter = reporter or ConsoleReporter(stage, iters)
     seed_everything(tc.seed + {"stage1": 0, "stage2": 1}.get(stage, 2))
@@ -165,17 +190,32 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
-    rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
-    stream = batches(data, base, codec, tc.batch_size, tc.seed + 11, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
-    reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "
-                  f"{iters} iters of batch {tc.batch_size}, T={process.steps}, target {tc.target}, "
-                  f"loss {tc.loss}, evaluated on {data.select_name}")
-
+    order = GlobalOrder(train_size(data), tc.batch_size, tc.seed + 11, worker.rank, worker.world_size)
+    worker.local_batch(tc.batch_size, "train.batch_size")
     history: list[dict] = []
+    start = 0
+    state = checkpointer.latest() if checkpointer else None
+    if state is not None:  # resume: weights, EMA, optimiser, data position, RNG, iteration
+        denoiser.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema:
+            ema.state = state["ema"]
+        order.seek(state["position"])
+        set_rng_state(state["rng"])
+        history, start = list(state["history"]), int(state["iter"])
+        reporter.info(f"{stage}: resuming at iteration {start} from the last checkpoint")
+    model = worker.wrap(denoiser) if worker.wrap else denoiser
+    rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
+    stream = batches(data, base, codec, order, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+    if start == 0:
+        reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "
+                      f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s), T={process.steps}, "
+                      f"target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
+
     window_start, window_images = time.perf_counter(), 0
     denoiser.train()
-    for it in range(iters):
+    for it in range(start, iters):
         for group in optimizer.param_groups:
             group["lr"] = refiner_lr(it, tc)
         batch = next(stream)
@@ -183,10 +223,10 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
         for part in batch.split(tc.accumulate):
             with autocast:
                 if stage == "head":
-                    loss, parts = head_loss(denoiser, part, codec, data.ignore_index)
+                    loss, parts = head_loss(model, part, codec, data.ignore_index)
                 else:
                     loss, parts = refiner_loss(
-                        denoiser, process, part, codec, stage=1 if stage == "stage1" else 2, target=tc.target,
+                        model, process, part, codec, stage=1 if stage == "stage1" else 2, target=tc.target,
                         rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
                         cond_dropout=tc.cond_dropout, ignore_index=data.ignore_index)
             (loss / tc.accumulate).backward()
@@ -200,14 +240,18 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
             reporter.log({"loss": float(loss.detach()), **parts, "lr": refiner_lr(it, tc),
                           "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
-        if step % tc.eval_every == 0 or step == iters:
+        if worker.is_main and (step % tc.eval_every == 0 or step == iters):
             scores = _evaluate(cfg, stage, denoiser, ema, process, data, device)
             history.append({"iter": step, **scores})
             reporter.log({f"{data.select_name}_{k}": v for k, v in scores.items()}, step)
             window_start = time.perf_counter()
+        if checkpointer and step % checkpointer.every == 0 and step < iters:
+            checkpointer.save({"iter": step, "model": denoiser.state_dict(), "optimizer": optimizer.state_dict(),
+                               "ema": ema.state if ema else None, "position": order.position,
+                               "rng": rng_state(), "history": history}, step)
 
-    metrics = {"select_split": data.select_name, **history[-1]}
-    return _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
+    metrics = {"select_split": data.select_name, **(history[-1] if history else {})}
+    return _save(path if worker.is_main else None, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
 
 
 def _evaluate(cfg, stage, denoiser, ema, process, data: RefinerData, device) -> dict:
@@ -223,10 +267,12 @@ def _evaluate(cfg, stage, denoiser, ema, process, data: RefinerData, device) -> 
 
 
 def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data) -> dict:
-    save_refiner(path, denoiser=denoiser, ema_state=ema.state if ema else None, config=to_flat(cfg),
-                 base_payload=base_payload, stage=stage, metrics=metrics, history=history,
-                 content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
-    return read_checkpoint(path)
+    payload = refiner_payload(denoiser=denoiser, ema_state=ema.state if ema else None, config=to_flat(cfg),
+                              base_payload=base_payload, stage=stage, metrics=metrics, history=history,
+                              content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
+    if path is not None:
+        save_payload(path, payload)
+    return payload
 
 
 def fit(cfg: Config, base_checkpoint: str | Path, reporter_factory=None, out_dir: str | Path | None = None,
@@ -251,6 +297,6 @@ def fit(cfg: Config, base_checkpoint: str | Path, reporter_factory=None, out_dir
                 data = prepare_data(cfg, base, device, ConsoleReporter("data"))
             reporter = reporter_factory(stage, stage_iters(cfg, stage)) if reporter_factory else None
             payload = fit_stage(cfg, stage, base, base_payload, data, path=path, init_state=init_state,
-                                reporter=reporter, device=device)
+                                reporter=reporter, worker=Worker(device=device))
         init_state = payload["model"]  # stage 2 starts from stage 1's weights (not its EMA)
     return path

@@ -4,7 +4,6 @@ Written to a temporary name and renamed; read with ``torch.load(weights_only=Tru
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -13,25 +12,23 @@ from ddps.config import from_flat
 from ddps.errors import CheckpointError
 from ddps.refiner.build import build_denoiser, build_process
 from ddps.segmentors.base import check_state
-from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint, save_atomic
 
 KIND_REFINER = "refiner"
 
 
-def save_refiner(path: str | Path, *, denoiser, ema_state: dict | None, config: dict, base_payload: dict,
-                 stage: str, metrics: dict, history: list, content_hash: str, class_names) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def refiner_payload(*, denoiser, ema_state: dict | None, config: dict, base_payload: dict, stage: str,
+                    metrics: dict, history: list, content_hash: str, class_names) -> dict:
+    return {
         "kind": KIND_REFINER, "stage": stage, "config": config, "class_names": list(class_names),
         "metrics": metrics, "history": history, "hash": content_hash,
         "model": denoiser.state_dict(), "ema": ema_state,
         "base": {k: base_payload[k] for k in ("kind", "spec", "config", "class_names", "hash", "model", "metrics")},
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+
+
+def save_payload(path: str | Path, payload: dict) -> Path:
+    return save_atomic(path, payload)
 
 
 def load_refiner(path: str | Path, use_ema: bool = True, payload: dict | None = None):

@@ -25,6 +25,14 @@ def save_base(path: str | Path, model: BaseSegmentor, *, config: dict, class_nam
         "class_names": list(class_names), "metrics": metrics, "history": history, "hash": content_hash,
         "model": model.state_dict(),
     }
+    return save_atomic(path, payload)
+
+
+def save_atomic(path: str | Path, payload) -> Path:
+    """torch.save to a temporary name in the same folder, then rename: a partial file never carries the
+    final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -1,0 +1,158 @@
+"""What every training loop shares: where it runs (rank / world size), the data order and its position,
+and periodic training-state checkpoints to resume from.
+
+- ``Worker``: rank and world size of data-parallel training, the device, and how to wrap the model (DDP
+  under Ray Train; nothing in one process). Rank 0 logs, evaluates and saves.
+- ``GlobalOrder``: the order of samples is a function of (seed, epoch) only; a global batch of
+  ``batch_size`` samples is cut into ``world_size`` equal shards, rank r taking the r-th. The effective
+  batch is always the config's ``batch_size``, whatever the number of workers (it must divide it).
+- ``FolderCheckpointer``: every N iterations the whole training state (model, EMA, optimiser, iteration,
+  data position, RNG) is written to a temporary name, checksummed and renamed; the last K are kept. A
+  truncated or altered file fails its checksum and the previous one is used, with a message.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ddps.errors import ConfigError
+
+
+@dataclass
+class Worker:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_batch(self, batch_size: int, what: str) -> int:
+        if batch_size % self.world_size:
+            raise ConfigError(f"{what}={batch_size} is not divisible by the {self.world_size} data-parallel "
+                              f"workers; the effective batch stays {what}, so choose a multiple of the workers")
+        return batch_size // self.world_size
+
+
+@dataclass
+class GlobalOrder:
+    """Sample indices in global batches: epoch e is randperm(n) from seed (seed, e); ``position`` is
+    (epoch, global batches done in it), enough to resume exactly."""
+    n: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    offset: int = 0
+
+    def __post_init__(self):
+        assert self.n >= self.batch_size, (self.n, self.batch_size)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def seek(self, position: dict) -> None:
+        self.epoch, self.offset = int(position["epoch"]), int(position["offset"])
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless (this rank's indices, their keys); key = epoch x n + index, unique over the run."""
+        per_epoch = self.n // self.batch_size
+        local = self.batch_size // self.world_size
+        while True:
+            order = self.permutation(self.epoch)
+            while self.offset < per_epoch:
+                start = self.offset * self.batch_size + self.rank * local
+                index = order[start:start + local]
+                self.offset += 1
+                yield index, self.epoch * self.n + index
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+class Checkpointer(Protocol):
+    every: int
+
+    def latest(self) -> dict | None: ...
+    def save(self, state: dict, step: int) -> None: ...
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_checked(path: Path, payload) -> Path:
+    """torch.save to a temporary name with a sha256 sidecar, then rename both: a partial file never
+    carries the final name."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    side = path.with_name(path.name + ".sha256")
+    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    side_tmp.write_text(_digest(data))
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+    return path
+
+
+def read_checked(path: Path):
+    """The payload of a file written by write_checked; None when it fails its checksum or cannot be read."""
+    side = path.with_name(path.name + ".sha256")
+    try:
+        data = path.read_bytes()
+        if not side.exists() or side.read_text().strip() != _digest(data):
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+
+
+@dataclass
+class FolderCheckpointer:
+    """Training-state checkpoints ``state-<iter>.pt`` in ``folder``, every ``every`` iterations, last ``keep``."""
+    folder: Path
+    every: int = 500
+    keep: int = 2
+    log: Callable[[str], None] = print
+    skipped: list = field(default_factory=list)
+
+    def files(self) -> list[Path]:
+        return sorted(Path(self.folder).glob("state-*.pt"))
+
+    def latest(self) -> dict | None:
+        for path in reversed(self.files()):
+            state = read_checked(path)
+            if state is not None:
+                return state
+            self.skipped.append(path)
+            self.log(f"checkpoint {path} is damaged (checksum mismatch or unreadable); using the one before it")
+        return None
+
+    def save(self, state: dict, step: int) -> None:
+        write_checked(Path(self.folder) / f"state-{step:08d}.pt", state)
+        for old in self.files()[:-self.keep]:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,143 @@
+"""The refiner's training loop: it learns, stage 2 starts from stage 1, a crashed run resumes to the same
+weights, a damaged checkpoint is skipped, and the data order shards by worker without changing the batch."""
+import pytest
+import torch
+
+from ddps.config import resolve
+from ddps.engine.loop import FolderCheckpointer, GlobalOrder, Worker, read_checked, write_checked
+from ddps.engine.reporter import NullReporter
+from ddps.engine.train_base import fit as fit_base
+from ddps.engine.train_refiner import fit, fit_stage, prepare_data, stage_checkpoint
+from ddps.errors import ConfigError
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    cfg = resolve("smoke")
+    fit_base(cfg, NullReporter(), checkpoint=path)
+    payload = read_checkpoint(path)
+    return path, payload, base_from_payload(payload, path).freeze()
+
+
+@pytest.fixture(scope="module")
+def smoke_data(smoke_base):
+    return prepare_data(resolve("smoke"), smoke_base[2])
+
+
+def test_two_stages_train_save_and_are_reused(smoke_base, tmp_path):
+    cfg = resolve("smoke", overrides={"train.stage1_iters": 8, "train.stage2_iters": 10, "train.log_every": 1})
+    reporters = {}
+
+    def factory(stage, iters):
+        reporters[stage] = NullReporter()
+        return reporters[stage]
+    path = fit(cfg, smoke_base[0], reporter_factory=factory, out_dir=tmp_path, log=lambda m: None)
+    assert path == stage_checkpoint(cfg, "stage2", smoke_base[1]["hash"], tmp_path)
+    payload = read_checkpoint(path)
+    assert payload["kind"] == "refiner" and payload["stage"] == "stage2" and payload["ema"] is not None
+    losses = [m["loss"] for _, m in reporters["stage1"].history if "loss" in m]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    assert [h["iter"] for h in payload["history"]] == [6, 10]
+    again = {}
+    fit(cfg, smoke_base[0], reporter_factory=lambda s, i: again.setdefault(s, NullReporter()), out_dir=tmp_path,
+        log=lambda m: None)
+    assert again == {}  # both stages reused
+
+
+def test_stage2_starts_from_stage1_weights(smoke_base, smoke_data, tmp_path):
+    cfg = resolve("smoke", overrides={"train.stage2_iters": 1, "train.lr": 1e-12, "train.min_lr": 0.0, "train.warmup_iters": 0,
+                                      "train.ema": False})
+    stage1 = fit_stage(cfg, "stage1", smoke_base[2], smoke_base[1], smoke_data, path=None, reporter=NullReporter())
+    stage2 = fit_stage(cfg, "stage2", smoke_base[2], smoke_base[1], smoke_data, path=None,
+                       init_state=stage1["model"], reporter=NullReporter())
+    for key, value in stage1["model"].items():
+        assert torch.allclose(value, stage2["model"][key], atol=1e-6), key  # lr ~ 0: unchanged from stage 1
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingCheckpointer(FolderCheckpointer):
+    """Saves, then dies once at a chosen iteration: a worker killed right after its checkpoint."""
+
+    def __init__(self, folder, every, crash_at):
+        super().__init__(folder, every=every, keep=2, log=lambda m: None)
+        self.crash_at = crash_at
+
+    def save(self, state, step):
+        super().save(state, step)
+        if step == self.crash_at:
+            self.crash_at = None
+            raise Crash(step)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_crashed_run_resumes_to_the_same_weights(smoke_base, smoke_data, tmp_path, stage):
+    cfg = resolve("smoke", overrides={"train.stage1_iters": 9, "train.stage2_iters": 9, "train.eval_every": 4,
+                                      "train.ema_every": 2, "train.cond_dropout": 0.3})
+    args = (cfg, stage, smoke_base[2], smoke_base[1], smoke_data)
+    straight = fit_stage(*args, path=None, reporter=NullReporter())
+    checkpointer = CrashingCheckpointer(tmp_path / "ck", every=3, crash_at=6)
+    with pytest.raises(Crash):
+        fit_stage(*args, path=None, reporter=NullReporter(), checkpointer=checkpointer)
+    assert [p.name for p in checkpointer.files()] == ["state-00000003.pt", "state-00000006.pt"]
+    resumed_reporter = NullReporter()
+    resumed = fit_stage(*args, path=None, reporter=resumed_reporter, checkpointer=checkpointer)
+    assert min(step for step, _ in resumed_reporter.history) > 6  # it did not start over
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key, value in straight["ema"].items():
+        assert torch.equal(value, resumed["ema"][key]), key
+    assert straight["history"] == resumed["history"]
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    messages = []
+    ck = FolderCheckpointer(tmp_path, every=1, keep=3, log=messages.append)
+    for step in (1, 2, 3):
+        ck.save({"iter": step, "w": torch.full((4,), float(step))}, step)
+    newest = ck.files()[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    assert ck.latest()["iter"] == 2
+    assert len(messages) == 1 and "state-00000003.pt is damaged" in messages[0]
+    ck.files()[-2].write_bytes(ck.files()[-2].read_bytes()[:100])  # truncated
+    assert ck.latest()["iter"] == 1
+    assert read_checked(tmp_path / "nothing.pt") is None
+
+
+def test_checked_write_leaves_no_partial_file_under_the_final_name(tmp_path):
+    class Unpicklable:
+        pass
+    with pytest.raises(Exception):
+        write_checked(tmp_path / "state.pt", {"x": Unpicklable()})
+    assert not (tmp_path / "state.pt").exists()
+    write_checked(tmp_path / "state.pt", {"x": torch.ones(2)})
+    assert torch.equal(read_checked(tmp_path / "state.pt")["x"], torch.ones(2))
+
+
+def test_global_order_shards_each_global_batch_and_resumes_exactly():
+    single = GlobalOrder(20, 8, seed=3)
+    ranks = [GlobalOrder(20, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    it_single, it_ranks = iter(single), [iter(r) for r in ranks]
+    for _ in range(5):  # crosses an epoch boundary (2 batches per epoch)
+        index, keys = next(it_single)
+        parts = [next(i) for i in it_ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), index)
+        assert torch.equal(torch.cat([p[1] for p in parts]), keys)
+    assert len(set(torch.cat([next(it_single)[1] for _ in range(6)]).tolist())) == 48  # keys never repeat
+    position = single.position
+    after = [next(it_single)[0] for _ in range(3)]
+    again = GlobalOrder(20, 8, seed=3)
+    again.seek(position)
+    it_again = iter(again)
+    assert all(torch.equal(a, next(it_again)[0]) for a in after)
+
+
+def test_batch_size_must_divide_among_workers():
+    with pytest.raises(ConfigError, match="train.batch_size=9 is not divisible by the 2 data-parallel workers"):
+        Worker(world_size=2).local_batch(9, "train.batch_size")
