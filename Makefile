@@ -6,8 +6,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE ?= disabled
+export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo test bootstrap clean-venv
+.PHONY: demo test test-fast bootstrap clean-venv
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -18,6 +19,10 @@ demo: bootstrap
 test: bootstrap
 	@$(PY) -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# the suite without the tests marked slow (Ray Train, full pipelines)
+test-fast: bootstrap
+	@$(PY) -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf .venv

@@ -89,9 +89,44 @@ def cmd_eval(args) -> int:
 
 def cmd_refine(args) -> int:
     from ddps.engine.refine_images import refine_images
-    for path in refine_images(args.images, args.checkpoint, args.out, steps=args.steps, seed=args.seed):
+    checkpoint = args.checkpoint
+    if checkpoint.startswith("runs:/"):  # a refiner logged by `ddps pipeline`
+        from ddps.orchestration.tracking import Tracker
+        checkpoint = Tracker(args.tracking_uri).download(checkpoint)
+    for path in refine_images(args.images, checkpoint, args.out, steps=args.steps, seed=args.seed):
         print(path)
     return 0
+
+
+def cmd_pipeline(args) -> int:
+    from ddps.orchestration.pipeline import Pipeline
+    from ddps.orchestration.ray_train import Cluster
+    from ddps.orchestration.runtime import ensure_ray
+    cfg = _resolve(args)
+    cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                      max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
+    pipeline = Pipeline(cfg, cluster, tracking_uri=args.tracking_uri, experiment=args.mlflow_experiment)
+    ensure_ray(cluster)
+    summary = pipeline.run()
+    print(summary_table(summary, cfg))
+    print(f"MLflow: {pipeline.tracker.uri}  (ddps ui, then open http://127.0.0.1:5000)")
+    return 0
+
+
+def summary_table(summary: dict, cfg) -> str:
+    rows = ["| | mIoU | mBIoU |", "|---|---|---|",
+            f"| base ({cfg.base.arch}-{cfg.base.backbone}) | {summary['base_mIoU']:.2f} | {summary['base_mBIoU']:.2f} |",
+            f"| step 1 | {summary['step1_mIoU']:.2f} | {summary['step1_mBIoU']:.2f} |",
+            f"| step {summary['steps']} (last) | {summary['last_mIoU']:.2f} | {summary['last_mBIoU']:.2f} |"]
+    if "reliance_oracle" in summary:
+        rows.append(f"\nmask reliance (mIoU): own {summary['reliance_own']:.2f} | oracle "
+                    f"{summary['reliance_oracle']:.2f} | random {summary['reliance_random']:.2f}")
+    return "\n".join(rows)
+
+
+def cmd_ui(args) -> int:
+    from ddps.orchestration.runtime import serve_ui
+    return serve_ui(args.host, args.port, args.tracking_uri)
 
 
 def cmd_demo(args) -> int:
@@ -150,11 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     rf = sub.add_parser("refine", help="refine your own images with a trained refiner")
     rf.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    rf.add_argument("--checkpoint", required=True, help="a refiner checkpoint (ddps train)")
+    rf.add_argument("--checkpoint", required=True, help="a refiner checkpoint (ddps train), or runs:/<run id>/"
+                                                        "model/<file>.pt logged by ddps pipeline")
     rf.add_argument("--out", required=True, help="folder for <stem>.png masks and <stem>-strip.png strips")
     rf.add_argument("--steps", type=int, help="test steps (default: the checkpoint's infer.steps)")
     rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--tracking-uri", help="for runs:/ checkpoints (default: $MLFLOW_TRACKING_URI, else the "
+                                           "embedded store in $DDPS_HOME)")
     rf.set_defaults(func=cmd_refine)
+
+    pl = sub.add_parser("pipeline", help="base -> stage 1 -> stage 2 -> evaluation on Ray Train, tracked in MLflow")
+    pl.add_argument("experiment", nargs="?", help="experiment YAML (same as --config)")
+    _config_args(pl)
+    pl.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
+    pl.add_argument("--cpus-per-worker", type=float, default=1.0)
+    pl.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    pl.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before a step fails")
+    pl.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
+    pl.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                           "sqlite in $DDPS_HOME)")
+    pl.add_argument("--mlflow-experiment", help="MLflow experiment name (default: ddps-<dataset>)")
+    pl.set_defaults(func=cmd_pipeline)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the embedded store, on 127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", help="the store to serve (default: the embedded sqlite in $DDPS_HOME)")
+    ui.set_defaults(func=cmd_ui)
 
     demo = sub.add_parser("demo", help="the embedded default: build data, train, evaluate")
     demo.add_argument("--preset", default="cpu")

@@ -5,7 +5,7 @@ import sys
 CORE = ["ddps.config", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference", "ddps.metrics",
         "ddps.diffusion", "ddps.denoiser", "ddps.refiner.model", "ddps.refiner.sampler", "ddps.refiner.objective",
         "ddps.refiner.checkpoint", "ddps.engine.train_base", "ddps.engine.train_refiner",
-        "ddps.engine.evaluate_checkpoint", "ddps.engine.refine_images", "ddps.cli"]
+        "ddps.engine.evaluate_checkpoint", "ddps.engine.refine_images", "ddps.engine.loop", "ddps.cli"]
 
 
 def test_core_and_engine_do_not_import_ray_or_mlflow():
@@ -14,3 +14,18 @@ def test_core_and_engine_do_not_import_ray_or_mlflow():
             "assert not bad, bad\nprint('clean')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def test_mlflow_is_imported_in_one_module_and_ray_only_in_orchestration():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "ddps"
+    mlflow_users, ray_users = set(), set()
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        rel = str(path.relative_to(root))
+        if "import mlflow" in text or "from mlflow" in text:
+            mlflow_users.add(rel)
+        if "import ray" in text or "from ray" in text:
+            ray_users.add(rel)
+    assert mlflow_users == {"orchestration/tracking.py"}
+    assert ray_users and all(p.startswith("orchestration/") for p in ray_users)

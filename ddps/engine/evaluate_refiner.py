@@ -80,3 +80,28 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache, cfg: Config, *, num
         result["reliance"] = {"own": result["steps"][-1]["mIoU"], "oracle": extra["oracle"].compute()["mIoU"],
                               "random": extra["random"].compute()["mIoU"], "oracle_t": oracle_t}
     return result
+
+
+@torch.no_grad()
+def trajectory_examples(denoiser, process, base, dataset, indices, cfg: Config, device="cpu") -> list[dict]:
+    """For a few fixed images: the raw image, ground truth, base mask and the mask after every step, plus the
+    base's and every step's class probabilities (what the report's strips and probability files show)."""
+    from ddps.engine.features import base_batch
+    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    generator = torch.Generator().manual_seed(cfg.infer.seed)
+    out = []
+    for i in indices:
+        rgb, label, _ = dataset.read(i)
+        item = dataset[i]
+        batch = base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device), codec)
+        size = item["mask"].shape[-2:]
+        base_probs = codec.decode(batch.base_logits, size).softmax(1)[0]
+        if cfg.denoiser.method == "head":
+            steps = [denoiser(batch.features)]
+        else:
+            steps = refine(denoiser, process, batch.features, cfg.infer.steps, cfg.infer.renoise,
+                           cfg.infer.cfg_scale, generator).logits
+        step_probs = [codec.decode(l, size).softmax(1)[0] for l in steps]
+        out.append({"index": i, "image": rgb, "label": label, "base_probs": base_probs.cpu().numpy(),
+                    "step_probs": [p.cpu().numpy() for p in step_probs]})
+    return out

@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
 from ddps.data import build_dataset
 from ddps.engine.evaluate import evaluate_base
+from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.paths import cache_dir
 from ddps.errors import CheckpointError, DataError
 from ddps.segmentors import BaseSegmentor, create_base
-from ddps.segmentors.checkpoint import read_checkpoint, save_base
+from ddps.segmentors.checkpoint import base_payload, read_checkpoint, save_atomic
 
 BASE_SECTIONS = ("data", "base", "train_base")
 
@@ -83,73 +84,115 @@ def seed_everything(seed: int) -> None:
 
 def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | None = None,
         device: str = "cpu", force: bool = False) -> Path:
-    """Train a base segmentor per ``cfg`` and return its checkpoint; an existing one is reused."""
-    tc = cfg.train_base
-    reporter = reporter or ConsoleReporter("train-base", tc.iters)
+    """Train a base segmentor per ``cfg`` in this process and return its checkpoint; an existing one is reused."""
+    reporter = reporter or ConsoleReporter("train-base", cfg.train_base.iters)
     path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
-    if path.exists() and not force:
-        existing = read_checkpoint(path).get("hash")
-        if existing != base_hash(cfg):
-            raise CheckpointError(f"{path} exists but was trained with another config (hash "
-                                  f"{str(existing)[:12]} != {base_hash(cfg)[:12]}); pass --force to overwrite "
-                                  f"it or choose another --out")
+    if reuse(cfg, path, force):
         reporter.info(f"reusing {path} (same config hash)")
         return path
+    train(cfg, reporter, Worker(device=device), path=path)
+    return path
+
+
+def reuse(cfg: Config, path: Path, force: bool = False) -> bool:
+    """Whether ``path`` already holds this config's finished base (refusing another config's file)."""
+    if not path.exists() or force:
+        return False
+    existing = read_checkpoint(path).get("hash")
+    if existing != base_hash(cfg):
+        raise CheckpointError(f"{path} exists but was trained with another config (hash {str(existing)[:12]} != "
+                              f"{base_hash(cfg)[:12]}); pass --force to overwrite it or choose another --out")
+    return True
+
+
+def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: Path | None = None,
+          checkpointer: Checkpointer | None = None) -> dict:
+    """The training loop on one data-parallel worker; rank 0 evaluates and saves the checkpoint at ``path``.
+
+    Each rank takes its shard of every global batch of train_base.batch_size images (GlobalOrder); with a
+    ``checkpointer`` the training state is saved every ``checkpointer.every`` iterations and a restarted
+    run resumes from the latest (augmentation draws are re-seeded from (seed, iteration) at resumption,
+    so a resumed run is close to, not bit-identical with, an uninterrupted one).
+    """
+    tc = cfg.train_base
+    worker = worker or Worker()
+    device = worker.device
 
     # ---- setup -----------------------------------------------------------------------------------
-    seed_everything(tc.seed)
+    seed_everything(tc.seed + worker.rank)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    train_set = build_dataset(cfg.data, "train", seed=tc.seed)
+    train_set = build_dataset(cfg.data, "train", seed=tc.seed + worker.rank)
     val_set = build_dataset(cfg.data, "val")
     if len(train_set) < tc.batch_size:
         raise DataError(f"{train_set.name} has {len(train_set)} images, fewer than train_base.batch_size="
                         f"{tc.batch_size}")
-    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0,
-                        worker_init_fn=reseed_worker, generator=torch.Generator().manual_seed(tc.seed))
+    worker.local_batch(tc.batch_size, "train_base.batch_size")
+    order = GlobalOrder(len(train_set), tc.batch_size, tc.seed, worker.rank, worker.world_size)
     model = create_base(cfg.base.arch, cfg.base.backbone, train_set.num_classes,
                         feature_channels=cfg.base.feature_channels,
                         encoder_weights=cfg.base.encoder_weights).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
-    reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
-                  f"{len(val_set)} val images, {tc.iters} iters of batch {tc.batch_size}")
+    history: list[dict] = []
+    start, seen = 0, 0
+    state = checkpointer.latest() if checkpointer else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        order.seek(state["position"])
+        set_rng_state(state["rng"])
+        history, start, seen = list(state["history"]), int(state["iter"]), int(state["images_seen"])
+        train_set.transform.reseed(tc.seed * 100_003 + start * 7 + worker.rank)
+        reporter.info(f"resuming at iteration {start} from the last checkpoint")
+    else:
+        reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
+                      f"{len(val_set)} val images, {tc.iters} iters of batch {tc.batch_size} on "
+                      f"{worker.world_size} worker(s)")
+    ddp = worker.wrap(model) if worker.wrap else model
+    loader = DataLoader(train_set, batch_sampler=(index.tolist() for index, _ in order),
+                        num_workers=tc.num_workers, worker_init_fn=reseed_worker)
 
     # ---- loop ------------------------------------------------------------------------------------
-    history: list[dict] = []
-    batches = iter(())
-    seen, window_start, window_images = 0, time.perf_counter(), 0
+    batches = iter(loader)
+    window_start, window_images = time.perf_counter(), 0
     model.train()
-    for it in range(tc.iters):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        x, y = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, H, W)
+    for it in range(start, tc.iters):
+        batch = next(batches)
+        x, y = batch["image"].to(device), batch["mask"].to(device)  # (b, 3, H, W), (b, H, W)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, tc) * group["lr_mult"]
-        loss = F.cross_entropy(model.segment(x), y, ignore_index=train_set.ignore_index)
+        logits = ddp(x).logits
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, y, ignore_index=train_set.ignore_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        seen += len(x)
-        window_images += len(x)
+        seen += tc.batch_size
+        window_images += tc.batch_size
         step = it + 1
         if step % tc.log_every == 0 or step == tc.iters:
             elapsed = time.perf_counter() - window_start
             reporter.log({"loss": float(loss.detach()), "lr": lr_at(it, tc), "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
-        if step % tc.eval_every == 0 or step == tc.iters:
+        if worker.is_main and (step % tc.eval_every == 0 or step == tc.iters):
             scores = evaluate_base(model, val_set, cfg.eval, device=device)
             history.append({"iter": step, "mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"]})
             reporter.log({"val_mIoU": scores["mIoU"], "val_mBIoU": scores["mBIoU"]}, step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
+        if checkpointer and step % checkpointer.every == 0 and step < tc.iters:
+            checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "position": order.position, "rng": rng_state(), "history": history,
+                               "images_seen": seen}, step)
 
     # ---- checkpoint ------------------------------------------------------------------------------
-    final = {"val_mIoU": history[-1]["mIoU"], "val_mBIoU": history[-1]["mBIoU"],
+    final = {"val_mIoU": history[-1]["mIoU"] if history else math.nan,
+             "val_mBIoU": history[-1]["mBIoU"] if history else math.nan,
              "plateau_gain": plateau_gain(history, tc.iters), "images_seen": seen}
-    reporter.info(f"done: val mIoU {final['val_mIoU']:.2f}, mBIoU {final['val_mBIoU']:.2f}, "
-                  f"gain over the last fifth {final['plateau_gain']:+.2f}")
-    return save_base(path, model, config=to_flat(cfg), class_names=train_set.class_names, metrics=final,
-                     history=history, content_hash=base_hash(cfg))
+    payload = base_payload(model, config=to_flat(cfg), class_names=train_set.class_names, metrics=final,
+                           history=history, content_hash=base_hash(cfg))
+    if worker.is_main:
+        reporter.info(f"done: val mIoU {final['val_mIoU']:.2f}, mBIoU {final['val_mBIoU']:.2f}, "
+                      f"gain over the last fifth {final['plateau_gain']:+.2f}")
+        if path is not None:
+            save_atomic(path, payload)
+    return payload

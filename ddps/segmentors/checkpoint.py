@@ -16,16 +16,17 @@ from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state, read
 KIND_BASE = "base_segmentor"
 
 
-def save_base(path: str | Path, model: BaseSegmentor, *, config: dict, class_names, metrics: dict,
-              history: list, content_hash: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def base_payload(model: BaseSegmentor, *, config: dict, class_names, metrics: dict, history: list,
+                 content_hash: str) -> dict:
+    return {
         "kind": KIND_BASE, "spec": dict(model.spec.__dict__), "config": config,
         "class_names": list(class_names), "metrics": metrics, "history": history, "hash": content_hash,
         "model": model.state_dict(),
     }
-    return save_atomic(path, payload)
+
+
+def save_base(path: str | Path, model: BaseSegmentor, **kwargs) -> Path:
+    return save_atomic(path, base_payload(model, **kwargs))
 
 
 def save_atomic(path: str | Path, payload) -> Path:

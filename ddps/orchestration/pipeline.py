@@ -1,0 +1,193 @@
+"""The pipeline: base -> stage 1 -> stage 2 (or the UNet head) -> evaluation, tracked in MLflow.
+
+Each step is addressed by the content hash of what determines it (its config sections plus its inputs'
+hashes): a step whose checkpoint exists is never recomputed, and a step with a FINISHED MLflow run of the
+same hash is not re-logged. One parent run per pipeline, one nested run per step (``mlflow.parentRunId``);
+runs left RUNNING by a driver that died are marked KILLED when the pipeline is submitted again.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from ddps.config import Config, content_hash, to_flat
+from ddps.engine import train_base, train_refiner
+from ddps.engine.reporter import ConsoleReporter
+from ddps.orchestration import ray_train
+from ddps.orchestration.ray_train import Cluster
+from ddps.orchestration.tracking import Tracker
+from ddps.segmentors.checkpoint import read_checkpoint
+
+EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")
+STRIP_IMAGES = (0, 1, 2, 3)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg: Config) -> dict:
+    return {"dataset": cfg.data.dataset, "base": f"{cfg.base.arch}-{cfg.base.backbone}",
+            "denoiser": f"{cfg.denoiser.method}-UNet-{cfg.denoiser.size}", "preset": cfg.preset,
+            "git_commit": git_commit()}
+
+
+def pipeline_hash(cfg: Config) -> str:
+    return content_hash(cfg, ("data", "base", "train_base") + EVAL_SECTIONS)
+
+
+@dataclass
+class Pipeline:
+    cfg: Config
+    cluster: Cluster = field(default_factory=Cluster)
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    log: Callable[[str], None] = print
+    pid_dir: str | None = None
+
+    def __post_init__(self):
+        self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
+        self.experiment_id = self.tracker.experiment(self.experiment or f"ddps-{self.cfg.data.dataset}")
+        self.tags = run_tags(self.cfg)
+        self.parent: str | None = None
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> Path:
+        """Train (unless its checkpoint exists) and log (unless a FINISHED run of this hash exists) one step."""
+        key = {"ddps.step": name, "ddps.content_hash": digest}
+        done = self.tracker.find_run(self.experiment_id, key)
+        if path.exists() and done:
+            self.log(f"[{name}] reusing {path} and MLflow run {done}")
+            self.tracker.set_tags(self.parent, {f"step.{name}": done})
+            return path
+        run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **key}, parent=self.parent)
+        self.tracker.log_params(run_id, to_flat(self.cfg))
+        self.tracker.set_tags(self.parent, {f"step.{name}": run_id})
+        try:
+            if path.exists():
+                self.log(f"[{name}] checkpoint {path} exists: logging it, not retraining")
+            else:
+                train(run_id)
+            metrics = read_checkpoint(path).get("metrics", {})
+            self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()
+                                              if isinstance(v, (int, float))}, step=0)
+            self.tracker.end_run(run_id, "FINISHED")
+        except BaseException:
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        return path
+
+    def _train_config(self, run_id: str, label: str, iters: int, out: Path, **extra) -> dict:
+        return {"cfg": to_flat(self.cfg), "out": str(out), "label": label, "iters": iters,
+                "tracking_uri": self.tracker.uri, "run_id": run_id, "pid_dir": self.pid_dir, **extra}
+
+    # ---- the whole pipeline -----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, digest = self.cfg, pipeline_hash(self.cfg)
+        self.tags["ddps.pipeline"] = digest
+        stale = self.tracker.mark_stale(self.experiment_id, {"ddps.pipeline": digest})
+        if stale:
+            self.log(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED")
+        self.parent = self.tracker.start_run(self.experiment_id, f"pipeline-{digest[:8]}",
+                                             {**self.tags, "ddps.step": "pipeline", "ddps.content_hash": digest})
+        self.tracker.log_params(self.parent, to_flat(cfg))
+        try:
+            base_h = train_base.base_hash(cfg)
+            base_path = train_base.default_checkpoint(cfg)
+            self.step("base", base_h, base_path, lambda run_id: ray_train.run(
+                "base", self._train_config(run_id, "base", cfg.train_base.iters, base_path), self.cluster,
+                name=f"base-{base_h[:16]}"))
+            previous = None
+            for stage in train_refiner.stages_of(cfg):
+                h = train_refiner.stage_hash(cfg, stage, base_h)
+                path = train_refiner.stage_checkpoint(cfg, stage, base_h)
+                init = str(previous) if stage == "stage2" else None
+                self.step(stage, h, path, lambda run_id, stage=stage, path=path, h=h, init=init: ray_train.run(
+                    "refiner", self._train_config(run_id, stage, train_refiner.stage_iters(cfg, stage), path,
+                                                  stage=stage, base=str(base_path), init=init),
+                    self.cluster, name=f"{stage}-{h[:16]}"))
+                previous = path
+            summary = self.evaluate(previous, content_hash(cfg, EVAL_SECTIONS, [h]))
+            self.tracker.end_run(self.parent, "FINISHED")
+        except BaseException:
+            self.tracker.end_run(self.parent, "FAILED")
+            raise
+        return summary
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, refiner_path: Path, digest: str) -> dict:
+        """Per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU per step,
+        the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner itself."""
+        from ddps.engine.evaluate_checkpoint import evaluation_split
+        from ddps.engine.evaluate_refiner import evaluate_refiner, trajectory_examples
+        from ddps.engine.features import compute_cache
+        from ddps.engine.refine_images import palette, strip
+        from ddps.refiner.build import build_codec
+        from ddps.refiner.checkpoint import load_refiner
+        key = {"ddps.step": "eval", "ddps.content_hash": digest}
+        done = self.tracker.find_run(self.experiment_id, key)
+        if done:
+            self.log(f"[eval] reusing MLflow run {done}")
+            self.tracker.set_tags(self.parent, {"step.eval": done})
+            return json.loads(self.tracker.client.get_run(done).data.tags.get("ddps.summary", "{}"))
+        cfg = self.cfg
+        run_id = self.tracker.start_run(self.experiment_id, "eval", {**self.tags, **key}, parent=self.parent)
+        self.tracker.set_tags(self.parent, {"step.eval": run_id})
+        try:
+            self.tracker.log_params(run_id, to_flat(cfg))
+            denoiser, process, base, payload = load_refiner(refiner_path)
+            val = evaluation_split(cfg, "val")
+            cache = compute_cache(base, val, build_codec(cfg))
+            head = cfg.denoiser.method == "head"
+            result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val.num_classes,
+                                      ignore_index=val.ignore_index, reliance=not head, head=head)
+            names = val.class_names
+            for k, scores in enumerate([result["initial"]] + result["steps"]):
+                metrics = {"mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"], "aAcc": scores["aAcc"]}
+                metrics.update({f"IoU.{n}": v for n, v in zip(names, scores["IoU"])})
+                self.tracker.log_metrics(run_id, metrics, step=k)
+            if "reliance" in result:
+                r = result["reliance"]
+                self.tracker.log_metrics(run_id, {f"reliance_{k}": r[k] for k in ("own", "oracle", "random")}, 0)
+            summary = {"base_mIoU": result["initial"]["mIoU"], "base_mBIoU": result["initial"]["mBIoU"],
+                       "step1_mIoU": result["steps"][0]["mIoU"], "step1_mBIoU": result["steps"][0]["mBIoU"],
+                       "last_mIoU": result["steps"][-1]["mIoU"], "last_mBIoU": result["steps"][-1]["mBIoU"],
+                       "steps": len(result["steps"]), **{f"reliance_{k}": v for k, v in result.get("reliance", {}).items()}}
+            self.tracker.set_tags(run_id, {"ddps.summary": json.dumps(summary)})
+            with tempfile.TemporaryDirectory() as folder:
+                folder = Path(folder)
+                (folder / "config.yaml").write_text(yaml.safe_dump(to_flat(cfg), sort_keys=True))
+                self.tracker.log_artifact(run_id, folder / "config.yaml")
+                colours = palette(val.num_classes)
+                examples = trajectory_examples(denoiser, process, base, val,
+                                               [i for i in STRIP_IMAGES if i < len(val)], cfg)
+                for ex in examples:
+                    masks = [ex["label"], ex["base_probs"].argmax(0)] + [p.argmax(0) for p in ex["step_probs"]]
+                    masks = [np.where(m >= val.num_classes, 0, m) for m in masks]  # ignore pixels shown black
+                    from PIL import Image
+                    Image.fromarray(strip(ex["image"], masks, colours)).save(folder / f"strip-{ex['index']}.png")
+                    self.tracker.log_artifact(run_id, folder / f"strip-{ex['index']}.png", "strips")
+                first = examples[0]
+                np.savez_compressed(folder / "probabilities.npz", image=first["image"], label=first["label"],
+                                    base=first["base_probs"].astype(np.float16),
+                                    steps=np.stack(first["step_probs"]).astype(np.float16))
+                self.tracker.log_artifact(run_id, folder / "probabilities.npz")
+            self.tracker.log_artifact(run_id, refiner_path, "model")
+            self.tracker.set_tags(self.parent, {"refiner_uri": f"runs:/{run_id}/model/{refiner_path.name}"})
+            self.tracker.end_run(run_id, "FINISHED")
+        except BaseException:
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        return summary

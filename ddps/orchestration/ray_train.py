@@ -1,0 +1,139 @@
+"""Ray Train around the engine's loops: one ``TorchTrainer`` per training (base, stage 1, stage 2, head).
+
+The per-worker function only adapts: it reads the worker's rank from Ray Train, wraps the model with
+``ray.train.torch.prepare_model`` (DDP on gloo for CPU, nccl for GPU), hands the engine a checkpointer that
+reports training states to Ray Train, and calls the same loop that runs in one process. Rank 0 logs to
+MLflow and writes the final checkpoint.
+
+Effective batch rule: the config's batch size is the global batch; each of N workers takes batch / N of
+it (N must divide it), so changing the number of workers changes neither the batch nor the schedule.
+Failures: ``FailureConfig(max_failures)`` restarts the worker group, which resumes from the last reported
+training state; a resubmitted run with the same name (the step's content hash) resumes the same way.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddps.config import from_flat
+from ddps.engine.loop import Worker, read_checked, write_checked
+from ddps.engine.reporter import ConsoleReporter, NullReporter
+from ddps.paths import cache_dir
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """How a training is spread: data-parallel workers and what each one gets."""
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    checkpoint_every: int = 500
+    keep: int = 2
+
+
+class RayCheckpointer:
+    """The engine's Checkpointer on Ray Train: rank 0 reports the state as a Ray checkpoint; every rank
+    reports at the same iterations (ray.train.report is a barrier)."""
+
+    def __init__(self, every: int, rank: int, log=print):
+        self.every, self.rank, self.log = every, rank, log
+
+    def latest(self) -> dict | None:
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = read_checked(Path(folder) / STATE_FILE)
+        if state is None:
+            self.log(f"the last Ray checkpoint {checkpoint.path} is damaged; starting this stage over")
+        return state
+
+    def save(self, state: dict, step: int) -> None:
+        import ray.train
+        if self.rank != 0:
+            ray.train.report({"iter": step})
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checked(Path(folder) / STATE_FILE, state)
+            ray.train.report({"iter": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _worker_setup(config: dict):
+    import ray.train
+    import ray.train.torch
+    import torch
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = max(1, int(config["cpus_per_worker"]))
+    torch.set_num_threads(threads)
+    device = str(ray.train.torch.get_device())
+    worker = Worker(rank=rank, world_size=world, device=device,
+                    wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    if config.get("pid_dir"):  # for fault-injection tests: where each rank's process can be found
+        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
+    reporter = NullReporter()
+    if rank == 0:
+        echo = ConsoleReporter(config["label"], config.get("iters"))
+        reporter = echo
+        if config.get("tracking_uri") and config.get("run_id"):
+            from ddps.orchestration.tracking import MLflowReporter, Tracker
+            reporter = MLflowReporter(Tracker(config["tracking_uri"]), config["run_id"], echo=echo)
+    return worker, reporter, RayCheckpointer(config["checkpoint_every"], rank, log=reporter.info)
+
+
+def base_worker(config: dict) -> None:
+    """Ray Train per-worker loop of the base segmentor: engine.train_base.train."""
+    from ddps.engine.train_base import train
+    worker, reporter, checkpointer = _worker_setup(config)
+    cfg = from_flat(config["cfg"])
+    train(cfg, reporter, worker, path=Path(config["out"]) if worker.is_main else None, checkpointer=checkpointer)
+    if hasattr(reporter, "flush"):
+        reporter.flush()
+
+
+def refiner_worker(config: dict) -> None:
+    """Ray Train per-worker loop of one refiner stage: engine.train_refiner.fit_stage."""
+    from ddps.engine.train_refiner import fit_stage, prepare_data
+    from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+    worker, reporter, checkpointer = _worker_setup(config)
+    cfg = from_flat(config["cfg"])
+    base_payload = read_checkpoint(config["base"])
+    base = base_from_payload(base_payload, config["base"]).freeze().to(worker.device)
+    data = prepare_data(cfg, base, worker.device, reporter if worker.is_main else None)
+    init_state = read_checkpoint(config["init"])["model"] if config.get("init") else None
+    fit_stage(cfg, config["stage"], base, base_payload, data, path=Path(config["out"]) if worker.is_main else None,
+              init_state=init_state, reporter=reporter, worker=worker, checkpointer=checkpointer)
+    if hasattr(reporter, "flush"):
+        reporter.flush()
+
+
+def run(kind: str, config: dict, cluster: Cluster, name: str) -> Path:
+    """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
+
+    ``name`` (the step's content hash) names the Ray run, so a resubmitted run resumes its checkpoints.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    loop = {"base": base_worker, "refiner": refiner_worker}[kind]
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker,
+                           "checkpoint_every": cluster.checkpoint_every},
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(cache_dir("ray")),
+                             failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep)),
+    )
+    trainer.fit()
+    out = Path(config["out"])
+    if not out.exists():
+        raise RuntimeError(f"Ray Train finished {name} but {out} was not written")
+    return out

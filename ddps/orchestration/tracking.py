@@ -1,0 +1,159 @@
+"""MLflow, through one adapter: the only module of ddps that imports mlflow.
+
+- The tracking URI is always absolute: ``--tracking-uri`` / ``MLFLOW_TRACKING_URI``, else the embedded
+  store ``sqlite:///<DDPS_HOME>/mlflow.db`` with artifacts in ``<DDPS_HOME>/mlartifacts`` (Ray Train and
+  Tune change the working directory of their workers, so a relative URI would scatter stores).
+- An http server is checked before any compute: unreachable -> one-line error.
+- Parameters whose names look like secrets (token, password, secret, key) are never logged.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ddps.errors import DDPSError
+from ddps.paths import ddps_home
+
+SECRET = re.compile(r"(token|password|passwd|secret|(^|[._])key($|[._])|api_key|credential)", re.IGNORECASE)
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(DDPSError):
+    """The tracking server cannot be reached or refused a request."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{ddps_home() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        return f"sqlite:///{path.expanduser().resolve()}"
+    if "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r} is not a URI; use http(s)://host:port or sqlite:////abs/path.db")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) server: GET /health, else a one-line TrackingError before any compute starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow server {uri} is unreachable ({getattr(e, 'reason', e)}); start it or "
+                            f"set --tracking-uri / MLFLOW_TRACKING_URI") from None
+
+
+def loggable_params(flat: dict) -> dict[str, str]:
+    """The flat config as MLflow params: secret-looking names dropped, values as strings (<= 6000 chars)."""
+    return {k: str(v)[:6000] for k, v in flat.items() if not SECRET.search(k)}
+
+
+class Tracker:
+    """Runs of one tracking store: experiments, parent and nested runs, params, metrics, artifacts."""
+
+    def __init__(self, uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+        self.uri = resolve_tracking_uri(uri)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+
+    # ---- experiments and runs -----------------------------------------------------------------------
+    def experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # an absolute artifact root, whatever the working directory
+            location = (ddps_home() / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment_id: str, name: str, tags: dict | None = None, parent: str | None = None) -> str:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent:
+            tags[PARENT_TAG] = parent
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def find_run(self, experiment_id: str, tags: dict, status: str | None = "FINISHED") -> str | None:
+        """The newest run with all these tags (and this status), else None."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        runs = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def mark_stale(self, experiment_id: str, tags: dict, status: str = "KILLED") -> int:
+        """Runs with these tags left RUNNING by a driver that died: marked KILLED. Returns how many."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"]
+        stale = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1000)
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, status)
+        return len(stale)
+
+    # ---- data -------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, flat: dict) -> None:
+        from mlflow.entities import Param
+        params = [Param(k, v) for k, v in loggable_params(flat).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i:i + 100])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v == v]  # NaN dropped
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def download(self, uri: str, dst: str | Path | None = None) -> Path:
+        """A ``runs:/<id>/<path>`` artifact as a local file."""
+        import mlflow
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
+                                                        tracking_uri=self.uri))
+
+
+class MLflowReporter:
+    """The engine's Reporter interface onto one MLflow run: metrics throttled to one batch every
+    ``every_s`` seconds (evaluation metrics are sent at once), messages to the console."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every_s: float = 10.0, echo=None):
+        self.tracker, self.run_id, self.every_s, self.echo = tracker, run_id, every_s, echo
+        self.pending: list[tuple[dict, int]] = []
+        self.last = 0.0
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.echo:
+            self.echo.log(metrics, step)
+        self.pending.append((dict(metrics), step))
+        urgent = any(not k.startswith(("loss", "lr", "img_per_s", "ce", "vlb")) for k in metrics)
+        if urgent or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def info(self, message: str) -> None:
+        if self.echo:
+            self.echo.info(message)
+
+    def flush(self) -> None:
+        for metrics, step in self.pending:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+        self.pending.clear()
+        self.last = time.monotonic()

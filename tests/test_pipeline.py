@@ -1,0 +1,133 @@
+"""The distributed pipeline with real components: in-process Ray (2 CPU workers on gloo), MLflow on SQLite.
+
+Slow (Ray start-up, several TorchTrainer runs): marked ``slow``; ``make test-fast`` skips them.
+"""
+import os
+
+import pytest
+import torch
+
+from ddps.config import resolve, to_flat
+from ddps.engine.loop import Worker
+from ddps.orchestration.ray_train import Cluster
+from ddps.orchestration.tracking import SECRET, Tracker, TrackingError, loggable_params, resolve_tracking_uri
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    from ddps.orchestration.runtime import ensure_ray
+    ensure_ray(Cluster(workers=2, cpus_per_worker=0.5))
+    yield ray
+    ray.shutdown()
+
+
+def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{os.environ['DDPS_HOME']}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path / 'rel.db'}"
+    params = loggable_params({"train.lr": 1e-3, "cluster.api_key": "x", "db.password": "y", "auth.token": "z",
+                              "data.keypoints": 3})
+    assert set(params) == {"train.lr", "data.keypoints"}
+    assert SECRET.search("mlflow.secret_value")
+
+
+def test_an_unreachable_tracking_server_fails_before_any_compute():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingError, match=f"MLflow server http://127.0.0.1:{port} is unreachable"):
+        Tracker(f"http://127.0.0.1:{port}")
+
+
+def _stage2_weights(world: int, tmp_path, base, data_cfg):
+    """k = 4 stage-2 steps on Ray Train with ``world`` workers; the final weights."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(config):
+        import ray.train
+        import ray.train.torch
+        from ddps.config import from_flat
+        from ddps.engine.reporter import NullReporter
+        from ddps.engine.train_refiner import fit_stage, prepare_data
+        from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+        torch.set_num_threads(1)
+        ctx = ray.train.get_context()
+        worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), "cpu",
+                        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+        cfg = from_flat(config["cfg"])
+        payload = read_checkpoint(config["base"])
+        base = base_from_payload(payload, config["base"]).freeze()
+        data = prepare_data(cfg, base)
+        out = fit_stage(cfg, "stage2", base, payload, data, path=None, reporter=NullReporter(), worker=worker)
+        if worker.is_main:
+            torch.save(out["model"], config["out"])
+
+    out = tmp_path / f"world{world}.pt"
+    TorchTrainer(loop, train_loop_config={"cfg": to_flat(data_cfg), "base": str(base), "out": str(out)},
+                 torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name=f"equiv-{world}-{tmp_path.name}", storage_path=str(tmp_path / "ray"))).fit()
+    return torch.load(out, weights_only=True)
+
+
+def test_two_workers_of_batch_b_equal_one_worker_of_batch_2b(ray_local, tmp_path):
+    """The real stage-2 step (random t, sampled noise, condition dropout, shuffled order), keyed by sample."""
+    from ddps.engine.reporter import NullReporter
+    from ddps.engine.train_base import fit as fit_base
+    base = tmp_path / "base.pt"
+    fit_base(resolve("smoke"), NullReporter(), checkpoint=base)
+    cfg = resolve("smoke", overrides={"train.stage2_iters": 4, "train.batch_size": 8, "train.cond_dropout": 0.5,
+                                      "denoiser.dropout": 0.0, "train.ema": False, "train.eval_every": 100})
+    one = _stage2_weights(1, tmp_path, base, cfg)
+    two = _stage2_weights(2, tmp_path, base, cfg)
+    for key, value in one.items():
+        assert torch.allclose(value, two[key], atol=1e-5, rtol=1e-4), key
+    from ddps.refiner.build import build_denoiser, build_process
+    process = build_process(cfg, 11)
+    torch.manual_seed(cfg.train.seed + 1)  # the initial weights fit_stage starts from
+    initial = build_denoiser(cfg, 11, cfg.base.feature_channels, process).state_dict()
+    changed = sum(not torch.equal(initial[k], one[k]) for k in one if one[k].dtype.is_floating_point)
+    assert changed > 10  # the weights did move
+
+
+def test_pipeline_tracks_nested_runs_reuses_steps_and_serves_its_refiner(ray_local, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ddps.orchestration.pipeline import Pipeline
+    monkeypatch.setenv("DDPS_HOME", str(tmp_path / "home"))
+    cfg = resolve("smoke")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = Pipeline(cfg, Cluster(workers=2, cpus_per_worker=0.5), tracking_uri=uri, log=lambda m: None).run()
+    assert set(summary) >= {"base_mIoU", "step1_mIoU", "last_mIoU", "reliance_oracle"}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ddps-fashion-scenes")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = next(r for n, r in runs.items() if n.startswith("pipeline-"))
+    for step in ("base", "stage1", "stage2", "eval"):
+        assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[step].info.status == "FINISHED"
+        assert runs[step].data.tags["dataset"] == "fashion-scenes" and "git_commit" in runs[step].data.tags
+        assert runs[step].data.params["train.stage1_iters"] == "6"
+    history = client.get_metric_history(runs["eval"].info.run_id, "mIoU")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(6))  # base + 5 steps
+    assert len(client.get_metric_history(runs["eval"].info.run_id, "IoU.Trouser")) == 6
+    assert len(client.get_metric_history(runs["stage2"].info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(runs["eval"].info.run_id)}
+    assert {"config.yaml", "strips", "probabilities.npz", "model"} <= artifacts
+    # submitted again: nothing retrained, nothing re-logged
+    again = Pipeline(cfg, Cluster(workers=2, cpus_per_worker=0.5), tracking_uri=uri, log=lambda m: None).run()
+    assert again == summary
+    runs2 = client.search_runs([exp.experiment_id])
+    assert sum(r.info.run_name == "stage2" for r in runs2) == 1 and len(runs2) == len(runs) + 1  # a new parent
+    # the logged refiner serves `ddps refine --checkpoint runs:/...`
+    refiner_uri = client.get_run(parent.info.run_id).data.tags["refiner_uri"]
+    local = Tracker(uri).download(refiner_uri, tmp_path / "dl")
+    assert local.exists() and local.suffix == ".pt"
