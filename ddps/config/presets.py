@@ -29,8 +29,8 @@ PRESETS: dict[str, dict] = {
         "train_base.warmup_iters": 300, "train_base.eval_every": 1000, "train_base.log_every": 100,
         # the refiner: sized to train both stages in <= 15 min on 2 cores (see README, 'Refiner')
         "denoiser.size": "XS", "diffusion.steps": 20, "infer.steps": 20,
-        "train.stage1_iters": 1000, "train.stage2_iters": 2000, "train.batch_size": 32, "train.lr": 1e-3,
-        "train.warmup_iters": 200, "train.halve_every": 1000, "train.eval_every": 1000, "train.log_every": 100,
+        "train.stage1_iters": 600, "train.stage2_iters": 1500, "train.batch_size": 32, "train.lr": 1e-3,
+        "train.warmup_iters": 100, "train.halve_every": 750, "train.eval_every": 1500, "train.log_every": 100,
     },
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
