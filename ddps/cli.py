@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test (base segmentors)")
     ev.add_argument("--all-steps", action="store_true", help="refiners: metrics after every refinement step")
-    ev.add_argument("--split", default="val", help="refiners: val (default) | holdout (the train.holdout "
-                                                   "training scenes kept for choosing hyper-parameters)")
+    ev.add_argument("--split", default="val", help="val (default) | holdout (the data.holdout training images "
+                                                   "kept out of every training, for choosing hyper-parameters)")
     ev.set_defaults(func=cmd_eval)
 
     rf = sub.add_parser("refine", help="refine your own images with a trained refiner")

@@ -97,6 +97,20 @@ def test_fashion_scenes_dataset_from_a_data_root(tiny_fashion):
     assert ds.num_classes == 11 and len(ds) == 4 and ds[0]["image"].shape == (3, 32, 32)
 
 
+def test_holdout_is_the_tail_of_the_training_images_and_leaves_train(tmp_path):
+    root = make_folder(tmp_path)
+    train = build_dataset(cfg(root, "folder", holdout=1), "train", train=False)
+    holdout = build_dataset(cfg(root, "folder", holdout=1), "holdout")
+    full = build_dataset(cfg(root, "folder"), "train", train=False)
+    assert (len(train), len(holdout), len(full)) == (2, 1, 3)
+    np.testing.assert_array_equal(holdout[0]["image"].numpy(), full[2]["image"].numpy())
+    np.testing.assert_array_equal(train[1]["image"].numpy(), full[1]["image"].numpy())
+    with pytest.raises(DataError, match="data.holdout=3 leaves no training images .* choose a value below 3"):
+        build_dataset(cfg(root, "folder", holdout=3), "train")
+    with pytest.raises(DataError, match="holdout split needs data.holdout > 0"):
+        build_dataset(cfg(root, "folder"), "holdout")
+
+
 # ---- bad input: one case each, a one-line error naming the file or value ------------------------
 
 def test_corrupt_image(tmp_path):
@@ -180,5 +194,5 @@ def test_mixed_image_sizes_are_evaluated_in_batches_of_one_size(tmp_path):
 
 
 def test_unknown_split(tmp_path):
-    with pytest.raises(DataError, match=r"unknown split 'test'; choose from: train, val"):
+    with pytest.raises(DataError, match=r"unknown split 'test'; choose from: train, holdout, val"):
         build_dataset(cfg(make_folder(tmp_path), "folder"), "test")

@@ -32,6 +32,29 @@ def test_train_scenes_use_only_train_photos_and_val_only_test_photos(tiny_fashio
     assert len(set(np.unique(train_masks)) - {0}) >= 3
 
 
+def test_holdout_scenes_use_photos_no_train_scene_uses(tmp_path):
+    """With holdout scenes, the last tenth of the training photographs is theirs alone. Here those photos
+    are the only ones of class 4 (label 5): the holdout has them, train never does."""
+    from conftest import blob, write_idx
+    rng = np.random.default_rng(0)
+    root = tmp_path / "idx"
+    root.mkdir()
+    for stem, labels in (("train", [i % 4 for i in range(45)] + [4] * 5), ("t10k", [5, 6, 7, 8] * 3)):
+        labels = np.array(labels, np.uint8)
+        write_idx(root / f"{stem}-images-idx3-ubyte.gz", np.stack([blob(rng, int(c)) for c in labels]))
+        write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels)
+    spec = fs.SceneSpec(**{**SPEC.__dict__, "holdout_scenes": 5})
+    path = fs.build(spec, root, folder=tmp_path)
+    _, train_masks = fs.load(path, "train")
+    images, holdout_masks = fs.load(path, "holdout")
+    assert len(images) == 5 and len(train_masks) == 12
+    assert set(np.unique(holdout_masks)) == {0, 5}
+    assert 5 not in np.unique(train_masks) and len(set(np.unique(train_masks)) - {0}) >= 3
+    assert "holdout: 5 scenes" in fs.summary(path, spec)
+    with pytest.raises(DataError, match="has no 'holdout' split; set data.holdout > 0"):
+        fs.load(fs.build(SPEC, root, folder=tmp_path), "holdout")
+
+
 def test_scene_shapes_occlusion_and_filled_silhouettes(tiny_fashion, tmp_path):
     path = fs.build(SPEC, tiny_fashion, folder=tmp_path)
     images, masks = fs.load(path, "train")

@@ -31,6 +31,9 @@ class DataConfig:
     train_scenes: int = 8000
     val_scenes: int = 1000
     scene_seed: int = 0
+    # training images held out from every training (base and refiner): the 'holdout' split, on which
+    # hyper-parameters are chosen and the base's plateau is checked; val is only for reporting
+    holdout: int = 0
     # training augmentation (MMSegmentation's pipeline, with albumentations)
     resize: int = 0           # short side before the ratio range; 0 = keep the image's size
     ratio_min: float = 0.5
@@ -51,6 +54,7 @@ class DataConfig:
         _require(0 < self.min_scale <= self.max_scale and 28 * self.max_scale <= self.canvas,
                  "data.min_scale/max_scale", (self.min_scale, self.max_scale),
                  "0 < min_scale <= max_scale and 28 x max_scale <= data.canvas")
+        _require(self.holdout >= 0, "data.holdout", self.holdout, ">= 0")
         _require(self.train_scenes >= 1 and self.val_scenes >= 1, "data.train_scenes/val_scenes",
                  (self.train_scenes, self.val_scenes), ">= 1")
         _require(0 < self.ratio_min <= self.ratio_max <= 8, "data.ratio_min/ratio_max",
@@ -199,7 +203,6 @@ class TrainConfig:
     cond_dropout: float = 0.0       # probability of zeroed features (the unconditional branch CFG needs)
     feature_cache: bool = True      # compute the frozen base's features once (no augmentation; flips kept)
     flip: bool = True               # horizontal flips (with the cache: features of flipped images, cached too)
-    holdout: int = 0                # train scenes held out for choosing hyper-parameters (0 = none)
     eval_every: int = 1000
     log_every: int = 100
     threads: int = 0
@@ -221,8 +224,8 @@ class TrainConfig:
                  "in [0, 1)")
         _require(self.weight_decay >= 0 and self.vlb_weight >= 0, "train.weight_decay/vlb_weight",
                  (self.weight_decay, self.vlb_weight), ">= 0")
-        _require(self.warmup_iters >= 0 and self.halve_every >= 0 and self.holdout >= 0,
-                 "train.warmup_iters/halve_every/holdout", (self.warmup_iters, self.halve_every, self.holdout),
+        _require(self.warmup_iters >= 0 and self.halve_every >= 0,
+                 "train.warmup_iters/halve_every", (self.warmup_iters, self.halve_every),
                  ">= 0")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _require(0 <= self.cond_dropout < 1, "train.cond_dropout", self.cond_dropout, "in [0, 1)")

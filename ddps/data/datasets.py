@@ -20,7 +20,7 @@ from ddps.data import classes, fashion_scenes
 from ddps.data.transforms import EvalTransform, TrainTransform
 from ddps.errors import DataError, choices, reason
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "holdout", "val")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 Transform = Callable[[np.ndarray, np.ndarray], tuple]
 
@@ -246,6 +246,14 @@ def build_dataset(cfg: DataConfig, split: str, train: bool | None = None, seed: 
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose from: {choices(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    if split == "holdout" and not cfg.holdout:
+        raise DataError("the holdout split needs data.holdout > 0 (training images held out from every training)")
     train = split == "train" if train is None else train
     transform = TrainTransform(cfg, seed) if train else EvalTransform(cfg)
-    return DATASETS[cfg.dataset](cfg, split, transform)
+    if cfg.dataset == "fashion-scenes" or split == "val" or not cfg.holdout:
+        return DATASETS[cfg.dataset](cfg, split, transform)  # fashion-scenes composes its own holdout split
+    full = DATASETS[cfg.dataset](cfg, "train", transform)
+    if cfg.holdout >= len(full):
+        raise DataError(f"data.holdout={cfg.holdout} leaves no training images of {full.name} ({len(full)} in all); "
+                        f"choose a value below {len(full)}")
+    return full.tail(cfg.holdout) if split == "holdout" else full.head(len(full) - cfg.holdout)

@@ -3,8 +3,11 @@
 Each scene is a canvas with a smooth random colour background on which ``objects`` garments are pasted,
 each scaled, flipped, tinted and placed at random; later garments occlude earlier ones. The label is
 class + 1 where a garment's filled silhouette (pixels above a threshold, holes filled) is visible, 0 elsewhere.
-Train scenes use only the 60k training photographs, val scenes only the 10k test photographs. Everything
-is drawn from one seed, so the same parameters give the same scenes, byte for byte.
+Train scenes use only the 60k training photographs, val scenes only the 10k test photographs. With
+``holdout_scenes`` > 0, a third split of scenes held out from training is composed from the last tenth of
+the training photographs, which the train scenes then do not use: no garment photograph is shared between
+train and holdout. Everything is drawn from one seed, so the same parameters give the same scenes, byte
+for byte.
 
 What it is not: natural scenes. Objects are small grey photographs, masks come from thresholding, and
 there is no context between objects. It is a place where class confusions (T-shirt / shirt / pullover /
@@ -30,6 +33,7 @@ from ddps.paths import cache_dir
 GENERATOR_VERSION = 1
 CLASS_NAMES = ("background",) + idx.CLASS_NAMES
 SILHOUETTE_THRESHOLD = 12  # grey level (0..255) above which a resized photo pixel belongs to the garment
+HOLDOUT_PHOTOS = 0.1       # share of the training photographs reserved for holdout scenes (when there are any)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class SceneSpec:
     train_scenes: int = 8000
     val_scenes: int = 1000
     seed: int = 0
+    holdout_scenes: int = 0
 
     def validate(self) -> None:
         if self.canvas < 32:
@@ -52,8 +57,12 @@ class SceneSpec:
         if not 0 < self.min_scale <= self.max_scale or 28 * self.max_scale > self.canvas:
             raise DataError(f"fashion-scenes scale {self.min_scale}..{self.max_scale}: need 0 < min <= max "
                             f"and 28 x max <= canvas ({self.canvas})")
-        if self.train_scenes < 1 or self.val_scenes < 1:
-            raise DataError("fashion-scenes needs at least one train and one val scene")
+        if self.train_scenes < 1 or self.val_scenes < 1 or self.holdout_scenes < 0:
+            raise DataError("fashion-scenes needs at least one train and one val scene (and holdout_scenes >= 0)")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "holdout", "val") if self.holdout_scenes else ("train", "val")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -113,36 +122,46 @@ def build(spec: SceneSpec, data_root: str | os.PathLike | None = None, *, force:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"fashion-scenes-{key[:16]}.npz"
     if path.exists() and not force:
-        if _readable(path, key):
+        if _readable(path, key, spec.splits):
             return path
         warnings.warn(f"fashion-scenes cache {path} is damaged; rebuilding it", stacklevel=2)
     train_photos, train_labels = idx.load_split("train", data_root)
     test_photos, test_labels = idx.load_split("test", data_root)
-    train_images, train_masks = compose(train_photos, train_labels, spec.train_scenes, spec, spec.seed * 2)
-    val_images, val_masks = compose(test_photos, test_labels, spec.val_scenes, spec, spec.seed * 2 + 1)
+    arrays = {}
+    if spec.holdout_scenes:
+        cut = len(train_photos) - int(len(train_photos) * HOLDOUT_PHOTOS)
+        arrays["holdout"] = compose(train_photos[cut:], train_labels[cut:], spec.holdout_scenes, spec,
+                                    spec.seed * 2 + 7919)
+        train_photos, train_labels = train_photos[:cut], train_labels[:cut]
+    arrays["train"] = compose(train_photos, train_labels, spec.train_scenes, spec, spec.seed * 2)
+    arrays["val"] = compose(test_photos, test_labels, spec.val_scenes, spec, spec.seed * 2 + 1)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, train_images=train_images, train_masks=train_masks,
-             val_images=val_images, val_masks=val_masks, key=np.array(key))
+    np.savez(tmp, key=np.array(key), **{f"{split}_{kind}": a for split, (images, masks) in arrays.items()
+                                        for kind, a in (("images", images), ("masks", masks))})
     os.replace(tmp, path)  # never a partial file under the final name
     return path
 
 
-def _readable(path: Path, key: str) -> bool:
+def _readable(path: Path, key: str, splits: tuple[str, ...]) -> bool:
     try:
         with np.load(path) as archive:
             return str(archive["key"]) == key and all(
-                f"{s}_{a}" in archive.files for s in ("train", "val") for a in ("images", "masks"))
+                f"{s}_{a}" in archive.files for s in splits for a in ("images", "masks"))
     except Exception:
         return False
 
 
 def load(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of one split ('train' or 'val') from a built cache."""
-    if split not in ("train", "val"):
-        raise DataError(f"fashion-scenes has no split {split!r}; choose from: train, val")
+    """Images and masks of one split ('train', 'holdout' or 'val') from a built cache."""
+    if split not in ("train", "holdout", "val"):
+        raise DataError(f"fashion-scenes has no split {split!r}; choose from: train, holdout, val")
     try:
         with np.load(path) as archive:
+            if f"{split}_images" not in archive.files:
+                raise DataError(f"fashion-scenes cache {path} has no {split!r} split; set data.holdout > 0")
             return archive[f"{split}_images"], archive[f"{split}_masks"]
+    except DataError:
+        raise
     except Exception as e:  # OSError, KeyError, ValueError, zipfile.BadZipFile, zlib.error
         raise DataError(f"fashion-scenes cache {path} is unreadable ({e}); delete it to rebuild") from None
 
@@ -151,7 +170,7 @@ def spec_from(data_cfg) -> SceneSpec:
     """The scene parameters of a DataConfig."""
     d = data_cfg
     return SceneSpec(d.canvas, d.min_objects, d.max_objects, d.min_scale, d.max_scale, d.train_scenes,
-                     d.val_scenes, d.scene_seed)
+                     d.val_scenes, d.scene_seed, d.holdout)
 
 
 def summary(path: Path, spec: SceneSpec) -> str:
@@ -160,13 +179,13 @@ def summary(path: Path, spec: SceneSpec) -> str:
              f"canvas {spec.canvas}x{spec.canvas}, {spec.min_objects}-{spec.max_objects} objects of "
              f"{28 * spec.min_scale:.0f}-{28 * spec.max_scale:.0f} px, seed {spec.seed}"]
     shares = {}
-    for split in ("train", "val"):
+    for split in spec.splits:
         images, masks = load(path, split)
         shares[split] = pixel_shares(masks)
         lines.append(f"{split}: {len(images)} scenes")
-    lines.append(f"{'class':<14}{'train %':>9}{'val %':>9}")
+    lines.append(f"{'class':<14}" + "".join(f"{split + ' %':>11}" for split in spec.splits))
     for k, name in enumerate(CLASS_NAMES):
-        lines.append(f"{name:<14}{100 * shares['train'][k]:>9.2f}{100 * shares['val'][k]:>9.2f}")
+        lines.append(f"{name:<14}" + "".join(f"{100 * shares[split][k]:>11.2f}" for split in spec.splits))
     return "\n".join(lines)
 
 

@@ -32,11 +32,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
         return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
-        val_set = build_dataset(cfg.data, "val")
+        val_set = evaluation_split(cfg, split)
         model = base_from_payload(payload, path, num_classes=val_set.num_classes)
     else:  # a user's weights: the config says what model it is
         cfg = resolve(preset, None, overrides)
-        val_set = build_dataset(cfg.data, "val")
+        val_set = evaluation_split(cfg, split)
         model = create_base(cfg.base.arch, cfg.base.backbone, val_set.num_classes,
                             feature_channels=cfg.base.feature_channels)
         apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
@@ -48,15 +48,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
 
 
 def evaluation_split(cfg, split: str):
-    """The val split, or the last train.holdout training scenes (test transform) for choosing hyper-parameters."""
+    """The val split, or the holdout split (data.holdout) for choosing hyper-parameters."""
     from ddps.errors import ConfigError
-    if split == "val":
-        return build_dataset(cfg.data, "val")
-    if split != "holdout":
+    if split not in ("holdout", "val"):
         raise ConfigError(f"unknown evaluation split {split!r}; choose from: holdout, val")
-    if not cfg.train.holdout:
-        raise ConfigError("--split holdout needs a refiner trained with train.holdout > 0")
-    return build_dataset(cfg.data, "train", train=False).tail(cfg.train.holdout)
+    return build_dataset(cfg.data, split)
 
 
 REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 / last) | mBIoU (base / step 1 / last) |\n"

@@ -123,7 +123,8 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
     if tc.threads:
         torch.set_num_threads(tc.threads)
     train_set = build_dataset(cfg.data, "train", seed=tc.seed + worker.rank)
-    val_set = build_dataset(cfg.data, "val")
+    split = "holdout" if cfg.data.holdout else "val"  # held out for the plateau check; val only reports
+    val_set = build_dataset(cfg.data, split)
     if len(train_set) < tc.batch_size:
         raise DataError(f"{train_set.name} has {len(train_set)} images, fewer than train_base.batch_size="
                         f"{tc.batch_size}")
@@ -146,7 +147,7 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
         reporter.info(f"resuming at iteration {start} from the last checkpoint")
     else:
         reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
-                      f"{len(val_set)} val images, {tc.iters} iters of batch {tc.batch_size} on "
+                      f"{len(val_set)} {split} images, {tc.iters} iters of batch {tc.batch_size} on "
                       f"{worker.world_size} worker(s)")
     ddp = worker.wrap(model) if worker.wrap else model
     loader = DataLoader(train_set, batch_sampler=(index.tolist() for index, _ in order),
@@ -177,7 +178,7 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
         if worker.is_main and (step % tc.eval_every == 0 or step == tc.iters):
             scores = evaluate_base(model, val_set, cfg.eval, device=device)
             history.append({"iter": step, "mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"]})
-            reporter.log({"val_mIoU": scores["mIoU"], "val_mBIoU": scores["mBIoU"]}, step)
+            reporter.log({f"{split}_mIoU": scores["mIoU"], f"{split}_mBIoU": scores["mBIoU"]}, step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointer and step % checkpointer.every == 0 and step < tc.iters:
             checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -185,13 +186,13 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
                                "images_seen": seen}, step)
 
     # ---- checkpoint ------------------------------------------------------------------------------
-    final = {"val_mIoU": history[-1]["mIoU"] if history else math.nan,
-             "val_mBIoU": history[-1]["mBIoU"] if history else math.nan,
+    final = {f"{split}_mIoU": history[-1]["mIoU"] if history else math.nan,
+             f"{split}_mBIoU": history[-1]["mBIoU"] if history else math.nan,
              "plateau_gain": plateau_gain(history, tc.iters), "images_seen": seen}
     payload = base_payload(model, config=to_flat(cfg), class_names=train_set.class_names, metrics=final,
                            history=history, content_hash=base_hash(cfg))
     if worker.is_main:
-        reporter.info(f"done: val mIoU {final['val_mIoU']:.2f}, mBIoU {final['val_mBIoU']:.2f}, "
+        reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}, "
                       f"gain over the last fifth {final['plateau_gain']:+.2f}")
         if path is not None:
             save_atomic(path, payload)

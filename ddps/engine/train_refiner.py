@@ -102,29 +102,26 @@ class RefinerData:
 
 
 def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None) -> RefinerData:
-    """The training stream's source and the held-out split that evaluations during training use: the last
-    train.holdout training scenes when > 0 (for choosing hyper-parameters without touching val), else val."""
+    """The training stream's source and the held-out split that evaluations during training use: the
+    holdout split when data.holdout > 0 (for choosing hyper-parameters without touching val), else val."""
     tc = cfg.train
     codec = build_codec(cfg)
     train_eval = build_dataset(cfg.data, "train", train=False)
-    n_train = len(train_eval) - tc.holdout
-    if n_train < tc.batch_size:
-        raise DataError(f"{train_eval.name} leaves {n_train} training images after train.holdout={tc.holdout}, "
-                        f"fewer than train.batch_size={tc.batch_size}")
-    if tc.holdout:
-        select_set, select_name = train_eval.tail(tc.holdout), "holdout"
-    else:
-        select_set, select_name = build_dataset(cfg.data, "val"), "val"
+    if len(train_eval) < tc.batch_size:
+        raise DataError(f"{train_eval.name} has {len(train_eval)} training images, fewer than "
+                        f"train.batch_size={tc.batch_size}")
+    select_name = "holdout" if cfg.data.holdout else "val"
+    select_set = build_dataset(cfg.data, select_name)
     t0 = time.perf_counter()
     select = compute_cache(base, select_set, codec, device=device)
     cache, train_set = None, None
     if tc.feature_cache:
-        cache = compute_cache(base, train_eval.head(n_train), codec, flip=tc.flip, device=device)
+        cache = compute_cache(base, train_eval, codec, flip=tc.flip, device=device)
         if reporter:
             reporter.info(f"feature cache: {len(cache)} train images ({'with' if tc.flip else 'no'} flips), "
                           f"{cache.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f}s")
     else:
-        train_set = build_dataset(cfg.data, "train", seed=tc.seed).head(n_train)
+        train_set = build_dataset(cfg.data, "train", seed=tc.seed)
     return RefinerData(cache, train_set, select, select_name, train_eval.num_classes, train_eval.ignore_index,
                        train_eval.class_names)
 
