@@ -249,3 +249,28 @@ def test_sample_rng_depends_on_key_and_stream_only():
     b = SampleRNG(1, torch.tensor([9, 5, 1])).rand((3,), stream=2)
     assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
     assert not torch.equal(a, SampleRNG(1, torch.tensor([5, 9])).rand((3,), stream=3))
+
+
+def test_residual_denoiser_starts_at_the_base_and_learns_corrections():
+    """denoiser.residual: untrained, every refinement step is exactly the base's prediction; the
+    conditioning carries the base's logits; condition dropout removes them with the features."""
+    from ddps.engine.features import conditioning
+    from ddps.refiner.build import build_denoiser
+    cfg = resolve("smoke", overrides={"denoiser.residual": True, "diffusion.steps": 10, "infer.steps": 5})
+    process = MaskDiffusion(K, 10)
+    torch.manual_seed(0)
+    net = build_denoiser(cfg, K, C, process).eval()
+    labels = torch.randint(0, K, (8, 16, 16), dtype=torch.uint8)
+    cache = FeatureCache(torch.randn(8, C, 4, 4).half(), torch.randn(8, K, 4, 4).half(), labels)
+    result = evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255)
+    assert all(step == result["initial"] for step in result["steps"])
+    batch = conditioning(cache.batch(torch.arange(8)), residual=True)
+    assert batch.features.shape == (8, C + K, 4, 4)
+    x, t = torch.randint(0, K, (8, 4, 4)), torch.full((8,), 10)
+    torch.testing.assert_close(net(batch.features, x, t), batch.features[:, C:])
+    dropped = net(batch.features, x, t, drop_cond=torch.ones(8, dtype=torch.bool))
+    assert torch.count_nonzero(dropped) == 0  # no features, no base logits: the unconditional branch
+    loss, _ = refiner_loss(net.train(), process, batch, ResizeCodec(4), stage=2, target="first",
+                           rng=SampleRNG(0, torch.arange(8)), ignore_index=255)
+    loss.backward()
+    assert net.classifier.weight.grad.abs().sum() > 0  # the zero-initialised classifier is trained

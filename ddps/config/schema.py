@@ -153,6 +153,8 @@ class DenoiserConfig:
     embed_trainable: bool = False   # official code: a frozen random embedding
     dropout: float = 0.1            # before the 1x1 classifier
     mask_scale: int = 4             # masks live at 1/mask_scale of the input (resize codec; features are at 1/4)
+    residual: bool = False          # ours, not the paper's: the base's logits join the input and are added to the
+                                    # output (classifier zero-initialised), so the refiner starts at the base
 
     def __post_init__(self):
         _choose("denoiser.method", self.method, METHODS)

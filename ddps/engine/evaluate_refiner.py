@@ -12,7 +12,7 @@ import torch
 
 from ddps.config import Config
 from ddps.diffusion.bits import BitDiffusion
-from ddps.engine.features import FeatureCache
+from ddps.engine.features import FeatureCache, conditioning
 from ddps.metrics import SegMetrics
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.sampler import refine
@@ -55,7 +55,8 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache, cfg: Config, *, num
     limit = len(cache) if not cfg.eval.max_images else min(len(cache), cfg.eval.max_images)
     oracle_t = ic.oracle_t or max(1, process.steps // 10)
     for start in range(0, limit, batch_size):
-        batch = cache.batch(torch.arange(start, min(start + batch_size, limit)), device)
+        batch = conditioning(cache.batch(torch.arange(start, min(start + batch_size, limit)), device),
+                             cfg.denoiser.residual)
         size = batch.labels.shape[-2:]
         initial.update(codec.decode(batch.base_logits, size).argmax(1), batch.labels)
         if head:
@@ -86,14 +87,15 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache, cfg: Config, *, num
 def trajectory_examples(denoiser, process, base, dataset, indices, cfg: Config, device="cpu") -> list[dict]:
     """For a few fixed images: the raw image, ground truth, base mask and the mask after every step, plus the
     base's and every step's class probabilities (what the report's strips and probability files show)."""
-    from ddps.engine.features import base_batch
+    from ddps.engine.features import base_batch, conditioning
     codec = ResizeCodec(cfg.denoiser.mask_scale)
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     out = []
     for i in indices:
         rgb, label, _ = dataset.read(i)
         item = dataset[i]
-        batch = base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device), codec)
+        batch = conditioning(base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device),
+                                        codec), cfg.denoiser.residual)
         size = item["mask"].shape[-2:]
         base_probs = codec.decode(batch.base_logits, size).softmax(1)[0]
         if cfg.denoiser.method == "head":

@@ -6,7 +6,7 @@ memory as float16. Where augmentation is wanted, ``base_batch`` computes them pe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,13 @@ def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, 
     logits = codec.features(logits, size)
     return Batch(features=codec.features(features, size), labels=labels, base_pred=logits.argmax(1),
                  base_logits=logits, keys=keys)
+
+
+def conditioning(batch: Batch, residual: bool) -> Batch:
+    """The batch as the denoiser takes it: with ``denoiser.residual`` the base's logits follow the features."""
+    if not residual:
+        return batch
+    return replace(batch, features=torch.cat([batch.features, batch.base_logits.to(batch.features.dtype)], 1))
 
 
 @dataclass

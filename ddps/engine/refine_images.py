@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ddps.config import from_flat
 from ddps.data.transforms import EvalTransform
-from ddps.engine.features import base_batch
+from ddps.engine.features import base_batch, conditioning
 from ddps.errors import DataError
 from ddps.refiner.build import build_codec
 from ddps.refiner.checkpoint import load_refiner
@@ -74,7 +74,8 @@ def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | P
         rgb = read_image(path)
         x, _ = transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
         label_size = rgb.shape[:2]
-        batch = base_batch(base, x[None].to(device), torch.zeros(1, *label_size, dtype=torch.long), codec)
+        batch = conditioning(base_batch(base, x[None].to(device), torch.zeros(1, *label_size, dtype=torch.long), codec),
+                             cfg.denoiser.residual)
         base_mask = codec.decode(batch.base_logits, label_size).argmax(1)[0].cpu().numpy()
         if cfg.denoiser.method == "head":
             masks = [codec.decode(denoiser(batch.features), label_size).argmax(1)[0].cpu().numpy()]

@@ -18,7 +18,7 @@ import torch
 from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset
 from ddps.engine.evaluate_refiner import evaluate_refiner
-from ddps.engine.features import FeatureCache, base_batch, compute_cache, stack_pairs
+from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning, stack_pairs
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.engine.train_base import seed_everything
@@ -126,18 +126,18 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
                        train_eval.class_names)
 
 
-def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu"):
+def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu", residual: bool = False):
     """This worker's endless stream of refiner batches in ``order`` (which knows its position). Each sample
     carries the key of its random draws: epoch x N + its index, independent of how batches are split."""
     if data.train_cache is not None:
         for index, keys in order:
-            yield data.train_cache.batch(index, device, keys=keys)
+            yield conditioning(data.train_cache.batch(index, device, keys=keys), residual)
     else:
         pairs = (list(zip(index.tolist(), keys.tolist())) for index, keys in order)
         loader = torch.utils.data.DataLoader(KeyedDataset(data.train_set), batch_sampler=pairs, num_workers=0,
                                              collate_fn=stack_keyed)
         for images, labels, keys in loader:
-            yield base_batch(base, images.to(device), labels.to(device), codec, keys=keys)
+            yield conditioning(base_batch(base, images.to(device), labels.to(device), codec, keys=keys), residual)
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -203,7 +203,7 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
         reporter.info(f"{stage}: resuming at iteration {start} from the last checkpoint")
     model = worker.wrap(denoiser) if worker.wrap else denoiser
     rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
-    stream = batches(data, base, codec, order, device)
+    stream = batches(data, base, codec, order, device, residual=cfg.denoiser.residual)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
     if start == 0:
         reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "

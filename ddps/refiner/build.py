@@ -24,9 +24,10 @@ def build_denoiser(cfg: Config, num_classes: int, feature_channels: int,
         mask_input, states, bits = "bits", None, process.bits
     else:
         mask_input, states, bits = "embed", process.num_states, 0
-    return MaskDenoiser(feature_channels=feature_channels, num_classes=num_classes, size=dn.size,
+    channels = feature_channels + (num_classes if dn.residual else 0)  # residual: the base's logits appended
+    return MaskDenoiser(feature_channels=channels, num_classes=num_classes, size=dn.size,
                         mask_input=mask_input, num_states=states, bits=bits, embed_dim=dn.embed_dim,
-                        embed_trainable=dn.embed_trainable, dropout=dn.dropout)
+                        embed_trainable=dn.embed_trainable, dropout=dn.dropout, residual=dn.residual)
 
 
 def build_codec(cfg: Config) -> ResizeCodec:

@@ -5,6 +5,11 @@ the official code, or trainable), the analog bits of the Gaussian variant (Table
 "UNet as decode head" baseline of Table 7. Dropout 0.1 and a 1x1 classifier follow the UNet. Condition
 dropout zeroes the features of chosen samples, which trains the unconditional branch that classifier-free
 guidance needs (official code: the mask embedding stays, the features are zeroed).
+
+``residual`` (ours, not the paper's): the conditioning's last ``num_classes`` channels are the frozen base's
+logits; the network's output is added to them and its classifier starts at zero, so an untrained refiner
+predicts exactly what the base predicts and training learns corrections. Condition dropout and the
+unconditional branch of guidance zero these channels with the features.
 """
 from __future__ import annotations
 
@@ -19,10 +24,10 @@ MASK_INPUTS = ("embed", "bits", "none")
 class MaskDenoiser(nn.Module):
     def __init__(self, *, feature_channels: int, num_classes: int, size: str, mask_input: str = "embed",
                  num_states: int | None = None, bits: int = 0, embed_dim: int = 16,
-                 embed_trainable: bool = False, dropout: float = 0.1):
+                 embed_trainable: bool = False, dropout: float = 0.1, residual: bool = False):
         super().__init__()
         assert mask_input in MASK_INPUTS, mask_input
-        self.mask_input, self.num_classes = mask_input, num_classes
+        self.mask_input, self.num_classes, self.residual = mask_input, num_classes, residual
         extra = 0
         if mask_input == "embed":
             self.embed = nn.Embedding(num_states or num_classes, embed_dim)
@@ -35,10 +40,13 @@ class MaskDenoiser(nn.Module):
         self.unet = create_unet(size, feature_channels + extra, out_channels=out_channels)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(out_channels, num_classes, 1)
+        if residual:
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """features (B, C, h, w); x_t (B, h, w) states or (B, bits, h, w) analog bits; t (B,);
+        """features (B, C, h, w) (with residual: the base's logits are its last num_classes channels); x_t (B, h, w) states or (B, bits, h, w) analog bits; t (B,);
         drop_cond (B,) bool: zero those samples' features. Returns clean-mask logits (B, K, h, w)."""
         B = features.shape[0]
         if drop_cond is not None:
@@ -54,7 +62,8 @@ class MaskDenoiser(nn.Module):
         if t is None:
             t = torch.zeros(B, device=features.device)
         h = self.unet(torch.cat(parts, 1), t.float())
-        return self.classifier(self.dropout(h))
+        logits = self.classifier(self.dropout(h))
+        return logits + features[:, -self.num_classes:] if self.residual else logits
 
     def unet_params(self) -> int:
         """Parameters of the UNet alone (DESIGN.md: from its input conv to its output conv)."""
