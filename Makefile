@@ -7,6 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 .PHONY: demo test test-fast bootstrap clean-venv
 

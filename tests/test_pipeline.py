@@ -26,6 +26,14 @@ def ray_local():
     ray.shutdown()
 
 
+def test_local_ray_listens_on_loopback_only(ray_local):
+    """The in-process Ray binds its services to 127.0.0.1, not to the machine's address."""
+    ray = ray_local
+    nodes = ray.nodes()
+    assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
 def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) == f"sqlite:///{os.environ['DDPS_HOME']}/mlflow.db"

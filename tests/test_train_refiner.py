@@ -141,3 +141,26 @@ def test_global_order_shards_each_global_batch_and_resumes_exactly():
 def test_batch_size_must_divide_among_workers():
     with pytest.raises(ConfigError, match="train.batch_size=9 is not divisible by the 2 data-parallel workers"):
         Worker(world_size=2).local_batch(9, "train.batch_size")
+
+
+def test_feature_cache_holds_originals_then_flips_in_dataset_order(smoke_base):
+    """Filled in place batch by batch: row i is image i, row n + i its mirror image, whatever the batch size."""
+    from ddps.data import build_dataset
+    from ddps.engine.features import base_batch, compute_cache
+    from ddps.refiner.codecs import ResizeCodec
+    base, codec = smoke_base[2], ResizeCodec(4)
+    dataset = build_dataset(resolve("smoke").data, "val").head(5)
+    cache = compute_cache(base, dataset, codec, flip=True, batch_size=2)
+    assert len(cache) == 10 and cache.features.dtype == torch.float16
+    for i in (0, 3, 4):
+        item = dataset[i]
+        for flipped in (False, True):
+            x, y = item["image"][None], item["mask"][None]
+            if flipped:
+                x, y = x.flip(-1), y.flip(-1)
+            b = base_batch(base, x, y, codec)
+            row = i + 5 * flipped
+            torch.testing.assert_close(cache.features[row].float(), b.features[0].half().float(), atol=2e-3, rtol=1e-2)
+            torch.testing.assert_close(cache.base_logits[row].float(), b.base_logits[0].half().float(),
+                                       atol=2e-3, rtol=1e-2)
+            assert torch.equal(cache.labels[row], y[0].to(torch.uint8))

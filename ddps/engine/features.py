@@ -71,11 +71,12 @@ class FeatureCache:
 @torch.no_grad()
 def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, flip: bool = False,
                   batch_size: int = 64, device="cpu") -> FeatureCache:
-    """Run the frozen base over ``dataset`` (its test transform) once; all images must share one size."""
+    """Run the frozen base over ``dataset`` (its test transform) once; all images must share one size.
+    The cache is allocated once its shapes are known and filled in place (no second copy at the end)."""
     base.eval()
-    feats, preds, labels = [], [], []
+    n, copies = len(dataset), (2 if flip else 1)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=stack_pairs)
-    size = None
+    cache, size, start = None, None, 0
     for images, masks, _ in loader:
         if size is None:
             size = images.shape[-2:]
@@ -83,13 +84,19 @@ def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, 
             raise DataError(f"{getattr(dataset, 'name', 'dataset')}: images of different sizes "
                             f"({tuple(size)} and {tuple(images.shape[-2:])}) cannot share a feature cache; "
                             f"set train.feature_cache=false")
-        for flipped in ((False, True) if flip else (False,)):
-            x, y = (images.flip(-1), masks.flip(-1)) if flipped else (images, masks)
+        stop = start + len(images)
+        for copy in range(copies):  # originals first, then the flipped copies, in dataset order
+            x, y = (images.flip(-1), masks.flip(-1)) if copy else (images, masks)
             b = base_batch(base, x.to(device), y, codec)
-            feats.append(b.features.half().cpu())
-            preds.append(b.base_logits.half().cpu())
-            labels.append(y.to(torch.uint8))
-    # originals first, then flips, in dataset order
-    order = list(range(0, len(feats), 2 if flip else 1)) + (list(range(1, len(feats), 2)) if flip else [])
-    return FeatureCache(torch.cat([feats[i] for i in order]), torch.cat([preds[i] for i in order]),
-                        torch.cat([labels[i] for i in order]))
+            if cache is None:
+                cache = FeatureCache(torch.empty((copies * n, *b.features.shape[1:]), dtype=torch.float16),
+                                     torch.empty((copies * n, *b.base_logits.shape[1:]), dtype=torch.float16),
+                                     torch.empty((copies * n, *y.shape[1:]), dtype=torch.uint8))
+            rows = slice(copy * n + start, copy * n + stop)
+            cache.features[rows] = b.features.half().cpu()
+            cache.base_logits[rows] = b.base_logits.half().cpu()
+            cache.labels[rows] = y.to(torch.uint8)
+        start = stop
+    if cache is None:
+        raise DataError(f"{getattr(dataset, 'name', 'dataset')} is empty: nothing to cache")
+    return cache

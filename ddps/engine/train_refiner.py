@@ -26,9 +26,9 @@ from ddps.diffusion.rng import SampleRNG
 from ddps.errors import CheckpointError, DataError
 from ddps.paths import cache_dir
 from ddps.refiner.build import build_codec, build_denoiser, build_process
-from ddps.refiner.checkpoint import refiner_payload, save_payload
+from ddps.refiner.checkpoint import refiner_payload
 from ddps.refiner.objective import head_loss, refiner_loss
-from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint, save_atomic
 
 STAGE1_ONLY_KEYS = ("train.stage2_iters",)  # what stage 1 does not depend on
 
@@ -268,7 +268,7 @@ def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
                               base_payload=base_payload, stage=stage, metrics=metrics, history=history,
                               content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
     if path is not None:
-        save_payload(path, payload)
+        save_atomic(path, payload)
     return payload
 
 

@@ -1,6 +1,7 @@
 """Starting what the pipeline runs on: a Ray cluster to join or an in-process one, and the MLflow UI."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,20 @@ WORKER_ENV = ("DDPS_HOME", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY
               "MLFLOW_TRACKING_URI", "DDPS_FASHION_MNIST", "RAY_TRAIN_ENABLE_PRINT_PATCH")
 
 
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job manager gives a submitted job's driver
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-node mode: every service on 127.0.0.1
+
+
 def ensure_ray(cluster) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start Ray in this process with
-    enough logical CPUs for the workers (logical, not physical: DESIGN.md) and a bounded object store."""
+    enough logical CPUs for the workers (logical, not physical: DESIGN.md) and a bounded object store.
+
+    A local Ray stays on loopback: in Ray's single-node mode (no other node can join) its GCS, raylet,
+    object manager and dashboard bind to 127.0.0.1 rather than the machine's address. Ray reads the switch
+    when it is first imported, so the Makefile exports it too."""
+    if not os.environ.get("RAY_ADDRESS"):
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
     if ray.is_initialized():
         return
@@ -23,11 +35,16 @@ def ensure_ray(cluster) -> None:
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line reaches the driver twice
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env})
+        # under `ray job submit` the job's runtime_env already reaches every worker, and Ray refuses a
+        # driver runtime_env that sets the same variables again: pass only what the job does not set
+        job_env = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}").get("runtime_env") or {}
+        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env} if env else None)
         return
     cpus = max(2, int(cluster.workers * cluster.cpus_per_worker + 0.999))
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1",
              object_store_memory=256 * 2**20, runtime_env={"env_vars": env})
 
 

@@ -12,7 +12,7 @@ from ddps.config import from_flat
 from ddps.errors import CheckpointError
 from ddps.refiner.build import build_denoiser, build_process
 from ddps.segmentors.base import check_state
-from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint, save_atomic
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 
 KIND_REFINER = "refiner"
 
@@ -25,10 +25,6 @@ def refiner_payload(*, denoiser, ema_state: dict | None, config: dict, base_payl
         "model": denoiser.state_dict(), "ema": ema_state,
         "base": {k: base_payload[k] for k in ("kind", "spec", "config", "class_names", "hash", "model", "metrics")},
     }
-
-
-def save_payload(path: str | Path, payload: dict) -> Path:
-    return save_atomic(path, payload)
 
 
 def load_refiner(path: str | Path, use_ema: bool = True, payload: dict | None = None):

@@ -100,8 +100,7 @@ def refiner_loss(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: 
     if cond_dropout > 0:
         drop = (rng.rand((), STREAM_DROP) < cond_dropout).to(feats.device)
     logits = denoiser(feats, x_t, t, drop)                                  # (B, K, h, w)
-    ce = F.cross_entropy(codec.decode(logits, batch.labels.shape[-2:]).float(), batch.labels,
-                         ignore_index=ignore_index)
+    ce = label_ce(logits, batch, codec, ignore_index)
     parts = {"ce": float(ce.detach())}
     total = ce
     if loss == "hybrid" and not isinstance(process, BitDiffusion):
@@ -115,7 +114,11 @@ def refiner_loss(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: 
 
 def head_loss(denoiser, batch: Batch, codec: ResizeCodec, ignore_index: int = 255) -> tuple[torch.Tensor, dict]:
     """The UNet-as-decode-head baseline: f(F) with plain CE."""
-    logits = denoiser(batch.features)
-    ce = F.cross_entropy(codec.decode(logits, batch.labels.shape[-2:]).float(), batch.labels,
-                         ignore_index=ignore_index)
+    ce = label_ce(denoiser(batch.features), batch, codec, ignore_index)
     return ce, {"ce": float(ce.detach())}
+
+
+def label_ce(logits: torch.Tensor, batch: Batch, codec: ResizeCodec, ignore_index: int) -> torch.Tensor:
+    """Cross-entropy of mask-size logits, decoded to the label size, against the ground truth."""
+    return F.cross_entropy(codec.decode(logits, batch.labels.shape[-2:]).float(), batch.labels,
+                           ignore_index=ignore_index)

@@ -1,0 +1,126 @@
+"""Real processes: a local Ray cluster (`ray start --head` on 127.0.0.1) runs the smoke pipeline submitted with
+`ray job submit`, and a real `mlflow server` (SQLite, one worker, 127.0.0.1) receives its runs over HTTP.
+
+Each process is started on free ports in its own session and stopped by its process group (never by name).
+Slow: marked ``slow``.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group the fixture started (its PID is the group's), SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def base_env(tmp_path: Path) -> dict:
+    return {**os.environ, "DDPS_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port, log = free_port(), tmp_path / "mlflow-server.log"
+    proc = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                  "--artifacts-destination", str(tmp_path / "mlartifacts"), "--host", "127.0.0.1",
+                  "--port", str(port), "--workers", "1"], log, base_env(tmp_path))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block`: the blocking process owns the cluster's processes; stopping its group
+    stops them all."""
+    dashboard, log = free_port(), tmp_path / "ray-head.log"
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+               "--object-store-memory", str(200 * 2**20), "--disable-usage-stats"]
+    proc = start(command, log, base_env(tmp_path))
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        wait_http(f"{url}/api/version", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+def test_ray_job_submit_runs_the_smoke_pipeline_into_a_real_mlflow_server(ray_head, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+    env = base_env(tmp_path)
+    job_env = {k: env[k] for k in ("DDPS_HOME", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY",
+                                   "RAY_TRAIN_ENABLE_PRINT_PATCH") if k in env}
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+              sys.executable, "-m", "ddps", "pipeline", "--preset", "smoke", "--workers", "2",
+              "--cpus-per-worker", "0.5", "--tracking-uri", mlflow_server, "--mlflow-experiment", "job-test"]
+    out = subprocess.run(submit, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
+    log = out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "succeeded" in out.stdout, log
+    assert "| base |" in out.stdout or "base" in out.stdout, log
+
+    client = MlflowClient(mlflow_server)  # over HTTP, as the UI sees it
+    exp = client.get_experiment_by_name("job-test")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = next(r for name, r in runs.items() if name.startswith("pipeline-"))
+    assert parent.info.status == "FINISHED"
+    for step in ("base", "stage1", "stage2", "eval"):
+        assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[step].info.status == "FINISHED"
+    history = client.get_metric_history(runs["eval"].info.run_id, "mIoU")
+    assert sorted(m.step for m in history) == list(range(6))  # the base (step 0) and 5 refinement steps
+    assert len(client.get_metric_history(runs["stage2"].info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(runs["eval"].info.run_id)}
+    assert {"config.yaml", "strips", "probabilities.npz", "model"} <= artifacts
