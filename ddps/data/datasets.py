@@ -239,6 +239,11 @@ DATASETS = {
 }
 
 
+def selection_split(cfg: DataConfig) -> str:
+    """Where hyper-parameters are chosen and plateaus checked: the holdout split when there is one, else val."""
+    return "holdout" if cfg.holdout else "val"
+
+
 def build_dataset(cfg: DataConfig, split: str, train: bool | None = None, seed: int | None = None
                   ) -> SegmentationDataset:
     """The dataset named by ``cfg.dataset``; training augmentation when ``train`` (default: split == 'train')."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
-from ddps.data import build_dataset
+from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
@@ -123,7 +123,7 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
     if tc.threads:
         torch.set_num_threads(tc.threads)
     train_set = build_dataset(cfg.data, "train", seed=tc.seed + worker.rank)
-    split = "holdout" if cfg.data.holdout else "val"  # held out for the plateau check; val only reports
+    split = selection_split(cfg.data)  # the plateau is checked on the holdout split; val only reports
     val_set = build_dataset(cfg.data, split)
     if len(train_set) < tc.batch_size:
         raise DataError(f"{train_set.name} has {len(train_set)} images, fewer than train_base.batch_size="

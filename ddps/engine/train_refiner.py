@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ddps.config import Config, TrainConfig, content_hash, to_flat
-from ddps.data import build_dataset
+from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning, stack_pairs
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
@@ -110,7 +110,7 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
     if len(train_eval) < tc.batch_size:
         raise DataError(f"{train_eval.name} has {len(train_eval)} training images, fewer than "
                         f"train.batch_size={tc.batch_size}")
-    select_name = "holdout" if cfg.data.holdout else "val"
+    select_name = selection_split(cfg.data)
     select_set = build_dataset(cfg.data, select_name)
     t0 = time.perf_counter()
     select = compute_cache(base, select_set, codec, device=device)
