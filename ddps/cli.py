@@ -99,18 +99,24 @@ def cmd_refine(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from ddps.orchestration.pipeline import Pipeline
     from ddps.orchestration.ray_train import Cluster
-    from ddps.orchestration.runtime import ensure_ray
-    cfg = _resolve(args)
     cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                       max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
-    pipeline = Pipeline(cfg, cluster, tracking_uri=args.tracking_uri, experiment=args.mlflow_experiment)
+    run_pipeline(_resolve(args), cluster, args.tracking_uri, args.mlflow_experiment)
+    return 0
+
+
+def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
+    """The pipeline on the cluster in RAY_ADDRESS, else on an in-process Ray; prints its table."""
+    from ddps.orchestration.pipeline import Pipeline
+    from ddps.orchestration.runtime import ensure_ray
+    pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
     ensure_ray(cluster)
     summary = pipeline.run()
     print(summary_table(summary, cfg))
-    print(f"MLflow: {pipeline.tracker.uri}  (ddps ui, then open http://127.0.0.1:5000)")
-    return 0
+    print(f"MLflow: {pipeline.tracker.uri} (experiment {pipeline.experiment_name}); to browse it: "
+          f"ddps ui, then open http://127.0.0.1:5000")
+    return summary
 
 
 def summary_table(summary: dict, cfg) -> str:
@@ -130,21 +136,21 @@ def cmd_ui(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The embedded default: the dataset, then the whole pipeline on a local Ray with 2 Ray Train workers
+    (base -> stage 1 -> stage 2 -> evaluation, tracked in the SQLite MLflow store), then its table."""
     from ddps.config import resolve
     from ddps.data import fashion_scenes
-    from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
-    from ddps.engine.train_base import fit
+    from ddps.orchestration.ray_train import Cluster
     cfg = resolve(args.preset, None, args.overrides)
     if cfg.data.dataset == "fashion-scenes":
-        print("== 1/3 build fashion-scenes")
+        print("== 1/2 build fashion-scenes")
         spec = fashion_scenes.spec_from(cfg.data)
         print(fashion_scenes.summary(fashion_scenes.build(spec, cfg.data.root or None), spec))
     else:
-        print(f"== 1/3 dataset {cfg.data.dataset} at {cfg.data.root or '(data.root not set)'}")
-    print(f"== 2/3 train the base segmentor ({cfg.base.arch}-{cfg.base.backbone}, preset {cfg.preset})")
-    path = fit(cfg)
-    print("== 3/3 evaluate it (single-scale / multi-scale + flip)")
-    print(evaluate_checkpoint(path))
+        print(f"== 1/2 dataset {cfg.data.dataset} at {cfg.data.root or '(data.root not set)'}")
+    print(f"== 2/2 pipeline (preset {cfg.preset}): base {cfg.base.arch}-{cfg.base.backbone} -> DDPS stage 1 -> "
+          f"stage 2 -> evaluation, on Ray Train with {args.workers} workers, tracked in MLflow")
+    run_pipeline(cfg, Cluster(workers=args.workers, cpus_per_worker=args.cpus_per_worker))
     return 0
 
 
@@ -213,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", help="the store to serve (default: the embedded sqlite in $DDPS_HOME)")
     ui.set_defaults(func=cmd_ui)
 
-    demo = sub.add_parser("demo", help="the embedded default: build data, train, evaluate")
+    demo = sub.add_parser("demo", help="the embedded default: build data, run the pipeline, print its table")
     demo.add_argument("--preset", default="cpu")
+    demo.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
+    demo.add_argument("--cpus-per-worker", type=float, default=1.0)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -20,6 +20,20 @@ def ddps_home(tmp_path_factory):
     return home
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """An in-process Ray on loopback with room for two workers of half a CPU; shut down after the module."""
+    import ray
+
+    from ddps.orchestration.ray_train import Cluster
+    from ddps.orchestration.runtime import ensure_ray
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    ensure_ray(Cluster(workers=2, cpus_per_worker=0.5))
+    yield ray
+    ray.shutdown()
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
     with gzip.open(path, "wb") as f:

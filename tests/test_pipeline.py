@@ -15,17 +15,6 @@ from ddps.orchestration.tracking import SECRET, Tracker, TrackingError, loggable
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    from ddps.orchestration.runtime import ensure_ray
-    ensure_ray(Cluster(workers=2, cpus_per_worker=0.5))
-    yield ray
-    ray.shutdown()
-
-
 def test_local_ray_listens_on_loopback_only(ray_local):
     """The in-process Ray binds its services to 127.0.0.1, not to the machine's address."""
     ray = ray_local
@@ -139,3 +128,16 @@ def test_pipeline_tracks_nested_runs_reuses_steps_and_serves_its_refiner(ray_loc
     refiner_uri = client.get_run(parent.info.run_id).data.tags["refiner_uri"]
     local = Tracker(uri).download(refiner_uri, tmp_path / "dl")
     assert local.exists() and local.suffix == ".pt"
+
+
+def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(ray_local, tmp_path, monkeypatch, capsys):
+    """`make demo`'s command on the smoke preset: data, the 2-worker pipeline, the base / step 1 / last table."""
+    from ddps.cli import main
+    monkeypatch.setenv("DDPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["demo", "--preset", "smoke", "--cpus-per-worker", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "== 1/2 build fashion-scenes" in out and "Ray Train with 2 workers" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["base (segformer-mit_b0)", "step 1", "step 5 (last)"]
+    assert f"sqlite:///{tmp_path / 'home'}/mlflow.db" in out

@@ -32,8 +32,9 @@ PRESETS: dict[str, dict] = {
         "train_base.poly_power": 2.0,
         "train_base.warmup_iters": 300, "train_base.eval_every": 1000, "train_base.log_every": 100,
         # the refiner: sized to train both stages in <= 15 min on 2 cores (see README, 'Refiner');
-        # 16,000 scenes are more than its iterations need, so its feature cache holds no flipped copies
-        "denoiser.size": "XS", "diffusion.steps": 20, "infer.steps": 20,
+        # 16,000 scenes are more than its iterations need, so its feature cache holds no flipped copies.
+        # residual (ours): chosen on the holdout split, DDPS 63.19 -> 63.27 without, -> 64.08 with it
+        "denoiser.size": "XS", "denoiser.residual": True, "diffusion.steps": 20, "infer.steps": 20,
         "train.stage1_iters": 600, "train.stage2_iters": 1500, "train.batch_size": 32, "train.lr": 1e-3,
         "train.warmup_iters": 100, "train.halve_every": 750, "train.eval_every": 1500, "train.log_every": 100,
         "train.flip": False,

@@ -59,7 +59,8 @@ class Pipeline:
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
-        self.experiment_id = self.tracker.experiment(self.experiment or f"ddps-{self.cfg.data.dataset}")
+        self.experiment_name = self.experiment or f"ddps-{self.cfg.data.dataset}"
+        self.experiment_id = self.tracker.experiment(self.experiment_name)
         self.tags = run_tags(self.cfg)
         self.parent: str | None = None
 

@@ -40,8 +40,8 @@ class RayCheckpointer:
     """The engine's Checkpointer on Ray Train: rank 0 reports the state as a Ray checkpoint; every rank
     reports at the same iterations (ray.train.report is a barrier)."""
 
-    def __init__(self, every: int, rank: int, log=print):
-        self.every, self.rank, self.log = every, rank, log
+    def __init__(self, every: int, rank: int, log=print, pid_dir: str | None = None):
+        self.every, self.rank, self.log, self.pid_dir = every, rank, log, pid_dir
 
     def latest(self) -> dict | None:
         import ray.train
@@ -52,6 +52,8 @@ class RayCheckpointer:
             state = read_checked(Path(folder) / STATE_FILE)
         if state is None:
             self.log(f"the last Ray checkpoint {checkpoint.path} is damaged; starting this stage over")
+        elif self.pid_dir:  # for fault-injection tests: where each rank resumed
+            Path(self.pid_dir, f"rank{self.rank}.resumed").write_text(str(state["iter"]))
         return state
 
     def save(self, state: dict, step: int) -> None:
@@ -84,7 +86,8 @@ def _worker_setup(config: dict):
         if config.get("tracking_uri") and config.get("run_id"):
             from ddps.orchestration.tracking import MLflowReporter, Tracker
             reporter = MLflowReporter(Tracker(config["tracking_uri"]), config["run_id"], echo=echo)
-    return worker, reporter, RayCheckpointer(config["checkpoint_every"], rank, log=reporter.info)
+    return worker, reporter, RayCheckpointer(config["checkpoint_every"], rank, log=reporter.info,
+                                               pid_dir=config.get("pid_dir"))
 
 
 def base_worker(config: dict) -> None:
