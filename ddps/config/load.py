@@ -108,8 +108,8 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
-    """The flat overrides of an experiment YAML's presets.<preset> (empty when it has none)."""
+def read_experiment_file(path: str | Path) -> dict[str, Any]:
+    """An experiment YAML as a mapping; a missing, unreadable or non-mapping file is a one-line ConfigError."""
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -119,7 +119,12 @@ def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
         raise ConfigError(f"experiment file {path} is not valid YAML: {reason(e)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"experiment file {path} must hold a mapping")
-    presets = doc.get("presets") or {}
+    return doc
+
+
+def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
+    """The flat overrides of an experiment YAML's presets.<preset> (empty when it has none)."""
+    presets = read_experiment_file(path).get("presets") or {}
     return flatten_nested(presets.get(preset) or {}, f"{path}: presets.{preset}")
 
 

@@ -21,11 +21,11 @@ from ddps.config import Config, content_hash, to_flat
 from ddps.engine import train_base, train_refiner
 from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
+from ddps.orchestration.plan import EVAL_SECTIONS
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker
 from ddps.segmentors.checkpoint import read_checkpoint
 
-EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")
 STRIP_IMAGES = (0, 1, 2, 3)
 
 

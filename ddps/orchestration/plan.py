@@ -1,0 +1,256 @@
+"""The sweep planner: an experiment's grid of cells, and the trainings and evaluations it really needs.
+
+An experiment YAML (one per paper table, ``experiments/``) names its axes, how they map to the printed
+table's rows and columns, the cells that are valid, and its presets::
+
+    name: table3e
+    title: "Table 3e: train steps x test steps"
+    axes:
+      - {name: train_steps, key: diffusion.steps, values: [20, 50, 100]}
+      - {name: test_steps, key: infer.steps, values: [2, 5, 20, 50, 100]}
+      # or labelled override sets: values: [{label: CE, set: {train.loss: ce}}, ...]
+    rows: [train_steps]
+    columns: [test_steps]
+    require: ["infer.steps <= diffusion.steps"]
+    presets: {cpu: {...}, paper: {...}}
+
+**Train once, evaluate many.** A cell is one evaluation; its trainings are the chain base -> stage 1 ->
+stage 2 (or base -> head), each addressed by its content hash. Cells that differ only in what no training
+reads (test steps, re-noising, CFG scale) share every training; cells that share a base or a stage 1 share
+those. A *training* is one optimiser run (one stage of one model); the *naive* plan runs the whole chain for
+every cell. Nothing here imports Ray or MLflow: the sweep runs what the plan lists.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddps.config import Config, content_hash, resolve, to_flat
+from ddps.config.load import read_experiment_file
+from ddps.engine import train_base, train_refiner
+from ddps.errors import ConfigError, choices
+
+EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # what an evaluation reads
+COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
+           "!=": operator.ne}
+REQUIRE = re.compile(r"^\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*([\w.]+)\s*$")
+# images/s of this 2-core machine (README, 'Results'), for the dry run's estimate only
+RATE = {"base": 190.0, "stage1": 99.0, "stage2": 99.0, "multistep": 99.0, "head": 99.0}
+EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    labels: tuple[str, ...]
+    overrides: tuple[dict, ...]  # one flat override dict per value
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    path: Path
+    axes: tuple[Axis, ...]
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    require: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Training:
+    step: str  # base | stage1 | stage2 | multistep | head
+    hash: str
+    iters: int
+    batch_size: int
+    path: Path  # its content-addressed checkpoint: when it exists, the training is done
+
+    @property
+    def seconds(self) -> float:
+        return self.iters * self.batch_size / RATE[self.step]
+
+
+@dataclass
+class Cell:
+    coords: dict[str, str]
+    cfg: Config
+    chain: list[Training]
+    eval_hash: str
+
+    @property
+    def eval_seconds(self) -> float:
+        cfg = self.cfg
+        calls = cfg.data.val_scenes * (1 if cfg.denoiser.method == "head" else 3 * cfg.infer.steps)
+        return calls / EVAL_CALLS_PER_S
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    preset: str
+    cells: list[Cell]
+    invalid: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def trainings(self) -> list[Training]:
+        """Each training once, in the order a chain needs them (a base before its stages)."""
+        seen: dict[str, Training] = {}
+        for cell in self.cells:
+            for training in cell.chain:
+                seen.setdefault(training.hash, training)
+        return list(seen.values())
+
+    @property
+    def naive_trainings(self) -> int:
+        return sum(len(cell.chain) for cell in self.cells)
+
+    @property
+    def evaluations(self) -> int:
+        return len({cell.eval_hash for cell in self.cells})
+
+    @property
+    def to_train(self) -> list[Training]:
+        return [t for t in self.trainings if not t.path.exists()]
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Trainings not yet done plus every evaluation, at this machine's rates (RATE)."""
+        unique = {c.eval_hash: c.eval_seconds for c in self.cells}
+        return sum(t.seconds for t in self.to_train) + sum(unique.values())
+
+
+# ---- reading an experiment ------------------------------------------------------------------------
+
+def _axis(raw: Any, where: str) -> Axis:
+    if not isinstance(raw, dict) or "name" not in raw or not isinstance(raw.get("values"), list) or not raw["values"]:
+        raise ConfigError(f"{where}: an axis needs a name and a non-empty list of values")
+    labels, overrides = [], []
+    for value in raw["values"]:
+        if isinstance(value, dict):
+            if set(value) - {"label", "set"} or "label" not in value or not isinstance(value.get("set"), dict):
+                raise ConfigError(f"{where}: a labelled value is {{label: ..., set: {{section.key: value}}}}, "
+                                  f"got {value!r}")
+            labels.append(str(value["label"]))
+            overrides.append(dict(value["set"]))
+        elif "key" in raw:
+            labels.append(str(value))
+            overrides.append({raw["key"]: value})
+        else:
+            raise ConfigError(f"{where}: axis {raw['name']!r} has plain values but no key")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where}: axis {raw['name']!r} repeats a label: {labels}")
+    return Axis(str(raw["name"]), tuple(labels), tuple(overrides))
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    doc = read_experiment_file(path)
+    if not isinstance(doc.get("axes"), list) or not doc["axes"]:
+        raise ConfigError(f"experiment file {path} has no axes: a sweep needs 'axes: [{{name, key, values}}, ...]'")
+    axes = tuple(_axis(a, f"{path}: axes[{i}]") for i, a in enumerate(doc["axes"]))
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: axis names repeat: {names}")
+
+    def axis_list(key: str) -> tuple[str, ...]:
+        value = doc.get(key) or []
+        value = [value] if isinstance(value, str) else list(value)
+        for name in value:
+            if name not in names:
+                raise ConfigError(f"{path}: {key} names axis {name!r}; choose from: {choices(names)}")
+        return tuple(value)
+
+    rows, columns = axis_list("rows"), axis_list("columns")
+    if sorted(rows + columns) != sorted(names):
+        raise ConfigError(f"{path}: rows {list(rows)} and columns {list(columns)} must together name every axis "
+                          f"exactly once ({names})")
+    require = tuple(str(r) for r in (doc.get("require") or []))
+    for rule in require:
+        if not REQUIRE.match(rule):
+            raise ConfigError(f"{path}: require {rule!r} is not 'section.key OP section.key|number' "
+                              f"with OP one of {choices(COMPARE)}")
+    return Experiment(str(doc.get("name") or path.stem), str(doc.get("title") or path.stem), path, axes, rows,
+                      columns, require)
+
+
+# ---- planning -------------------------------------------------------------------------------------
+
+def _operand(cfg_flat: dict, token: str):
+    if token in cfg_flat:
+        return cfg_flat[token]
+    try:
+        return float(token)
+    except ValueError:
+        raise ConfigError(f"require: {token!r} is neither a config key nor a number") from None
+
+
+def _valid(flat: dict, require: tuple[str, ...]) -> bool:
+    for rule in require:
+        left, op, right = REQUIRE.match(rule).groups()
+        if not COMPARE[op](_operand(flat, left), _operand(flat, right)):
+            return False
+    return True
+
+
+def chain_of(cfg: Config) -> list[Training]:
+    """The trainings one cell needs, each with its content hash: base, then the refiner's stages."""
+    base_h = train_base.base_hash(cfg)
+    chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
+                      train_base.default_checkpoint(cfg))]
+    for stage in train_refiner.stages_of(cfg):
+        chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
+                              cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h)))
+    return chain
+
+
+def cells_of(experiment: Experiment) -> list[tuple[dict[str, str], dict]]:
+    """Every combination of axis values: (coordinates by axis name, merged flat overrides), rows first."""
+    combos: list[tuple[dict[str, str], dict]] = [({}, {})]
+    for axis in experiment.axes:
+        combos = [({**coords, axis.name: label}, {**over, **extra})
+                  for coords, over in combos for label, extra in zip(axis.labels, axis.overrides)]
+    return combos
+
+
+def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> Plan:
+    """Resolve every cell's config (preset <- experiment preset <- overrides <- the cell's values); cells that
+    break a ``require`` rule are listed as invalid, not resolved (the config would refuse them)."""
+    common = to_flat(resolve(preset, experiment.path, overrides or {}))
+    cells, invalid = [], []
+    for coords, cell_overrides in cells_of(experiment):
+        if not _valid({**common, **cell_overrides}, experiment.require):
+            invalid.append(coords)
+            continue
+        cfg = resolve(preset, experiment.path, {**(overrides or {}), **cell_overrides})
+        chain = chain_of(cfg)
+        cells.append(Cell(coords, cfg, chain, content_hash(cfg, EVAL_SECTIONS, [chain[-1].hash])))
+    return Plan(experiment, preset, cells, invalid)
+
+
+def describe(plans: list[Plan]) -> str:
+    """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, estimated time."""
+    lines = ["| experiment | preset | cells | trainings planned | naive | planned / naive | already trained | "
+             "evaluations | estimated time (this machine) |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in plans:
+        steps = {}
+        for t in p.trainings:
+            steps[t.step] = steps.get(t.step, 0) + 1
+        detail = ", ".join(f"{n} {s}" for s, n in steps.items())
+        lines.append(f"| {p.experiment.name} | {p.preset} | {len(p.cells)} | {len(p.trainings)} ({detail}) | "
+                     f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.0%} | "
+                     f"{len(p.trainings) - len(p.to_train)} | {p.evaluations} | "
+                     f"{_duration(p.estimated_seconds)} |")
+    if len(plans) > 1:
+        planned = len({t.hash for p in plans for t in p.trainings})
+        naive = sum(p.naive_trainings for p in plans)
+        lines.append(f"| all | | {sum(len(p.cells) for p in plans)} | {planned} | {naive} | {planned / naive:.0%} "
+                     f"| | | |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"

@@ -1,0 +1,72 @@
+"""The sweep planner: cells, the trainings they share (content hashes), bad experiment files."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddps.errors import ConfigError
+from ddps.orchestration.plan import cells_of, describe, load_experiment, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_table3e_trains_each_train_step_count_once_and_evaluates_every_valid_test_step():
+    p = plan(load_experiment(ROOT / "experiments" / "table3e.yaml"), "cpu")
+    assert len(p.cells) == 12  # test steps <= train steps: 3 + 4 + 5
+    assert sorted((c["train_steps"], c["test_steps"]) for c in p.invalid) == [("20", "100"), ("20", "50"),
+                                                                             ("50", "100")]
+    steps = [t.step for t in p.trainings]
+    assert steps.count("base") == 1 and steps.count("stage1") == 3 and steps.count("stage2") == 3
+    assert p.naive_trainings == 36 and p.evaluations == 12
+    by_model: dict[str, list] = {}
+    for cell in p.cells:
+        by_model.setdefault(cell.chain[-1].hash, []).append(int(cell.coords["test_steps"]))
+        assert cell.cfg.infer.steps == int(cell.coords["test_steps"])
+        assert cell.cfg.diffusion.steps == int(cell.coords["train_steps"])
+    assert sorted(map(sorted, by_model.values())) == [[2, 5, 20], [2, 5, 20, 50], [2, 5, 20, 50, 100]]
+    table = describe([p])
+    assert "| table3e | cpu | 12 | 7 (1 base, 3 stage1, 3 stage2) | 36 | 19% |" in table
+
+
+def _write(tmp_path, doc) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_an_inference_only_axis_shares_every_training_and_labelled_values_set_several_keys(tmp_path):
+    doc = {"name": "grid", "axes": [
+        {"name": "loss", "values": [{"label": "CE", "set": {"train.loss": "ce"}},
+                                    {"label": "CE+MS", "set": {"train.loss": "ce", "train.stages": "multi-step"}}]},
+        {"name": "renoise", "key": "infer.renoise", "values": ["free", "posterior"]}],
+        "rows": ["loss"], "columns": "renoise", "presets": {"smoke": {"train": {"stage1_iters": 4}}}}
+    p = plan(load_experiment(_write(tmp_path, doc)), "smoke")
+    assert len(p.cells) == 4 and p.evaluations == 4
+    assert [t.step for t in p.trainings] == ["base", "stage1", "stage2", "multistep"]
+    assert p.naive_trainings == 3 + 3 + 2 + 2
+    assert all(c.cfg.train.stage1_iters == 4 for c in p.cells)  # the experiment's preset applies
+    assert {c.cfg.train.stages for c in p.cells if c.coords["loss"] == "CE+MS"} == {"multi-step"}
+    assert [c for c, _ in cells_of(p.experiment)][:2] == [{"loss": "CE", "renoise": "free"},
+                                                          {"loss": "CE", "renoise": "posterior"}]
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"presets": {}}, "has no axes"),
+    ({"axes": [{"name": "a", "values": [1]}]}, "plain values but no key"),
+    ({"axes": [{"name": "a", "key": "infer.steps", "values": [1, 1]}], "rows": ["a"]}, "repeats a label"),
+    ({"axes": [{"name": "a", "key": "infer.steps", "values": [1]}], "rows": ["b"]}, "rows names axis 'b'"),
+    ({"axes": [{"name": "a", "key": "infer.steps", "values": [1]}]}, "must together name every axis"),
+    ({"axes": [{"name": "a", "key": "infer.steps", "values": [1]}], "rows": "a", "require": ["infer.steps ~ 3"]},
+     "is not 'section.key OP"),
+])
+def test_a_bad_experiment_file_is_a_one_line_error_naming_it(tmp_path, doc, message):
+    path = _write(tmp_path, doc)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_experiment(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unknown_key_on_an_axis_is_refused_by_the_config(tmp_path):
+    doc = {"axes": [{"name": "a", "key": "infer.stepz", "values": [1]}], "rows": ["a"]}
+    with pytest.raises(ConfigError, match="infer.stepz"):
+        plan(load_experiment(_write(tmp_path, doc)), "smoke")
