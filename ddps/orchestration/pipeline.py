@@ -18,10 +18,9 @@ import numpy as np
 import yaml
 
 from ddps.config import Config, content_hash, to_flat
-from ddps.engine import train_base, train_refiner
 from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
-from ddps.orchestration.plan import EVAL_SECTIONS
+from ddps.orchestration.plan import EVAL_SECTIONS, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker
 from ddps.segmentors.checkpoint import read_checkpoint
@@ -105,22 +104,20 @@ class Pipeline:
                                              {**self.tags, "ddps.step": "pipeline", "ddps.content_hash": digest})
         self.tracker.log_params(self.parent, to_flat(cfg))
         try:
-            base_h = train_base.base_hash(cfg)
-            base_path = train_base.default_checkpoint(cfg)
-            self.step("base", base_h, base_path, lambda run_id: ray_train.run(
-                "base", self._train_config(run_id, "base", cfg.train_base.iters, base_path), self.cluster,
-                name=f"base-{base_h[:16]}"))
+            chain = chain_of(cfg)
+            base = chain[0]
+            self.step("base", base.hash, base.path, lambda run_id: ray_train.run(
+                "base", self._train_config(run_id, "base", base.iters, base.path), self.cluster,
+                name=f"base-{base.hash[:16]}"))
             previous = None
-            for stage in train_refiner.stages_of(cfg):
-                h = train_refiner.stage_hash(cfg, stage, base_h)
-                path = train_refiner.stage_checkpoint(cfg, stage, base_h)
-                init = str(previous) if stage == "stage2" else None
-                self.step(stage, h, path, lambda run_id, stage=stage, path=path, h=h, init=init: ray_train.run(
-                    "refiner", self._train_config(run_id, stage, train_refiner.stage_iters(cfg, stage), path,
-                                                  stage=stage, base=str(base_path), init=init),
-                    self.cluster, name=f"{stage}-{h[:16]}"))
-                previous = path
-            summary = self.evaluate(previous, content_hash(cfg, EVAL_SECTIONS, [h]))
+            for t in chain[1:]:
+                init = str(previous) if t.step == "stage2" else None
+                self.step(t.step, t.hash, t.path, lambda run_id, t=t, init=init: ray_train.run(
+                    "refiner", self._train_config(run_id, t.step, t.iters, t.path, stage=t.step,
+                                                  base=str(base.path), init=init),
+                    self.cluster, name=f"{t.step}-{t.hash[:16]}"))
+                previous = t.path
+            summary = self.evaluate(previous, eval_hash(cfg, chain))
             self.tracker.end_run(self.parent, "FINISHED")
         except BaseException:
             self.tracker.end_run(self.parent, "FAILED")

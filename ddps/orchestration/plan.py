@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ddps.config import Config, content_hash, resolve, to_flat
-from ddps.config.load import read_experiment_file
+from ddps.config.load import read_experiment, read_experiment_file
 from ddps.engine import train_base, train_refiner
 from ddps.errors import ConfigError, choices
 
@@ -206,6 +206,11 @@ def chain_of(cfg: Config) -> list[Training]:
     return chain
 
 
+def eval_hash(cfg: Config, chain: list[Training]) -> str:
+    """An evaluation is addressed by what it reads plus the last training of its chain."""
+    return content_hash(cfg, EVAL_SECTIONS, [chain[-1].hash])
+
+
 def cells_of(experiment: Experiment) -> list[tuple[dict[str, str], dict]]:
     """Every combination of axis values: (coordinates by axis name, merged flat overrides), rows first."""
     combos: list[tuple[dict[str, str], dict]] = [({}, {})]
@@ -218,15 +223,16 @@ def cells_of(experiment: Experiment) -> list[tuple[dict[str, str], dict]]:
 def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> Plan:
     """Resolve every cell's config (preset <- experiment preset <- overrides <- the cell's values); cells that
     break a ``require`` rule are listed as invalid, not resolved (the config would refuse them)."""
-    common = to_flat(resolve(preset, experiment.path, overrides or {}))
+    shared = {**read_experiment(experiment.path, preset), **(overrides or {})}  # the file is read once
+    common = to_flat(resolve(preset, None, shared))
     cells, invalid = [], []
     for coords, cell_overrides in cells_of(experiment):
         if not _valid({**common, **cell_overrides}, experiment.require):
             invalid.append(coords)
             continue
-        cfg = resolve(preset, experiment.path, {**(overrides or {}), **cell_overrides})
+        cfg = resolve(preset, None, {**shared, **cell_overrides})
         chain = chain_of(cfg)
-        cells.append(Cell(coords, cfg, chain, content_hash(cfg, EVAL_SECTIONS, [chain[-1].hash])))
+        cells.append(Cell(coords, cfg, chain, eval_hash(cfg, chain)))
     return Plan(experiment, preset, cells, invalid)
 
 
