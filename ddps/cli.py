@@ -21,6 +21,23 @@ def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None
                                        "also $DDPS_FASHION_MNIST)")
 
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    """How trainings spread over Ray Train workers, and where MLflow is (pipeline and sweep)."""
+    p.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers per training (default: 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); a sweep's evaluations get one too")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before a training fails")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite in $DDPS_HOME)")
+
+
+def _cluster(args):
+    from ddps.orchestration.ray_train import Cluster
+    return Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                   max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
+
+
 def _resolve(args):
     from ddps.config import resolve
     from ddps.errors import ConfigError
@@ -99,10 +116,7 @@ def cmd_refine(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from ddps.orchestration.ray_train import Cluster
-    cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                      max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
-    run_pipeline(_resolve(args), cluster, args.tracking_uri, args.mlflow_experiment)
+    run_pipeline(_resolve(args), _cluster(args), args.tracking_uri, args.mlflow_experiment)
     return 0
 
 
@@ -117,6 +131,35 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     print(f"MLflow: {pipeline.tracker.uri} (experiment {pipeline.experiment_name}); to browse it: "
           f"ddps ui, then open http://127.0.0.1:5000")
     return summary
+
+
+def cmd_sweep(args) -> int:
+    from ddps.data.datasets import check_dataset
+    from ddps.errors import ConfigError
+    from ddps.orchestration.plan import describe, experiment_files, load_experiment, plan
+    if args.all == bool(args.experiments):
+        raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
+    files = experiment_files() if args.all else args.experiments
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.insert(0, f"data.root={args.data_root}")
+    from ddps.config.load import parse_set
+    plans = [plan(load_experiment(f), args.preset, parse_set(overrides)) for f in files]
+    print(describe(plans))
+    if args.dry_run:
+        for p in plans:
+            print(f"\n{p.experiment.title} ({p.preset}): {len(p.cells)} cells, {len(p.invalid)} not valid")
+            for t in p.trainings:
+                state = "done" if t.path.exists() else "to train"
+                print(f"  {t.step:<9} {t.hash[:12]}  {t.iters} it x {t.batch_size}  {state}")
+        return 0
+    for p in plans:  # a dataset read in place must be there before any compute
+        for cfg in {c.cfg.data: c.cfg for c in p.cells}.values():
+            check_dataset(cfg.data)
+    from ddps.orchestration.sweep import run_sweeps
+    run_sweeps(plans, _cluster(args), args.tracking_uri, verbose=args.verbose)
+    print("MLflow: one experiment per table; browse with ddps ui, then open http://127.0.0.1:5000")
+    return 0
 
 
 def summary_table(summary: dict, cfg) -> str:
@@ -203,15 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="base -> stage 1 -> stage 2 -> evaluation on Ray Train, tracked in MLflow")
     pl.add_argument("experiment", nargs="?", help="experiment YAML (same as --config)")
     _config_args(pl)
-    pl.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
-    pl.add_argument("--cpus-per-worker", type=float, default=1.0)
-    pl.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
-    pl.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before a step fails")
-    pl.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
-    pl.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                           "sqlite in $DDPS_HOME)")
+    _cluster_args(pl)
     pl.add_argument("--mlflow-experiment", help="MLflow experiment name (default: ddps-<dataset>)")
     pl.set_defaults(func=cmd_pipeline)
+
+    sw = sub.add_parser("sweep", help="run experiment grids with Ray Tune: every training once, every cell evaluated")
+    sw.add_argument("experiments", nargs="*", help="experiment YAMLs (experiments/*.yaml)")
+    sw.add_argument("--all", action="store_true", help="every experiment file in experiments/")
+    sw.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default: %(default)s)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value in every cell (repeatable)")
+    sw.add_argument("--data-root", help="dataset root (e.g. the ADE20K folder for --preset paper)")
+    sw.add_argument("--dry-run", action="store_true", help="print the plan (cells, trainings against naive, "
+                                                           "estimated time) and run nothing")
+    _cluster_args(sw)
+    sw.add_argument("--verbose", action="store_true", help="show the workers' output (Ray Train, Tune) here too")
+    sw.set_defaults(func=cmd_sweep)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the embedded store, on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")

@@ -87,6 +87,9 @@ def ray_head(tmp_path):
     command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+               # the job agent's ports too: another Ray on this machine holds the defaults (52365, ...)
+               "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
                "--object-store-memory", str(200 * 2**20), "--disable-usage-stats"]
     proc = start(command, log, base_env(tmp_path))
     try:
@@ -106,7 +109,12 @@ def test_ray_job_submit_runs_the_smoke_pipeline_into_a_real_mlflow_server(ray_he
               "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
               sys.executable, "-m", "ddps", "pipeline", "--preset", "smoke", "--workers", "2",
               "--cpus-per-worker", "0.5", "--tracking-uri", mlflow_server, "--mlflow-experiment", "job-test"]
-    out = subprocess.run(submit, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while True:  # the head's job agent registers some seconds after the dashboard answers (longer on a busy machine)
+        out = subprocess.run(submit, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
+        if "No available agent to submit job" not in out.stderr + out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     log = out.stdout[-4000:] + out.stderr[-2000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
     assert "| base (segformer-mit_b0) |" in out.stdout and "| step 1 |" in out.stdout, log  # the job's table

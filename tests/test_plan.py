@@ -25,7 +25,7 @@ def test_table3e_trains_each_train_step_count_once_and_evaluates_every_valid_tes
         assert cell.cfg.diffusion.steps == int(cell.coords["train_steps"])
     assert sorted(map(sorted, by_model.values())) == [[2, 5, 20], [2, 5, 20, 50], [2, 5, 20, 50, 100]]
     table = describe([p])
-    assert "| table3e | cpu | 12 | 7 (1 base, 3 stage1, 3 stage2) | 36 | 19% |" in table
+    assert "| table3e | cpu | 12 | 7 (1 base, 3 stage1, 3 stage2) | 36 | 19.4% |" in table
 
 
 def _write(tmp_path, doc) -> Path:
@@ -70,3 +70,45 @@ def test_an_unknown_key_on_an_axis_is_refused_by_the_config(tmp_path):
     doc = {"axes": [{"name": "a", "key": "infer.stepz", "values": [1]}], "rows": ["a"]}
     with pytest.raises(ConfigError, match="infer.stepz"):
         plan(load_experiment(_write(tmp_path, doc)), "smoke")
+
+
+def test_every_table_plans_and_all_of_them_need_at_most_40_percent_of_the_naive_trainings():
+    from ddps.orchestration.plan import experiment_files
+    files = experiment_files(ROOT / "experiments")
+    names = {f.stem for f in files}
+    assert names >= {"table1", "table2", "table3a", "table3b", "table3c", "table3d", "table3e", "table3f", "table4",
+                     "table5", "table6", "table7", "table8"}
+    for preset, bound in (("cpu", 0.40), ("paper", 0.41)):
+        plans = [plan(load_experiment(f), preset) for f in files]
+        unique = {t.hash for p in plans for t in p.trainings}
+        naive = sum(p.naive_trainings for p in plans)
+        assert len(unique) <= bound * naive, (preset, len(unique), naive)
+        assert all(p.cells for p in plans)
+    table = describe(plans)
+    assert f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} |" in table
+
+
+def test_an_axis_may_have_its_own_values_per_preset(tmp_path):
+    doc = {"name": "g", "axes": [{"name": "size", "key": "denoiser.size", "values": ["T", "S"],
+                                  "presets": {"smoke": ["XXS"]}}], "rows": ["size"]}
+    exp = load_experiment(_write(tmp_path, doc))
+    assert [c.cfg.denoiser.size for c in plan(exp, "smoke").cells] == ["XXS"]
+    assert [coords for coords, _ in cells_of(exp, "paper")] == [{"size": "T"}, {"size": "S"}]
+    doc["axes"][0]["presets"] = {"smoke": "XXS"}
+    with pytest.raises(ConfigError, match="presets is"):
+        load_experiment(_write(tmp_path, doc))
+
+
+def test_one_cell_per_model_runs_the_reliance_diagnostic_the_one_with_default_inference():
+    p = plan(load_experiment(ROOT / "experiments" / "table3e.yaml"), "cpu")
+    chosen = [(c.coords["train_steps"], c.coords["test_steps"]) for c in p.cells if c.reliance]
+    assert chosen == [("20", "20"), ("50", "20"), ("100", "20")]  # the cpu preset's 20 test steps
+
+
+def test_the_paper_preset_without_its_dataset_fails_at_once_saying_what_to_download(tmp_path, capsys):
+    from ddps.cli import main
+    rc = main(["sweep", str(ROOT / "experiments" / "table3a.yaml"), "--preset", "paper",
+               "--data-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "ade20k is not here" in err and "ADEChallengeData2016.zip" in err and "--data-root" in err

@@ -241,6 +241,7 @@ class InferConfig:
     renoise: str = "free"           # free: q(x_s | argmax x0) | posterior: q(x_s | x_t, argmax x0)
     cfg_scale: float = 0.0          # classifier-free guidance s: (s + 1) l_cond - s l_uncond
     oracle_t: int = 0               # mask-reliance diagnostic: t of the re-noised ground truth (0 = max(1, T // 10))
+    ema: bool = True                # the EMA weights when the checkpoint has them; False: the raw weights (Table 6)
     seed: int = 0
 
     def __post_init__(self):

@@ -239,6 +239,35 @@ DATASETS = {
 }
 
 
+DOWNLOAD = {
+    "ade20k": "download ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/"
+              "ADEChallengeData2016.zip), unzip it and pass its folder as --data-root (or --set data.root=...); "
+              "it must hold images/{training,validation} and annotations/{training,validation}",
+    "cityscapes": "download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip (https://www.cityscapes-dataset"
+                  ".com/downloads/, an account is needed), unzip both into one folder, run cityscapesscripts' "
+                  "createTrainIdLabelImgs, and pass that folder as --data-root (or --set data.root=...)",
+    "folder": "point --data-root (or data.root) at a folder with images/<split>/ and masks/<split>/ "
+              "(README, 'Your own data')",
+}
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """Before any compute: a dataset read in place must be where data.root says, else one line saying
+    what to download and where to put it. fashion-scenes is built here from the embedded Fashion-MNIST."""
+    if cfg.dataset == "fashion-scenes" or cfg.dataset not in DOWNLOAD:
+        return
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if root is None or not root.is_dir():
+        where = f"data.root {cfg.root!r} does not exist" if cfg.root else "data.root is not set"
+        raise DataError(f"{cfg.dataset} is not here ({where}): {DOWNLOAD[cfg.dataset]}")
+    pairs = {"ade20k": ade20k_pairs, "cityscapes": cityscapes_pairs}.get(cfg.dataset)
+    if pairs:
+        try:
+            pairs(root, "val")
+        except DataError as e:
+            raise DataError(f"{cfg.dataset} at {root} is incomplete ({e}): {DOWNLOAD[cfg.dataset]}") from None
+
+
 def selection_split(cfg: DataConfig) -> str:
     """Where hyper-parameters are chosen and plateaus checked: the holdout split when there is one, else val."""
     return "holdout" if cfg.holdout else "val"

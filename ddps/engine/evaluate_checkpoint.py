@@ -63,8 +63,8 @@ def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = 
                                 split: str = "val", device="cpu") -> str:
     """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
     hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
-    denoiser, process, base, payload = load_refiner(path, payload=payload)
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
+    denoiser, process, base, payload = load_refiner(path, use_ema=cfg.infer.ema, payload=payload)
     val_set = evaluation_split(cfg, split)
     if val_set.num_classes != base.num_classes:
         from ddps.errors import CheckpointError

@@ -20,7 +20,7 @@ import yaml
 from ddps.config import Config, content_hash, to_flat
 from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
-from ddps.orchestration.plan import EVAL_SECTIONS, chain_of, eval_hash
+from ddps.orchestration.plan import EVAL_SECTIONS, Training, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker
 from ddps.segmentors.checkpoint import read_checkpoint
@@ -55,6 +55,7 @@ class Pipeline:
     experiment: str | None = None
     log: Callable[[str], None] = print
     pid_dir: str | None = None
+    tune: bool = False  # inside a Ray Tune trial (a sweep): trainings report their iterations to it
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
@@ -64,14 +65,15 @@ class Pipeline:
         self.parent: str | None = None
 
     # ---- one step ---------------------------------------------------------------------------------
-    def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> Path:
-        """Train (unless its checkpoint exists) and log (unless a FINISHED run of this hash exists) one step."""
+    def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> str:
+        """Train (unless its checkpoint exists) and log (unless a FINISHED run of this hash exists in any
+        experiment: a model trained by another table or pipeline is reused, not retrained) one step; its run id."""
         key = {"ddps.step": name, "ddps.content_hash": digest}
-        done = self.tracker.find_run(self.experiment_id, key)
+        done = self.tracker.find_run(self.tracker.experiment_ids(), key)
         if path.exists() and done:
             self.log(f"[{name}] reusing {path} and MLflow run {done}")
             self.tracker.set_tags(self.parent, {f"step.{name}": done})
-            return path
+            return done
         run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **key}, parent=self.parent)
         self.tracker.log_params(run_id, to_flat(self.cfg))
         self.tracker.set_tags(self.parent, {f"step.{name}": run_id})
@@ -87,11 +89,25 @@ class Pipeline:
         except BaseException:
             self.tracker.end_run(run_id, "FAILED")
             raise
-        return path
+        return run_id
 
     def _train_config(self, run_id: str, label: str, iters: int, out: Path, **extra) -> dict:
         return {"cfg": to_flat(self.cfg), "out": str(out), "label": label, "iters": iters,
                 "tracking_uri": self.tracker.uri, "run_id": run_id, "pid_dir": self.pid_dir, **extra}
+
+    def train(self, chain: list[Training], i: int) -> str:
+        """The i-th training of a chain (base, then the refiner's stages) on Ray Train; its MLflow run id.
+        The trainings before it must be done: a stage reads the base's checkpoint, stage 2 stage 1's."""
+        t, base = chain[i], chain[0]
+        if t.step == "base":
+            config = self._train_config("", "base", t.iters, t.path)
+            kind = "base"
+        else:
+            init = str(chain[i - 1].path) if t.step == "stage2" else None
+            config = self._train_config("", t.step, t.iters, t.path, stage=t.step, base=str(base.path), init=init)
+            kind = "refiner"
+        return self.step(t.step, t.hash, t.path, lambda run_id: ray_train.run(
+            kind, {**config, "run_id": run_id}, self.cluster, name=f"{t.step}-{t.hash[:16]}", tune=self.tune))
 
     # ---- the whole pipeline -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -105,19 +121,9 @@ class Pipeline:
         self.tracker.log_params(self.parent, to_flat(cfg))
         try:
             chain = chain_of(cfg)
-            base = chain[0]
-            self.step("base", base.hash, base.path, lambda run_id: ray_train.run(
-                "base", self._train_config(run_id, "base", base.iters, base.path), self.cluster,
-                name=f"base-{base.hash[:16]}"))
-            previous = None
-            for t in chain[1:]:
-                init = str(previous) if t.step == "stage2" else None
-                self.step(t.step, t.hash, t.path, lambda run_id, t=t, init=init: ray_train.run(
-                    "refiner", self._train_config(run_id, t.step, t.iters, t.path, stage=t.step,
-                                                  base=str(base.path), init=init),
-                    self.cluster, name=f"{t.step}-{t.hash[:16]}"))
-                previous = t.path
-            summary = self.evaluate(previous, eval_hash(cfg, chain))
+            for i in range(len(chain)):
+                self.train(chain, i)
+            summary = self.evaluate(chain[-1].path, eval_hash(cfg, chain))
             self.tracker.end_run(self.parent, "FINISHED")
         except BaseException:
             self.tracker.end_run(self.parent, "FAILED")
@@ -125,9 +131,13 @@ class Pipeline:
         return summary
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, refiner_path: Path, digest: str) -> dict:
+    def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
+                 log_model: bool = True, name: str = "eval") -> dict:
         """Per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU per step,
-        the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner itself."""
+        the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner itself.
+
+        A sweep's cell passes its own tags (``cell``: table, row, column, its training run); the pipeline's
+        parent then keeps no ``step.eval`` link (a sweep has many)."""
         from ddps.engine.evaluate_checkpoint import evaluation_split
         from ddps.engine.evaluate_refiner import evaluate_refiner, trajectory_examples
         from ddps.engine.features import compute_cache
@@ -137,20 +147,23 @@ class Pipeline:
         key = {"ddps.step": "eval", "ddps.content_hash": digest}
         done = self.tracker.find_run(self.experiment_id, key)
         if done:
-            self.log(f"[eval] reusing MLflow run {done}")
-            self.tracker.set_tags(self.parent, {"step.eval": done})
+            self.log(f"[{name}] reusing MLflow run {done}")
+            if cell is None:
+                self.tracker.set_tags(self.parent, {"step.eval": done})
             return json.loads(self.tracker.client.get_run(done).data.tags.get("ddps.summary", "{}"))
         cfg = self.cfg
-        run_id = self.tracker.start_run(self.experiment_id, "eval", {**self.tags, **key}, parent=self.parent)
-        self.tracker.set_tags(self.parent, {"step.eval": run_id})
+        run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **(cell or {}), **key},
+                                        parent=self.parent)
+        if cell is None:
+            self.tracker.set_tags(self.parent, {"step.eval": run_id})
         try:
             self.tracker.log_params(run_id, to_flat(cfg))
-            denoiser, process, base, payload = load_refiner(refiner_path)
+            denoiser, process, base, payload = load_refiner(refiner_path, use_ema=cfg.infer.ema)
             val = evaluation_split(cfg, "val")
             cache = compute_cache(base, val, build_codec(cfg))
             head = cfg.denoiser.method == "head"
             result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val.num_classes,
-                                      ignore_index=val.ignore_index, reliance=not head, head=head)
+                                      ignore_index=val.ignore_index, reliance=reliance and not head, head=head)
             names = val.class_names
             for k, scores in enumerate([result["initial"]] + result["steps"]):
                 metrics = {"mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"], "aAcc": scores["aAcc"]}
@@ -182,8 +195,10 @@ class Pipeline:
                                     base=first["base_probs"].astype(np.float16),
                                     steps=np.stack(first["step_probs"]).astype(np.float16))
                 self.tracker.log_artifact(run_id, folder / "probabilities.npz")
-            self.tracker.log_artifact(run_id, refiner_path, "model")
-            self.tracker.set_tags(self.parent, {"refiner_uri": f"runs:/{run_id}/model/{refiner_path.name}"})
+            if log_model:
+                self.tracker.log_artifact(run_id, refiner_path, "model")
+                uri = f"runs:/{run_id}/model/{refiner_path.name}"
+                self.tracker.set_tags(run_id if cell else self.parent, {"refiner_uri": uri})
             self.tracker.end_run(run_id, "FINISHED")
         except BaseException:
             self.tracker.end_run(run_id, "FAILED")

@@ -47,6 +47,13 @@ class Axis:
     name: str
     labels: tuple[str, ...]
     overrides: tuple[dict, ...]  # one flat override dict per value
+    by_preset: tuple = ()  # ((preset, labels, overrides), ...): a preset's own values (e.g. cpu stand-ins)
+
+    def values(self, preset: str | None = None) -> tuple[tuple[str, ...], tuple[dict, ...]]:
+        for name, labels, overrides in self.by_preset:
+            if name == preset:
+                return labels, overrides
+        return self.labels, self.overrides
 
 
 @dataclass(frozen=True)
@@ -79,12 +86,17 @@ class Cell:
     cfg: Config
     chain: list[Training]
     eval_hash: str
+    reliance: bool = False  # the one cell of its model that also runs the mask-reliance diagnostic
+
+    @property
+    def images(self) -> int:
+        return min(self.cfg.data.val_scenes, self.cfg.eval.max_images or self.cfg.data.val_scenes)
 
     @property
     def eval_seconds(self) -> float:
         cfg = self.cfg
-        calls = cfg.data.val_scenes * (1 if cfg.denoiser.method == "head" else 3 * cfg.infer.steps)
-        return calls / EVAL_CALLS_PER_S
+        calls = 1 if cfg.denoiser.method == "head" else cfg.infer.steps * (3 if self.reliance else 1)
+        return self.images * calls / EVAL_CALLS_PER_S
 
 
 @dataclass
@@ -127,8 +139,20 @@ class Plan:
 def _axis(raw: Any, where: str) -> Axis:
     if not isinstance(raw, dict) or "name" not in raw or not isinstance(raw.get("values"), list) or not raw["values"]:
         raise ConfigError(f"{where}: an axis needs a name and a non-empty list of values")
+    unknown = set(raw) - {"name", "key", "values", "presets"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown axis field {sorted(unknown)[0]!r}; an axis has: name, key, values, presets")
+    labels, overrides = _axis_values(raw, raw["values"], where)
+    own = raw.get("presets") or {}
+    if not isinstance(own, dict) or not all(isinstance(v, list) and v for v in own.values()):
+        raise ConfigError(f"{where}: an axis' presets is {{preset: [values]}}, got {own!r}")
+    by_preset = tuple((str(name), *_axis_values(raw, values, f"{where}: presets.{name}")) for name, values in own.items())
+    return Axis(str(raw["name"]), labels, overrides, by_preset)
+
+
+def _axis_values(raw: dict, values: list, where: str) -> tuple[tuple[str, ...], tuple[dict, ...]]:
     labels, overrides = [], []
-    for value in raw["values"]:
+    for value in values:
         if isinstance(value, dict):
             if set(value) - {"label", "set"} or "label" not in value or not isinstance(value.get("set"), dict):
                 raise ConfigError(f"{where}: a labelled value is {{label: ..., set: {{section.key: value}}}}, "
@@ -142,7 +166,7 @@ def _axis(raw: Any, where: str) -> Axis:
             raise ConfigError(f"{where}: axis {raw['name']!r} has plain values but no key")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}: axis {raw['name']!r} repeats a label: {labels}")
-    return Axis(str(raw["name"]), tuple(labels), tuple(overrides))
+    return tuple(labels), tuple(overrides)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -174,6 +198,20 @@ def load_experiment(path: str | Path) -> Experiment:
                               f"with OP one of {choices(COMPARE)}")
     return Experiment(str(doc.get("name") or path.stem), str(doc.get("title") or path.stem), path, axes, rows,
                       columns, require)
+
+
+def experiment_files(folder: str | Path | None = None) -> list[Path]:
+    """Every experiment YAML of ``folder`` (default: experiments/ of the working directory, as under
+    ``ray job submit --working-dir .``, else of the checkout ddps runs from), in name order."""
+    if folder is None:
+        folder = Path.cwd() / "experiments"
+        if not folder.is_dir():
+            folder = Path(__file__).resolve().parents[2] / "experiments"
+    folder = Path(folder)
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"no experiment files (*.yaml) in {folder}")
+    return files
 
 
 # ---- planning -------------------------------------------------------------------------------------
@@ -211,12 +249,13 @@ def eval_hash(cfg: Config, chain: list[Training]) -> str:
     return content_hash(cfg, EVAL_SECTIONS, [chain[-1].hash])
 
 
-def cells_of(experiment: Experiment) -> list[tuple[dict[str, str], dict]]:
-    """Every combination of axis values: (coordinates by axis name, merged flat overrides), rows first."""
+def cells_of(experiment: Experiment, preset: str | None = None) -> list[tuple[dict[str, str], dict]]:
+    """Every combination of axis values (the preset's own values where an axis has them): (coordinates by
+    axis name, merged flat overrides), rows first."""
     combos: list[tuple[dict[str, str], dict]] = [({}, {})]
     for axis in experiment.axes:
         combos = [({**coords, axis.name: label}, {**over, **extra})
-                  for coords, over in combos for label, extra in zip(axis.labels, axis.overrides)]
+                  for coords, over in combos for label, extra in zip(*axis.values(preset))]
     return combos
 
 
@@ -226,14 +265,27 @@ def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> 
     shared = {**read_experiment(experiment.path, preset), **(overrides or {})}  # the file is read once
     common = to_flat(resolve(preset, None, shared))
     cells, invalid = [], []
-    for coords, cell_overrides in cells_of(experiment):
+    for coords, cell_overrides in cells_of(experiment, preset):
         if not _valid({**common, **cell_overrides}, experiment.require):
             invalid.append(coords)
             continue
         cfg = resolve(preset, None, {**shared, **cell_overrides})
         chain = chain_of(cfg)
         cells.append(Cell(coords, cfg, chain, eval_hash(cfg, chain)))
+    _choose_reliance_cells(cells, resolve(preset, None, shared))
     return Plan(experiment, preset, cells, invalid)
+
+
+def _choose_reliance_cells(cells: list[Cell], common: Config) -> None:
+    """One cell per trained DDPS model runs the mask-reliance diagnostic (three trajectories, 3x the cost):
+    the first whose inference settings are the experiment's defaults, else the model's first cell."""
+    by_model: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if cell.cfg.denoiser.method != "head":
+            by_model.setdefault(cell.chain[-1].hash, []).append(cell)
+    for group in by_model.values():
+        default = [c for c in group if c.cfg.infer == common.infer]
+        (default or group)[0].reliance = True
 
 
 def describe(plans: list[Plan]) -> str:
@@ -246,17 +298,21 @@ def describe(plans: list[Plan]) -> str:
             steps[t.step] = steps.get(t.step, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in steps.items())
         lines.append(f"| {p.experiment.name} | {p.preset} | {len(p.cells)} | {len(p.trainings)} ({detail}) | "
-                     f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.0%} | "
+                     f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.1%} | "
                      f"{len(p.trainings) - len(p.to_train)} | {p.evaluations} | "
-                     f"{_duration(p.estimated_seconds)} |")
+                     f"{duration(p.estimated_seconds)} |")
     if len(plans) > 1:
-        planned = len({t.hash for p in plans for t in p.trainings})
+        unique = {t.hash: t for p in plans for t in p.trainings}
         naive = sum(p.naive_trainings for p in plans)
-        lines.append(f"| all | | {sum(len(p.cells) for p in plans)} | {planned} | {naive} | {planned / naive:.0%} "
-                     f"| | | |")
+        seconds = sum(t.seconds for t in unique.values() if not t.path.exists())
+        seconds += sum(c.eval_seconds for p in plans for c in {c.eval_hash: c for c in p.cells}.values())
+        done = sum(t.path.exists() for t in unique.values())
+        lines.append(f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} | "
+                     f"{len(unique) / naive:.1%} | {done} | {sum(p.evaluations for p in plans)} | "
+                     f"{duration(seconds)} |")
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"

@@ -116,14 +116,19 @@ def refiner_worker(config: dict) -> None:
         reporter.flush()
 
 
-def run(kind: str, config: dict, cluster: Cluster, name: str) -> Path:
+def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False) -> Path:
     """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
 
     ``name`` (the step's content hash) names the Ray run, so a resubmitted run resumes its checkpoints.
+    Inside a Ray Tune trial (``tune``), what the workers report (the iteration) reaches the sweep's progress.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     loop = {"base": base_worker, "refiner": refiner_worker}[kind]
+    callbacks = []
+    if tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker,
@@ -133,7 +138,7 @@ def run(kind: str, config: dict, cluster: Cluster, name: str) -> Path:
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(cache_dir("ray")),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep), callbacks=callbacks),
     )
     trainer.fit()
     out = Path(config["out"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,9 +19,10 @@ JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job manager gives a
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-node mode: every service on 127.0.0.1
 
 
-def ensure_ray(cluster) -> None:
+def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start Ray in this process with
-    enough logical CPUs for the workers (logical, not physical: DESIGN.md) and a bounded object store.
+    enough logical CPUs for the workers plus ``extra_cpus`` (a Tune trial beside them; logical, not
+    physical: DESIGN.md) and a bounded object store.
 
     A local Ray stays on loopback: in Ray's single-node mode (no other node can join) its GCS, raylet,
     object manager and dashboard bind to 127.0.0.1 rather than the machine's address. Ray reads the switch
@@ -39,13 +41,14 @@ def ensure_ray(cluster) -> None:
         # driver runtime_env that sets the same variables again: pass only what the job does not set
         job_env = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}").get("runtime_env") or {}
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env} if env else None)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env} if env else None,
+                 log_to_driver=log_to_driver)
         return
-    cpus = max(2, int(cluster.workers * cluster.cpus_per_worker + 0.999))
+    cpus = max(2, math.ceil(cluster.workers * cluster.cpus_per_worker + extra_cpus - 1e-9))
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1",
-             object_store_memory=256 * 2**20, runtime_env={"env_vars": env})
+             object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
 
 
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:

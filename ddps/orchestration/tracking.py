@@ -83,14 +83,27 @@ class Tracker:
             tags[PARENT_TAG] = parent
         return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
-    def find_run(self, experiment_id: str, tags: dict, status: str | None = "FINISHED") -> str | None:
-        """The newest run with all these tags (and this status), else None."""
+    def experiment_ids(self) -> list[str]:
+        """Every active experiment of the store (a training is found wherever it was logged)."""
+        return [e.experiment_id for e in self.client.search_experiments(max_results=1000)]
+
+    def find_run(self, experiment_id: str | list[str], tags: dict, status: str | None = "FINISHED") -> str | None:
+        """The newest run with all these tags (and this status) in this experiment (or these), else None."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if status:
             clauses.append(f"attributes.status = '{status}'")
-        runs = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1,
+        ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
+        runs = self.client.search_runs(ids, " and ".join(clauses), max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
+
+    def runs(self, experiment_id: str, tags: dict) -> list:
+        """Every run of this experiment with these tags (any status)."""
+        clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return self.client.search_runs([experiment_id], clauses, max_results=10000)
+
+    def set_status(self, run_id: str, status: str) -> None:
+        self.client.update_run(run_id, status=status)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

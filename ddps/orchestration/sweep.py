@@ -1,0 +1,334 @@
+"""Sweeps: an experiment's plan (``plan.py``) run with Ray Tune — every training once, every cell evaluated.
+
+Tune runs trials side by side but knows no order between them, and a stage needs its base: the plan runs
+as **waves**, one ``Tuner`` each — bases, first refiner stages (stage 1, multi-step, head), stage 2, then the
+evaluations. A training trial starts the step's ``TorchTrainer`` (its own data-parallel workers), an
+evaluation trial evaluates in its own process; both call the pipeline's own step and evaluation code.
+
+Resources: a training trial holds ``TRIAL_CPUS`` and its TorchTrainer workers ``workers x cpus_per_worker``,
+so as many trainings run at once as the cluster's CPUs hold both (DESIGN.md: logical CPUs); an evaluation
+trial holds ``workers x cpus_per_worker`` CPUs and uses as many threads.
+
+MLflow: one experiment per table (the experiment file's ``name``); one parent run per sweep (tag
+``ddps.sweep``, the hash of its cells' evaluations); one training run per trained model, tagged with its
+content hash and found in any experiment (a model trained by another table or by ``ddps pipeline`` is
+reused, not retrained); one evaluation run per cell, tagged ``ddps.table`` / ``ddps.row`` / ``ddps.column``
+/ ``ddps.cell`` and ``ddps.training_run`` (the id of the run that trained its model).
+
+Resume: a training whose checkpoint exists and has a FINISHED run, and a cell with a FINISHED evaluation
+run, are not run again; runs an interrupted driver left RUNNING are marked KILLED. Running the same sweep
+twice trains and logs nothing the second time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ddps.config import from_flat, to_flat
+from ddps.errors import DDPSError
+from ddps.orchestration.plan import Cell, Plan, Training, duration, chain_of, eval_hash
+from ddps.orchestration.ray_train import Cluster
+from ddps.orchestration.tracking import Tracker
+from ddps.paths import cache_dir
+
+TRIAL_CPUS = 0.25  # what a training trial itself holds beside its TorchTrainer workers (Tune refuses 0)
+WAVES = ("bases", "first stages", "second stages", "evaluations")
+
+
+class SweepError(DDPSError):
+    """A trial of the sweep failed."""
+
+
+def sweep_hash(p: Plan) -> str:
+    payload = json.dumps({"table": p.experiment.name, "preset": p.preset,
+                          "cells": sorted(c.eval_hash for c in p.cells)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cell_tags(p: Plan, cell: Cell) -> dict[str, str]:
+    """Where a cell sits in its printed table: the labels of its row axes and of its column axes."""
+    exp = p.experiment
+    return {"ddps.table": exp.name,
+            "ddps.row": " / ".join(cell.coords[a] for a in exp.rows),
+            "ddps.column": " / ".join(cell.coords[a] for a in exp.columns),
+            "ddps.cell": ", ".join(f"{k}={v}" for k, v in cell.coords.items()),
+            **{f"axis.{k}": v for k, v in cell.coords.items()}}
+
+
+def _label(cell: Cell) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.coords.items())
+
+
+# ---- what is left to do ---------------------------------------------------------------------------
+
+@dataclass
+class Pending:
+    trainings: list[list[tuple[Training, Cell]]]  # per wave (chain position): the training, a cell needing it
+    cells: list[Cell]
+
+    @property
+    def empty(self) -> bool:
+        return not self.cells and not any(self.trainings)
+
+
+def pending(p: Plan, tracker: Tracker, experiment_id: str) -> Pending:
+    """Trainings without a checkpoint or without a FINISHED run (anywhere); cells without a FINISHED
+    evaluation run in this experiment."""
+    everywhere = tracker.experiment_ids()
+    waves: list[list[tuple[Training, Cell]]] = [[], [], []]
+    seen: set[str] = set()
+    for cell in p.cells:
+        for i, t in enumerate(cell.chain):
+            if t.hash in seen:
+                continue
+            seen.add(t.hash)
+            if not (t.path.exists() and tracker.find_run(everywhere, {"ddps.step": t.step, "ddps.content_hash": t.hash})):
+                waves[i].append((t, cell))
+    cells = [c for c in p.cells
+             if not tracker.find_run(experiment_id, {"ddps.step": "eval", "ddps.content_hash": c.eval_hash})]
+    return Pending(waves, cells)
+
+
+# ---- the trial ------------------------------------------------------------------------------------
+
+def _trial(config: dict) -> None:
+    """One Tune trial: one training (on its own TorchTrainer) or one cell's evaluation."""
+    import torch
+    from ray import tune
+
+    from ddps.orchestration.pipeline import Pipeline
+    job, common = config["job"], config["common"]
+    cfg = from_flat(job["cfg"])
+    pipeline = Pipeline(cfg, Cluster(**common["cluster"]), tracking_uri=common["tracking_uri"],
+                        experiment=common["experiment"], tune=True)
+    pipeline.parent = common["parent"]
+    pipeline.tags.update({"ddps.sweep": common["sweep"], "ddps.table": common["table"]})
+    chain = chain_of(cfg)
+    if job["kind"] == "train":
+        run_id = pipeline.train(chain, job["index"])
+        tune.report({"run_id": run_id})
+        return
+    torch.set_num_threads(max(1, int(common["eval_cpus"])))
+    last = chain[-1]
+    training_run = pipeline.tracker.find_run(pipeline.tracker.experiment_ids(),
+                                             {"ddps.step": last.step, "ddps.content_hash": last.hash}) or ""
+    summary = pipeline.evaluate(last.path, eval_hash(cfg, chain), cell={**job["tags"], "ddps.training_run": training_run},
+                                reliance=job["reliance"], log_model=job["reliance"], name=job["label"])
+    tune.report({"last_mIoU": summary.get("last_mIoU", math.nan)})
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+class Progress:
+    """The sweep's live line over Tune's own reporter (silenced): jobs done / total, cells done / total, what
+    runs now (a training with its iteration), elapsed, and an ETA — the plan's estimate of what is left,
+    scaled by how the estimate has held so far. On a terminal the line rewrites itself; in a log, one line
+    per event."""
+
+    def __init__(self, table: str, jobs: int, cells_total: int, cells_done: int, log: Callable[[str], None]):
+        self.table, self.jobs, self.cells_total, self.cells_done = table, jobs, cells_total, cells_done
+        self.log, self.done, self.failed = log, 0, 0
+        self.estimate_left = 0.0
+        self.estimate_done = 0.0
+        self.running: dict[str, list] = {}  # label -> [estimated seconds, iteration text]
+        self.start = time.monotonic()
+        self.wave = ""
+        self.tty = log is print and sys.stdout.isatty()
+
+    def add(self, seconds: float) -> None:
+        self.estimate_left += seconds
+
+    def started(self, job: dict) -> None:
+        self.running[job["label"]] = [job["seconds"], ""]
+        self.line()
+
+    def result(self, job: dict, result: dict) -> None:
+        if "iter" in result and job["label"] in self.running:
+            self.running[job["label"]][1] = f" it {result['iter']}/{job.get('iters', '?')}"
+            self.line()
+
+    def finished(self, job: dict, ok: bool) -> None:
+        seconds = self.running.pop(job["label"], [0.0])[0]
+        self.estimate_left -= seconds
+        self.estimate_done += seconds
+        self.done += 1
+        self.failed += not ok
+        self.cells_done += job["kind"] == "eval" and ok
+        self.line(end=True)
+
+    def line(self, end: bool = False) -> None:
+        elapsed = time.monotonic() - self.start
+        scale = elapsed / self.estimate_done if self.estimate_done > 60 else 1.0
+        now = "; ".join(label + it for label, (_, it) in self.running.items()) or "-"
+        failed = f", {self.failed} failed" if self.failed else ""
+        text = (f"[sweep {self.table}] {self.wave}: jobs {self.done}/{self.jobs}{failed} | cells "
+                f"{self.cells_done}/{self.cells_total} | running: {now} | {duration(elapsed)} elapsed, "
+                f"ETA {duration(max(0.0, self.estimate_left) * scale)}")
+        if self.tty:
+            sys.stdout.write("\r\033[K" + text + ("\n" if end and not self.running else ""))
+            sys.stdout.flush()
+        else:
+            self.log(text)
+
+
+_PROGRESS: dict[int, Progress] = {}  # Tune pickles its callbacks: they find the driver's Progress by key
+
+
+def _callback(progress: Progress):
+    from ray import tune
+    key = id(progress)
+    _PROGRESS[key] = progress
+
+    class ProgressCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            _PROGRESS[key].started(trial.config["job"])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            _PROGRESS[key].result(trial.config["job"], result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _PROGRESS[key].finished(trial.config["job"], True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _PROGRESS[key].finished(trial.config["job"], False)
+
+    return ProgressCallback()
+
+
+# ---- the sweep ------------------------------------------------------------------------------------
+
+@dataclass
+class Sweep:
+    plan: Plan
+    cluster: Cluster = field(default_factory=Cluster)
+    tracking_uri: str | None = None
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
+        self.experiment_id = self.tracker.experiment(self.plan.experiment.name)
+        self.hash = sweep_hash(self.plan)
+        self.trained = 0  # trainings this driver ran as trials (reused checkpoints included when unlogged)
+
+    def resources(self) -> tuple[int, int, float]:
+        """(trainings at once, evaluations at once, CPUs of an evaluation) from what the cluster has."""
+        import ray
+        total = ray.cluster_resources().get("CPU", 1.0)
+        workers = self.cluster.workers * self.cluster.cpus_per_worker
+        return (max(1, int(total // (workers + TRIAL_CPUS))), max(1, int(total // workers)), workers)
+
+    def run(self) -> Pending:
+        """Run what is left of the plan; returns what was left when it started."""
+        p, tracker = self.plan, self.tracker
+        todo = pending(p, tracker, self.experiment_id)
+        name = p.experiment.name
+        if todo.empty:
+            self.log(f"[sweep {name}] all {len(p.cells)} cells of preset {p.preset} are finished in MLflow "
+                     f"experiment {name}: nothing to run")
+            return todo
+        stale = tracker.mark_stale(self.experiment_id, {"ddps.sweep": self.hash})
+        if stale:
+            self.log(f"[sweep {name}] marked {stale} run(s) left RUNNING by an earlier driver as KILLED")
+        parent = self._parent()
+        jobs = sum(len(w) for w in todo.trainings) + len(todo.cells)
+        progress = Progress(name, jobs, len(p.cells), len(p.cells) - len(todo.cells), self.log)
+        for wave in todo.trainings:
+            for t, _ in wave:
+                progress.add(t.seconds)
+        for cell in todo.cells:
+            progress.add(cell.eval_seconds)
+        trainings_at_once, evals_at_once, eval_cpus = self.resources()
+        common = {"cluster": asdict(self.cluster), "tracking_uri": tracker.uri, "experiment": name,
+                  "parent": parent, "sweep": self.hash, "table": name, "eval_cpus": eval_cpus}
+        try:
+            for wave, trainings in enumerate(todo.trainings):
+                jobs_ = [{"kind": "train", "cfg": to_flat(cell.cfg), "index": wave, "seconds": t.seconds,
+                          "iters": t.iters, "label": f"{t.step} {t.hash[:8]} ({_label(cell)})"}
+                         for t, cell in trainings]
+                self._wave(WAVES[wave], jobs_, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
+                self.trained += len(jobs_)
+            jobs_ = [{"kind": "eval", "cfg": to_flat(c.cfg), "tags": cell_tags(p, c), "reliance": c.reliance,
+                      "seconds": c.eval_seconds, "label": _label(c)} for c in todo.cells]
+            resources = {"CPU": eval_cpus, **({"GPU": 1} if self.cluster.use_gpu else {})}
+            self._wave(WAVES[3], jobs_, common, resources, evals_at_once, progress)
+            tracker.end_run(parent, "FINISHED")
+        except BaseException:
+            tracker.end_run(parent, "FAILED")
+            raise
+        return todo
+
+    def _parent(self) -> str:
+        """The sweep's parent run: the one an earlier driver of the same sweep started, else a new one."""
+        p, tracker = self.plan, self.tracker
+        tags = {"ddps.step": "sweep", "ddps.sweep": self.hash}
+        runs = tracker.runs(self.experiment_id, tags)
+        if runs:
+            run_id = runs[0].info.run_id
+            tracker.set_status(run_id, "RUNNING")
+            return run_id
+        from ddps.orchestration.pipeline import run_tags
+        cfg = p.cells[0].cfg
+        run_id = tracker.start_run(self.experiment_id, f"sweep-{p.experiment.name}-{p.preset}-{self.hash[:8]}",
+                                   {**run_tags(cfg), **tags, "ddps.table": p.experiment.name,
+                                    "ddps.title": p.experiment.title, "ddps.cells": len(p.cells),
+                                    "ddps.rows": ",".join(p.experiment.rows),
+                                    "ddps.columns": ",".join(p.experiment.columns)})
+        tracker.log_params(run_id, {"sweep.experiment_file": str(p.experiment.path), "sweep.preset": p.preset,
+                                    "sweep.cells": len(p.cells), "sweep.trainings": len(p.trainings),
+                                    "sweep.naive_trainings": p.naive_trainings})
+        return run_id
+
+    def _wave(self, wave: str, jobs: list[dict], common: dict, resources: dict, at_once: int,
+              progress: Progress) -> None:
+        if not jobs:
+            return
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, which verbose=0 silences
+        import logging
+
+        from ray import tune
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)  # not a line per wave about its state files
+        progress.wave = f"{wave} ({len(jobs)})"
+        tuner = tune.Tuner(
+            tune.with_resources(_trial, resources),
+            param_space={"common": common, "job": tune.grid_search(jobs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=f"{common['table']}-{self.hash[:8]}-{wave.replace(' ', '-')}",
+                                      storage_path=str(cache_dir("ray") / "tune"), verbose=0,
+                                      callbacks=[_callback(progress)],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        results = tuner.fit()
+        errors = [(r.config["job"]["label"], r.error) for r in results if r.error]
+        if errors:
+            label, error = errors[0]
+            raise SweepError(f"{len(errors)} of {len(jobs)} {wave} failed; the first, {label}: "
+                             f"{_last_line(error)}")
+
+
+def _trial_name(trial) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", trial.config["job"]["label"])[:100] + f"_{trial.trial_id}"
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = None, log=print,
+               verbose: bool = False) -> list[Pending]:
+    """Each table in turn, on the cluster in RAY_ADDRESS or an in-process Ray with room for a trial
+    beside its workers."""
+    from ddps.orchestration.runtime import ensure_ray
+    sweeps = [Sweep(p, cluster, tracking_uri, log) for p in plans]  # every tracking check before compute
+    ensure_ray(cluster, extra_cpus=TRIAL_CPUS, log_to_driver=verbose)
+    if not verbose:
+        log("workers' output goes to Ray's logs (/tmp/ray/session_latest/logs; --verbose shows it here)")
+    return [s.run() for s in sweeps]

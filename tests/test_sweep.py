@@ -1,0 +1,77 @@
+"""Sweeps with real components: in-process Ray, Ray Tune trials starting Ray Train workers, MLflow on SQLite.
+
+A 2 x 2 smoke grid — one axis that needs training (the learning rate), one that does not (test steps):
+exactly the dry run's 2 trainings happen, 4 evaluation runs carry the right tags, and the same sweep run
+again trains and logs nothing.
+"""
+import pytest
+import yaml
+
+from ddps.engine import train_base
+from ddps.orchestration.plan import load_experiment, plan
+from ddps.orchestration.ray_train import Cluster
+from ddps.orchestration.sweep import Sweep
+from ddps.paths import cache_dir
+
+pytestmark = pytest.mark.slow
+
+GRID = {
+    "name": "smoke-grid", "title": "Smoke grid: learning rate x test steps",
+    "axes": [{"name": "lr", "key": "train.lr", "values": [0.001, 0.002]},
+             {"name": "test_steps", "key": "infer.steps", "values": [2, 5]}],
+    "rows": ["lr"], "columns": ["test_steps"],
+    "presets": {"smoke": {"train": {"stages": "multi-step"}, "data": {"val_scenes": 8}}},
+}
+
+
+def _runs(client, experiment_id):
+    return client.search_runs([experiment_id], max_results=1000)
+
+
+def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(ray_local, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(GRID))
+    p = plan(load_experiment(path), "smoke")
+    train_base.fit(p.cells[0].cfg)  # the shared base exists beforehand: the grid's trainings are the refiners
+    planned = [t.path for t in p.to_train]  # what the dry run prints as 'to train'
+    assert [t.step for t in p.to_train] == ["multistep", "multistep"]
+    before = set(cache_dir("checkpoints").glob("refiner-*.pt"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cluster = Cluster(workers=2, cpus_per_worker=0.5, checkpoint_every=3)
+    lines: list[str] = []
+    sweep = Sweep(p, cluster, uri, log=lines.append)
+    sweep.run()
+
+    trained = set(cache_dir("checkpoints").glob("refiner-*.pt")) - before
+    assert trained == set(planned) and len(trained) == 2  # exactly the dry run's trainings
+    client = sweep.tracker.client
+    runs = _runs(client, sweep.experiment_id)
+    by_step: dict[str, list] = {}
+    for run in runs:
+        by_step.setdefault(run.data.tags["ddps.step"], []).append(run)
+    assert len(by_step["sweep"]) == 1 and len(by_step["multistep"]) == 2 and len(by_step["eval"]) == 4
+    parent = by_step["sweep"][0]
+    assert parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs if r is not parent)
+    trainings = {r.data.tags["ddps.content_hash"]: r.info.run_id for r in by_step["multistep"]}
+    cells = set()
+    for run in by_step["eval"]:
+        tags = run.data.tags
+        cell = next(c for c in p.cells if c.eval_hash == tags["ddps.content_hash"])
+        assert tags["ddps.table"] == "smoke-grid"
+        assert tags["ddps.row"] == cell.coords["lr"] and tags["ddps.column"] == cell.coords["test_steps"]
+        assert tags["ddps.training_run"] == trainings[cell.chain[-1].hash]  # linked to its model's training
+        steps = client.get_metric_history(run.info.run_id, "mIoU")
+        assert [m.step for m in steps] == list(range(int(cell.coords["test_steps"]) + 1))  # 0 = the base
+        cells.add((tags["ddps.row"], tags["ddps.column"]))
+    assert cells == {("0.001", "2"), ("0.001", "5"), ("0.002", "2"), ("0.002", "5")}
+    assert sum("reliance_own" in r.data.metrics for r in by_step["eval"]) == 2  # once per trained model
+    assert any("cells 4/4" in line for line in lines)
+
+    mtimes = {f: f.stat().st_mtime for f in trained}
+    again = Sweep(p, cluster, uri, log=lines.append)
+    left = again.run()
+    assert left.empty and "nothing to run" in lines[-1]
+    assert len(_runs(client, sweep.experiment_id)) == len(runs)
+    assert {f: f.stat().st_mtime for f in trained} == mtimes
