@@ -26,7 +26,9 @@ from ddps.refiner.objective import Batch, refiner_loss  # noqa: E402
 from ddps.segmentors import create_base  # noqa: E402
 
 CLASSES, BATCH, CHANNELS = 11, 32, 128
-BASES = [("segformer", "mit_b0", 64), ("deeplabv3plus", "mobilenet_v2", 64), ("segformer", "mit_b1", 96)]
+BASES = [("segformer", "mit_b0", 64), ("deeplabv3plus", "mobilenet_v2", 64), ("deeplabv3plus", "resnet18", 64),
+         ("deeplabv3plus", "resnet50", 64), ("segformer", "mit_b1", 64), ("segformer", "mit_b0", 96),
+         ("segformer", "mit_b1", 96)]
 DENOISERS = [("XS", 64), ("XXS", 64), ("T", 64), ("S", 64), ("XS", 96)]
 
 

@@ -25,7 +25,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     """How trainings spread over Ray Train workers, and where MLflow is (pipeline and sweep)."""
     p.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers per training (default: 2)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); a sweep's evaluations get one too")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before a training fails")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "

@@ -112,3 +112,15 @@ def test_the_paper_preset_without_its_dataset_fails_at_once_saying_what_to_downl
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert "ade20k is not here" in err and "ADEChallengeData2016.zip" in err and "--data-root" in err
+
+
+def test_an_included_file_applies_its_presets_first_and_an_include_cycle_is_refused(tmp_path):
+    (tmp_path / "_shared.yaml").write_text(yaml.safe_dump({"presets": {"smoke": {"train": {"stage1_iters": 3,
+                                                                                           "stage2_iters": 5}}}}))
+    doc = {"include": "_shared.yaml", "axes": [{"name": "a", "key": "infer.steps", "values": [2]}], "rows": ["a"],
+           "presets": {"smoke": {"train": {"stage2_iters": 7}}}}
+    cfg = plan(load_experiment(_write(tmp_path, doc)), "smoke").cells[0].cfg
+    assert (cfg.train.stage1_iters, cfg.train.stage2_iters) == (3, 7)  # the file's own value wins
+    (tmp_path / "_shared.yaml").write_text(yaml.safe_dump({"include": "exp.yaml"}))
+    with pytest.raises(ConfigError, match="includes itself"):
+        plan(load_experiment(tmp_path / "exp.yaml"), "smoke")

@@ -122,10 +122,20 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def read_experiment(path: str | Path, preset: str) -> dict[str, Any]:
-    """The flat overrides of an experiment YAML's presets.<preset> (empty when it has none)."""
-    presets = read_experiment_file(path).get("presets") or {}
-    return flatten_nested(presets.get(preset) or {}, f"{path}: presets.{preset}")
+def read_experiment(path: str | Path, preset: str, _seen: tuple = ()) -> dict[str, Any]:
+    """The flat overrides of an experiment YAML's presets.<preset> (empty when it has none), after those of
+    the file it names as ``include:`` (a path relative to it: what several experiment files share)."""
+    path = Path(path)
+    doc = read_experiment_file(path)
+    flat: dict[str, Any] = {}
+    if doc.get("include"):
+        included = path.parent / str(doc["include"])
+        if included.resolve() in _seen:
+            raise ConfigError(f"{path}: include {doc['include']!r} includes itself")
+        flat.update(read_experiment(included, preset, _seen + (path.resolve(),)))
+    presets = doc.get("presets") or {}
+    flat.update(flatten_nested(presets.get(preset) or {}, f"{path}: presets.{preset}"))
+    return flat
 
 
 def resolve(preset: str = "cpu", experiment: str | Path | None = None,

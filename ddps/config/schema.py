@@ -69,7 +69,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class BaseConfig:
     arch: str = "segformer"        # segformer | deeplabv3plus
-    backbone: str = "mit_b0"       # mit_b0..mit_b5 | mobilenet_v2, resnet50, resnet101
+    backbone: str = "mit_b0"       # mit_b0..mit_b5 | mobilenet_v2, resnet18, resnet50, resnet101
     feature_channels: int = 256    # width of the feature map before the classifier (what DDPS conditions on)
     encoder_weights: str = ""      # '' = random init; else a local state-dict file for the encoder
 

@@ -8,7 +8,8 @@ HEADER = "| Method | Backbone | #P(M) | mIoU (ss/ms) | mBIoU |\n|---|---|---|---
 def backbone_name(backbone: str) -> str:
     if backbone.startswith("mit_"):
         return "MiT-" + backbone[4:].upper()
-    return {"mobilenet_v2": "MobileNetV2", "resnet50": "ResNet-50", "resnet101": "ResNet-101"}.get(backbone, backbone)
+    return {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
+            "resnet101": "ResNet-101"}.get(backbone, backbone)
 
 
 def result_row(arch: str, backbone: str, params: int, miou_ss: float, miou_ms: float | None, mbiou: float) -> str:

@@ -37,9 +37,16 @@ EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # w
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
            "!=": operator.ne}
 REQUIRE = re.compile(r"^\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*([\w.]+)\s*$")
-# images/s of this 2-core machine (README, 'Results'), for the dry run's estimate only
-RATE = {"base": 190.0, "stage1": 99.0, "stage2": 99.0, "multistep": 99.0, "head": 99.0}
+# For the dry run's estimate only, on this 2-core machine: images/s of the cpu preset's models on 2 Ray Train
+# workers (README), times the speed of other models relative to them (benchmarks/sweep_rates.py, 2 threads;
+# crops scale as (64 / crop) ** 1.5 there); unmeasured models count as the cpu preset's.
+RATE = {"base": 170.0, "stage1": 99.0, "stage2": 99.0, "multistep": 99.0, "head": 99.0}
+BASE_RATIO = {("deeplabv3plus", "mobilenet_v2"): 0.52, ("deeplabv3plus", "resnet18"): 0.58,
+              ("deeplabv3plus", "resnet50"): 0.26, ("segformer", "mit_b1"): 0.51}
+DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}
+START_S = 40.0  # starting and stopping a TorchTrainer (worker processes, imports, the feature cache)
 EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
+EVAL_START_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,11 @@ class Training:
     iters: int
     batch_size: int
     path: Path  # its content-addressed checkpoint: when it exists, the training is done
+    speed: float = 1.0  # relative to the cpu preset's model of this step (BASE_RATIO, DENOISER_RATIO)
 
     @property
     def seconds(self) -> float:
-        return self.iters * self.batch_size / RATE[self.step]
+        return START_S + self.iters * self.batch_size / (RATE[self.step] * self.speed)
 
 
 @dataclass
@@ -96,7 +104,8 @@ class Cell:
     def eval_seconds(self) -> float:
         cfg = self.cfg
         calls = 1 if cfg.denoiser.method == "head" else cfg.infer.steps * (3 if self.reliance else 1)
-        return self.images * calls / EVAL_CALLS_PER_S
+        calls *= 2 if cfg.infer.cfg_scale > 0 else 1  # guidance: a conditional and an unconditional call
+        return EVAL_START_S + self.images * calls / EVAL_CALLS_PER_S / _pixels(cfg)
 
 
 @dataclass
@@ -201,14 +210,14 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def experiment_files(folder: str | Path | None = None) -> list[Path]:
-    """Every experiment YAML of ``folder`` (default: experiments/ of the working directory, as under
+    """Every experiment YAML of ``folder`` but the shared parts they include (``_*.yaml``) (default: experiments/ of the working directory, as under
     ``ray job submit --working-dir .``, else of the checkout ddps runs from), in name order."""
     if folder is None:
         folder = Path.cwd() / "experiments"
         if not folder.is_dir():
             folder = Path(__file__).resolve().parents[2] / "experiments"
     folder = Path(folder)
-    files = sorted(folder.glob("*.yaml"))
+    files = sorted(f for f in folder.glob("*.yaml") if not f.name.startswith("_"))  # _*.yaml: shared parts
     if not files:
         raise ConfigError(f"no experiment files (*.yaml) in {folder}")
     return files
@@ -233,14 +242,21 @@ def _valid(flat: dict, require: tuple[str, ...]) -> bool:
     return True
 
 
+def _pixels(cfg: Config) -> float:
+    """How much slower than at the cpu preset's 64-pixel crops (measured: ~ the 1.5th power of the side)."""
+    return (cfg.data.crop / 64) ** 1.5
+
+
 def chain_of(cfg: Config) -> list[Training]:
     """The trainings one cell needs, each with its content hash: base, then the refiner's stages."""
     base_h = train_base.base_hash(cfg)
+    base_speed = BASE_RATIO.get((cfg.base.arch, cfg.base.backbone), 1.0) / _pixels(cfg)
     chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
-                      train_base.default_checkpoint(cfg))]
+                      train_base.default_checkpoint(cfg), base_speed)]
+    speed = DENOISER_RATIO.get(cfg.denoiser.size, 1.0) / _pixels(cfg)
     for stage in train_refiner.stages_of(cfg):
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
-                              cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h)))
+                              cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h), speed))
     return chain
 
 

@@ -215,7 +215,6 @@ class Sweep:
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
         self.experiment_id = self.tracker.experiment(self.plan.experiment.name)
         self.hash = sweep_hash(self.plan)
-        self.trained = 0  # trainings this driver ran as trials (reused checkpoints included when unlogged)
 
     def resources(self) -> tuple[int, int, float]:
         """(trainings at once, evaluations at once, CPUs of an evaluation) from what the cluster has."""
@@ -253,11 +252,10 @@ class Sweep:
                           "iters": t.iters, "label": f"{t.step} {t.hash[:8]} ({_label(cell)})"}
                          for t, cell in trainings]
                 self._wave(WAVES[wave], jobs_, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
-                self.trained += len(jobs_)
             jobs_ = [{"kind": "eval", "cfg": to_flat(c.cfg), "tags": cell_tags(p, c), "reliance": c.reliance,
                       "seconds": c.eval_seconds, "label": _label(c)} for c in todo.cells]
-            resources = {"CPU": eval_cpus, **({"GPU": 1} if self.cluster.use_gpu else {})}
-            self._wave(WAVES[3], jobs_, common, resources, evals_at_once, progress)
+            # evaluations run on their trial's CPU threads (the pipeline's evaluation is not GPU-aware yet)
+            self._wave(WAVES[3], jobs_, common, {"CPU": eval_cpus}, evals_at_once, progress)
             tracker.end_run(parent, "FINISHED")
         except BaseException:
             tracker.end_run(parent, "FAILED")
