@@ -274,3 +274,36 @@ def test_residual_denoiser_starts_at_the_base_and_learns_corrections():
                            rng=SampleRNG(0, torch.arange(8)), ignore_index=255)
     loss.backward()
     assert net.classifier.weight.grad.abs().sum() > 0  # the zero-initialised classifier is trained
+
+
+def test_the_multiscale_test_averages_scales_and_flips_and_an_untrained_residual_refiner_keeps_the_base():
+    """The 'ms' column of Tables 1, 2, 4: base and last step scored on probabilities averaged over rescaled
+    and mirrored copies; a residual refiner whose classifier is still zero predicts exactly the base there too."""
+    import numpy as np
+
+    from ddps.config import resolve
+    from ddps.data.datasets import ArrayDataset
+    from ddps.data.transforms import EvalTransform
+    from ddps.engine.evaluate_refiner import evaluate_refiner_multiscale
+    from ddps.refiner.build import build_denoiser, build_process
+    from ddps.segmentors import create_base
+    cfg = resolve("smoke", None, {"denoiser.residual": True, "eval.scales": [0.75, 1.0, 1.5], "eval.batch_size": 3,
+                                  "infer.steps": 2})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    masks = rng.integers(0, K, (5, 32, 32), dtype=np.uint8)
+    dataset = ArrayDataset("random", images, masks, [f"c{i}" for i in range(K)], 255, EvalTransform(cfg.data))
+    torch.manual_seed(0)
+    base = create_base("segformer", "mit_b0", K, feature_channels=C).freeze()
+    process = build_process(cfg, K)
+    result = evaluate_refiner_multiscale(build_denoiser(cfg, K, C, process), process, base, dataset, cfg)
+    assert result["last"] == result["base"]
+    single = evaluate_refiner_multiscale(build_denoiser(cfg, K, C, process), process, base, dataset,
+                                         resolve("smoke", None, {"denoiser.residual": True, "eval.scales": [1.0],
+                                                                 "eval.flip": False, "infer.steps": 2}))
+    assert single["base"]["mIoU"] != result["base"]["mIoU"]  # the copies do change the base's scores
+    plain = resolve("smoke", None, {"eval.scales": [0.75, 1.0], "infer.steps": 2})
+    torch.manual_seed(1)
+    other = evaluate_refiner_multiscale(build_denoiser(plain, K, C, build_process(plain, K)), build_process(plain, K),
+                                        base, dataset, plain)
+    assert other["last"]["mIoU"] != other["base"]["mIoU"]  # a refiner that is not the base scores otherwise

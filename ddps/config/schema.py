@@ -116,6 +116,7 @@ class EvalConfig:
     stride: int = 341
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # multi-scale test
     flip: bool = True              # flip in the multi-scale test
+    multiscale: bool = False       # refiner evaluations: also the multi-scale + flip test (Tables 1, 2, 4)
     batch_size: int = 32
     max_images: int = 0            # 0 = the whole val split
 

@@ -107,3 +107,52 @@ def trajectory_examples(denoiser, process, base, dataset, indices, cfg: Config, 
         out.append({"index": i, "image": rgb, "label": label, "base_probs": base_probs.cpu().numpy(),
                     "step_probs": [p.cpu().numpy() for p in step_probs]})
     return out
+
+
+def _scaled_size(x: torch.Tensor, scale: float, multiple: int) -> tuple[int, int]:
+    """(H, W) x scale, rounded to the multiple the denoiser's down-sampling needs (at least one multiple)."""
+    return tuple(max(multiple, int(round(side * scale / multiple)) * multiple) for side in x.shape[-2:])
+
+
+@torch.no_grad()
+def evaluate_refiner_multiscale(denoiser, process, base, dataset, cfg: Config, *, head: bool = False,
+                                device="cpu") -> dict:
+    """The multi-scale + flip test of base and refiner (the 'ms' column of Tables 1, 2 and 4): at each of
+    ``eval.scales`` (and its mirror image when ``eval.flip``) the base runs and the refiner refines from its
+    features; the class probabilities of the base and of the last step are averaged over the copies at the
+    label resolution, then scored. {'base': scores, 'last': scores} (SegMetrics.compute() dicts)."""
+    import torch.nn.functional as F
+
+    from ddps.engine.evaluate import eval_loader
+    from ddps.engine.features import base_batch
+    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    multiple = 4 * cfg.denoiser.mask_scale  # the UNet halves the mask twice
+    generator = torch.Generator().manual_seed(cfg.infer.seed)
+    scores = {"base": SegMetrics(dataset.num_classes, dataset.ignore_index),
+              "last": SegMetrics(dataset.num_classes, dataset.ignore_index)}
+    was_training = denoiser.training
+    denoiser.eval()
+    for batch in (b for batches in eval_loader(dataset, cfg.eval) for b in batches):
+        x, label = batch["image"].to(device), batch["mask"].to(device)
+        size = label.shape[-2:]
+        probs = {"base": 0.0, "last": 0.0}
+        copies = 0
+        for scale in cfg.eval.scales:
+            xs = F.interpolate(x, size=_scaled_size(x, scale, multiple), mode="bilinear", align_corners=False)
+            for flipped in ((False, True) if cfg.eval.flip else (False,)):
+                xi = xs.flip(-1) if flipped else xs
+                b = conditioning(base_batch(base, xi, None, codec), cfg.denoiser.residual)
+                if head:
+                    last = denoiser(b.features)
+                else:
+                    last = refine(denoiser, process, b.features, cfg.infer.steps, cfg.infer.renoise,
+                                  cfg.infer.cfg_scale, generator).logits[-1]
+                for name, logits in (("base", b.base_logits), ("last", last)):
+                    logits = logits.flip(-1) if flipped else logits
+                    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+                    probs[name] = probs[name] + logits.softmax(1)
+                copies += 1
+        for name in scores:
+            scores[name].update((probs[name] / copies).argmax(1), label)
+    denoiser.train(was_training)
+    return {name: m.compute() for name, m in scores.items()}

@@ -172,10 +172,18 @@ class Pipeline:
             if "reliance" in result:
                 r = result["reliance"]
                 self.tracker.log_metrics(run_id, {f"reliance_{k}": r[k] for k in ("own", "oracle", "random")}, 0)
+            multiscale = {}
+            if cfg.eval.multiscale:  # base at step 0, the refiner's last step at step K, as the ss history
+                from ddps.engine.evaluate_refiner import evaluate_refiner_multiscale
+                ms = evaluate_refiner_multiscale(denoiser, process, base, val, cfg, head=head)
+                for k, name in ((0, "base"), (len(result["steps"]), "last")):
+                    self.tracker.log_metrics(run_id, {"ms_mIoU": ms[name]["mIoU"], "ms_mBIoU": ms[name]["mBIoU"]}, k)
+                multiscale = {"base_ms_mIoU": ms["base"]["mIoU"], "last_ms_mIoU": ms["last"]["mIoU"]}
             summary = {"base_mIoU": result["initial"]["mIoU"], "base_mBIoU": result["initial"]["mBIoU"],
                        "step1_mIoU": result["steps"][0]["mIoU"], "step1_mBIoU": result["steps"][0]["mBIoU"],
                        "last_mIoU": result["steps"][-1]["mIoU"], "last_mBIoU": result["steps"][-1]["mBIoU"],
-                       "steps": len(result["steps"]), **{f"reliance_{k}": v for k, v in result.get("reliance", {}).items()}}
+                       "steps": len(result["steps"]), **multiscale,
+                       **{f"reliance_{k}": v for k, v in result.get("reliance", {}).items()}}
             self.tracker.set_tags(run_id, {"ddps.summary": json.dumps(summary)})
             with tempfile.TemporaryDirectory() as folder:
                 folder = Path(folder)

@@ -47,6 +47,7 @@ DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}
 START_S = 40.0  # starting and stopping a TorchTrainer (worker processes, imports, the feature cache)
 EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
 EVAL_START_S = 20.0
+ESTIMATED_PRESETS = ("smoke", "cpu")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class Cell:
     def eval_seconds(self) -> float:
         cfg = self.cfg
         calls = 1 if cfg.denoiser.method == "head" else cfg.infer.steps * (3 if self.reliance else 1)
+        if cfg.eval.multiscale:  # every scale (and its mirror image) refined once more
+            calls += (1 if cfg.denoiser.method == "head" else cfg.infer.steps) * len(cfg.eval.scales) * (
+                2 if cfg.eval.flip else 1)
         calls *= 2 if cfg.infer.cfg_scale > 0 else 1  # guidance: a conditional and an unconditional call
         return EVAL_START_S + self.images * calls / EVAL_CALLS_PER_S / _pixels(cfg)
 
@@ -305,27 +309,39 @@ def _choose_reliance_cells(cells: list[Cell], common: Config) -> None:
 
 
 def describe(plans: list[Plan]) -> str:
-    """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, estimated time."""
+    """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, and the estimated
+    time alone (every training it needs that is not trained yet) and in this order (after the tables above
+    it have trained what they share with it)."""
     lines = ["| experiment | preset | cells | trainings planned | naive | planned / naive | already trained | "
-             "evaluations | estimated time (this machine) |", "|---|---|---|---|---|---|---|---|---|"]
+             "evaluations | estimated time alone | in this order |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def estimate(seconds: float, preset: str) -> str:  # the rates are this machine's, for its presets only
+        return duration(seconds) if preset in ESTIMATED_PRESETS else "-"
+    earlier: set[str] = set()
+    total = 0.0
     for p in plans:
         steps = {}
         for t in p.trainings:
             steps[t.step] = steps.get(t.step, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in steps.items())
+        evals = sum({c.eval_hash: c.eval_seconds for c in p.cells}.values())
+        in_order = evals + sum(t.seconds for t in p.to_train if t.hash not in earlier)
+        earlier |= {t.hash for t in p.trainings}
+        total += in_order
         lines.append(f"| {p.experiment.name} | {p.preset} | {len(p.cells)} | {len(p.trainings)} ({detail}) | "
                      f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.1%} | "
                      f"{len(p.trainings) - len(p.to_train)} | {p.evaluations} | "
-                     f"{duration(p.estimated_seconds)} |")
+                     f"{estimate(p.estimated_seconds, p.preset)} | {estimate(in_order, p.preset)} |")
     if len(plans) > 1:
         unique = {t.hash: t for p in plans for t in p.trainings}
         naive = sum(p.naive_trainings for p in plans)
-        seconds = sum(t.seconds for t in unique.values() if not t.path.exists())
-        seconds += sum(c.eval_seconds for p in plans for c in {c.eval_hash: c for c in p.cells}.values())
         done = sum(t.path.exists() for t in unique.values())
         lines.append(f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} | "
-                     f"{len(unique) / naive:.1%} | {done} | {sum(p.evaluations for p in plans)} | "
-                     f"{duration(seconds)} |")
+                     f"{len(unique) / naive:.1%} | {done} | {sum(p.evaluations for p in plans)} | | "
+                     f"{estimate(total, plans[0].preset)} |")
+    if plans and plans[0].preset not in ESTIMATED_PRESETS:
+        lines.append(f"\n(no time estimate for preset {plans[0].preset}: the rates are measured on this machine "
+                     f"for {', '.join(ESTIMATED_PRESETS)})")
     return "\n".join(lines)
 
 
