@@ -154,8 +154,8 @@ def cmd_sweep(args) -> int:
                 print(f"  {t.step:<9} {t.hash[:12]}  {t.iters} it x {t.batch_size}  {state}")
         return 0
     for p in plans:  # a dataset read in place must be there before any compute
-        for cfg in {c.cfg.data: c.cfg for c in p.cells}.values():
-            check_dataset(cfg.data)
+        for data in {c.cfg.data for c in p.cells}:
+            check_dataset(data)
     from ddps.orchestration.sweep import run_sweeps
     run_sweeps(plans, _cluster(args), args.tracking_uri, verbose=args.verbose)
     print("MLflow: one experiment per table; browse with ddps ui, then open http://127.0.0.1:5000")

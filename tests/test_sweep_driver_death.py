@@ -47,7 +47,10 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
     deadline = time.monotonic() + 900
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            runs = _runs(db) if db.exists() else []
+            try:
+                runs = _runs(db) if db.exists() else []
+            except Exception:  # the driver is still creating the store (MLflow migrates a new SQLite file)
+                runs = []
             if any(r.data.tags.get("ddps.step") == "eval" and r.info.status == "FINISHED" for r in runs):
                 break
             time.sleep(1)

@@ -283,7 +283,8 @@ def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> 
     """Resolve every cell's config (preset <- experiment preset <- overrides <- the cell's values); cells that
     break a ``require`` rule are listed as invalid, not resolved (the config would refuse them)."""
     shared = {**read_experiment(experiment.path, preset), **(overrides or {})}  # the file is read once
-    common = to_flat(resolve(preset, None, shared))
+    defaults = resolve(preset, None, shared)  # the experiment's config before any cell's values
+    common = to_flat(defaults)
     cells, invalid = [], []
     for coords, cell_overrides in cells_of(experiment, preset):
         if not _valid({**common, **cell_overrides}, experiment.require):
@@ -292,7 +293,7 @@ def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> 
         cfg = resolve(preset, None, {**shared, **cell_overrides})
         chain = chain_of(cfg)
         cells.append(Cell(coords, cfg, chain, eval_hash(cfg, chain)))
-    _choose_reliance_cells(cells, resolve(preset, None, shared))
+    _choose_reliance_cells(cells, defaults)
     return Plan(experiment, preset, cells, invalid)
 
 

@@ -56,6 +56,14 @@ def loggable_params(flat: dict) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in flat.items() if not SECRET.search(k)}
 
 
+def _filter(tags: dict, status: str | None = None) -> str:
+    """An MLflow search filter: every tag equal to its value (and the run in this status)."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    return " and ".join(clauses)
+
+
 class Tracker:
     """Runs of one tracking store: experiments, parent and nested runs, params, metrics, artifacts."""
 
@@ -89,18 +97,14 @@ class Tracker:
 
     def find_run(self, experiment_id: str | list[str], tags: dict, status: str | None = "FINISHED") -> str | None:
         """The newest run with all these tags (and this status) in this experiment (or these), else None."""
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        if status:
-            clauses.append(f"attributes.status = '{status}'")
         ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
-        runs = self.client.search_runs(ids, " and ".join(clauses), max_results=1,
+        runs = self.client.search_runs(ids, _filter(tags, status), max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
     def runs(self, experiment_id: str, tags: dict) -> list:
         """Every run of this experiment with these tags (any status)."""
-        clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        return self.client.search_runs([experiment_id], clauses, max_results=10000)
+        return self.client.search_runs([experiment_id], _filter(tags), max_results=10000)
 
     def set_status(self, run_id: str, status: str) -> None:
         self.client.update_run(run_id, status=status)
@@ -110,8 +114,7 @@ class Tracker:
 
     def mark_stale(self, experiment_id: str, tags: dict, status: str = "KILLED") -> int:
         """Runs with these tags left RUNNING by a driver that died: marked KILLED. Returns how many."""
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"]
-        stale = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1000)
+        stale = self.client.search_runs([experiment_id], _filter(tags, "RUNNING"), max_results=1000)
         for run in stale:
             self.client.set_terminated(run.info.run_id, status)
         return len(stale)
