@@ -38,6 +38,10 @@ PRESETS: dict[str, dict] = {
         "train.stage1_iters": 600, "train.stage2_iters": 1500, "train.batch_size": 32, "train.lr": 1e-3,
         "train.warmup_iters": 100, "train.halve_every": 750, "train.eval_every": 1500, "train.log_every": 100,
         "train.flip": False,
+        # EMA over the schedule's own length: the paper's 0.99 every 25 iterations makes only 60 updates in
+        # 1,500 iterations (55 % of the average is still stage 1). Holdout, last step: 0.99/25 64.08 mIoU
+        # 42.90 mBIoU; 0.995 every iteration 64.38 / 43.61; raw weights 64.40 / 43.56.
+        "train.ema_every": 1, "train.ema_decay": 0.995,
     },
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
