@@ -121,15 +121,24 @@ def cmd_pipeline(args) -> int:
 
 
 def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
-    """The pipeline on the cluster in RAY_ADDRESS, else on an in-process Ray; prints its table."""
+    """The pipeline on the cluster in RAY_ADDRESS, else on an in-process Ray; writes its report (from
+    MLflow, as ``ddps report`` does) and prints its table."""
     from ddps.orchestration.pipeline import Pipeline
+    from ddps.orchestration.plan import chain_of, eval_hash
     from ddps.orchestration.runtime import ensure_ray
+    from ddps.paths import cache_dir
+    from ddps.report.write import write_report
     pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
     ensure_ray(cluster)
     summary = pipeline.run()
-    print(summary_table(summary, cfg))
-    print(f"MLflow: {pipeline.tracker.uri} (experiment {pipeline.experiment_name}); to browse it: "
-          f"ddps ui, then open http://127.0.0.1:5000")
+    name = pipeline.experiment_name
+    out = cache_dir("reports") / name
+    write_report(pipeline.tracker, [name], out, evaluations={eval_hash(cfg, chain_of(cfg))}, parquet=False,
+                 log=lambda line: None)
+    print((out / f"{name}.md").read_text().split("\n", 4)[-1].rstrip())  # the table, below title and header
+    print(f"report: {out}/{name}.md (figures in {out}/figures)")
+    print(f"MLflow: {pipeline.tracker.uri} (experiment {name}); to browse it: ddps ui, then open "
+          f"http://127.0.0.1:5000")
     return summary
 
 
@@ -162,15 +171,22 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def summary_table(summary: dict, cfg) -> str:
-    rows = ["| | mIoU | mBIoU |", "|---|---|---|",
-            f"| base ({cfg.base.arch}-{cfg.base.backbone}) | {summary['base_mIoU']:.2f} | {summary['base_mBIoU']:.2f} |",
-            f"| step 1 | {summary['step1_mIoU']:.2f} | {summary['step1_mBIoU']:.2f} |",
-            f"| step {summary['steps']} (last) | {summary['last_mIoU']:.2f} | {summary['last_mBIoU']:.2f} |"]
-    if "reliance_oracle" in summary:
-        rows.append(f"\nmask reliance (mIoU): own {summary['reliance_own']:.2f} | oracle "
-                    f"{summary['reliance_oracle']:.2f} | random {summary['reliance_random']:.2f}")
-    return "\n".join(rows)
+def cmd_report(args) -> int:
+    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri
+    from ddps.report.write import ReportError, write_report
+    if args.all == bool(args.experiments):
+        raise ReportError("give --experiment NAME (repeatable) or --all, not both and not neither")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ReportError(f"no MLflow store at {uri[len('sqlite:///'):]}; run a sweep or `make demo` first, "
+                          f"or give --tracking-uri")
+    written = write_report(Tracker(uri), None if args.all else args.experiments, args.out,
+                           with_figures=not args.no_figures, log_figures=not args.no_log,
+                           parquet=not args.no_parquet)
+    if len(written.tables) == 1:
+        print(next(p for p in written.files if p.suffix == ".md").read_text().rstrip())
+    print(f"report: {Path(args.out) / 'index.md'}")
+    return 0
 
 
 def cmd_ui(args) -> int:
@@ -262,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(sw)
     sw.add_argument("--verbose", action="store_true", help="show the workers' output (Ray Train, Tune) here too")
     sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="Markdown tables, findings and figures from the MLflow runs (no torch)")
+    rp.add_argument("--experiment", dest="experiments", action="append", default=[], metavar="NAME",
+                    help="an MLflow experiment: a table (table3e, ...) or a pipeline's (repeatable)")
+    rp.add_argument("--all", action="store_true", help="every experiment with a FINISHED evaluation run")
+    rp.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite "
+                                           "in $DDPS_HOME)")
+    rp.add_argument("--no-figures", action="store_true", help="Markdown only")
+    rp.add_argument("--no-log", action="store_true", help="do not log the figures to the tables' parent runs")
+    rp.add_argument("--no-parquet", action="store_true", help="no parquet export of the runs")
+    rp.set_defaults(func=cmd_report)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the embedded store, on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")

@@ -4,6 +4,8 @@ A 2 x 2 smoke grid — one axis that needs training (the learning rate), one tha
 exactly the dry run's 2 trainings happen, 4 evaluation runs carry the right tags, and the same sweep run
 again trains and logs nothing.
 """
+import json
+
 import pytest
 import yaml
 
@@ -52,6 +54,7 @@ def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(r
     assert len(by_step["sweep"]) == 1 and len(by_step["multistep"]) == 2 and len(by_step["eval"]) == 4
     parent = by_step["sweep"][0]
     assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.tags["ddps.order"]) == {"lr": ["0.001", "0.002"], "test_steps": ["2", "5"]}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs if r is not parent)
     trainings = {r.data.tags["ddps.content_hash"]: r.info.run_id for r in by_step["multistep"]}
@@ -64,10 +67,23 @@ def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(r
         assert tags["ddps.training_run"] == trainings[cell.chain[-1].hash]  # linked to its model's training
         steps = client.get_metric_history(run.info.run_id, "mIoU")
         assert [m.step for m in steps] == list(range(int(cell.coords["test_steps"]) + 1))  # 0 = the base
+        assert run.data.metrics["params_denoiser_M"] > 0 and run.data.metrics["params_base_M"] > 0  # #P(M)
         cells.add((tags["ddps.row"], tags["ddps.column"]))
     assert cells == {("0.001", "2"), ("0.001", "5"), ("0.002", "2"), ("0.002", "5")}
     assert sum("reliance_own" in r.data.metrics for r in by_step["eval"]) == 2  # once per trained model
     assert any("cells 4/4" in line for line in lines)
+
+    # ... and into a report (ddps report reads these runs back): the lr x test-steps matrix of last-step mIoU
+    from ddps.report.write import write_report
+    write_report(sweep.tracker, ["smoke-grid"], tmp_path / "reports", log=lambda _: None)
+    table = (tmp_path / "reports" / "smoke-grid.md").read_text().splitlines()
+    assert "| lr \\ test_steps | 2 | 5 |" in table
+    for run in by_step["eval"]:
+        s, tags = json.loads(run.data.tags["ddps.summary"]), run.data.tags
+        row = next(line for line in table if line.startswith(f"| {tags['ddps.row']} |"))
+        value = [x.strip() for x in row.strip("|").split("|")][1 + ["2", "5"].index(tags["ddps.column"])]
+        assert value == f"{s['last_mIoU']:.2f} ({s['last_mIoU'] - s['base_mIoU']:+.2f})"
+    assert (tmp_path / "reports" / "figures" / "smoke-grid-steps.png").exists()
 
     mtimes = {f: f.stat().st_mtime for f in trained}
     again = Sweep(p, cluster, uri, log=lines.append)
@@ -75,3 +91,28 @@ def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(r
     assert left.empty and "nothing to run" in lines[-1]
     assert len(_runs(client, sweep.experiment_id)) == len(runs)
     assert {f: f.stat().st_mtime for f in trained} == mtimes
+
+
+def test_the_progress_eta_scales_what_is_left_by_how_the_estimate_held(monkeypatch):
+    """Estimates 600 s + 600 s; the first job takes 1,200 s (2x its estimate): 1,200 s left. Halfway
+    through the second, 600 s. A job that took no time (a reused checkpoint) does not zero the ETA."""
+    from ddps.orchestration import sweep
+    clock = [0.0]
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
+    lines = []
+    progress = sweep.Progress("t", jobs=3, cells_total=1, cells_done=0, log=lines.append)
+    first, second = ({"label": n, "kind": "train", "seconds": 600.0, "iters": 100} for n in "ab")
+    reused = {"label": "r", "kind": "train", "seconds": sweep.START_S, "iters": 10}
+    for job in (reused, first, second):
+        progress.add(job["seconds"])
+    progress.started(reused)
+    progress.finished(reused, True)
+    assert lines[-1].endswith("0 min elapsed, ETA 20 min")  # 1,200 s of estimate, no measured scale yet
+    progress.started(first)
+    clock[0] = 1200.0
+    progress.finished(first, True)
+    assert lines[-1].endswith("20 min elapsed, ETA 19 min")  # 600 s x (1,200 / 640)
+    progress.started(second)
+    clock[0] = 1800.0
+    progress.result(second, {"iter": 50})
+    assert "running: b it 50/100" in lines[-1] and lines[-1].endswith("30 min elapsed, ETA 10 min")

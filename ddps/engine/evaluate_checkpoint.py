@@ -78,10 +78,11 @@ def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = 
 
 
 def refiner_report(result: dict, cfg, base, denoiser, all_steps: bool = False) -> str:
+    from ddps.denoiser import count_params
     from ddps.engine.rows import ARCH_NAMES, backbone_name
     initial, first, last = result["initial"], result["steps"][0], result["steps"][-1]
     method = "UNet head" if cfg.denoiser.method == "head" else f"DDPS ({len(result['steps'])} steps)"
-    params = (base.num_params() + sum(p.numel() for p in denoiser.parameters())) / 1e6
+    params = (base.num_params() + count_params(denoiser)) / 1e6
     row = (f"| {method} | {ARCH_NAMES.get(base.spec.arch, base.spec.arch)} {backbone_name(base.spec.backbone)} | "
            f"UNet-{cfg.denoiser.size} | {params:.2f} | {initial['mIoU']:.2f} / {first['mIoU']:.2f} / "
            f"{last['mIoU']:.2f} | {initial['mBIoU']:.2f} / {first['mBIoU']:.2f} / {last['mBIoU']:.2f} |")

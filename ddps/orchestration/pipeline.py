@@ -142,6 +142,7 @@ class Pipeline:
         from ddps.engine.evaluate_refiner import evaluate_refiner, trajectory_examples
         from ddps.engine.features import compute_cache
         from ddps.engine.refine_images import palette, strip
+        from ddps.denoiser import count_params
         from ddps.refiner.build import build_codec
         from ddps.refiner.checkpoint import load_refiner
         key = {"ddps.step": "eval", "ddps.content_hash": digest}
@@ -159,6 +160,8 @@ class Pipeline:
         try:
             self.tracker.log_params(run_id, to_flat(cfg))
             denoiser, process, base, payload = load_refiner(refiner_path, use_ema=cfg.infer.ema)
+            self.tracker.log_metrics(run_id, {"params_base_M": base.num_params() / 1e6,  # the tables' #P(M)
+                                              "params_denoiser_M": count_params(denoiser) / 1e6}, step=0)
             val = evaluation_split(cfg, "val")
             cache = compute_cache(base, val, build_codec(cfg))
             head = cfg.denoiser.method == "head"

@@ -33,7 +33,7 @@ from typing import Callable
 
 from ddps.config import from_flat, to_flat
 from ddps.errors import DDPSError
-from ddps.orchestration.plan import Cell, Plan, Training, duration, chain_of, eval_hash
+from ddps.orchestration.plan import START_S, Cell, Plan, Training, duration, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker
 from ddps.paths import cache_dir
@@ -60,6 +60,16 @@ def cell_tags(p: Plan, cell: Cell) -> dict[str, str]:
             "ddps.column": " / ".join(cell.coords[a] for a in exp.columns),
             "ddps.cell": ", ".join(f"{k}={v}" for k, v in cell.coords.items()),
             **{f"axis.{k}": v for k, v in cell.coords.items()}}
+
+
+def axis_order(p: Plan) -> dict[str, list[str]]:
+    """Each axis's labels in the experiment file's order (the report prints rows and columns so)."""
+    order: dict[str, list[str]] = {}
+    for cell in p.cells:
+        for axis, label in cell.coords.items():
+            if label not in order.setdefault(axis, []):
+                order[axis].append(label)
+    return order
 
 
 def _label(cell: Cell) -> str:
@@ -137,7 +147,7 @@ class Progress:
         self.log, self.done, self.failed = log, 0, 0
         self.estimate_left = 0.0
         self.estimate_done = 0.0
-        self.running: dict[str, list] = {}  # label -> [estimated seconds, iteration text]
+        self.running: dict[str, list] = {}  # label -> [estimated seconds, iteration text, fraction done]
         self.start = time.monotonic()
         self.wave = ""
         self.tty = log is print and sys.stdout.isatty()
@@ -146,12 +156,14 @@ class Progress:
         self.estimate_left += seconds
 
     def started(self, job: dict) -> None:
-        self.running[job["label"]] = [job["seconds"], ""]
+        self.running[job["label"]] = [job["seconds"], "", 0.0]
         self.line()
 
     def result(self, job: dict, result: dict) -> None:
         if "iter" in result and job["label"] in self.running:
             self.running[job["label"]][1] = f" it {result['iter']}/{job.get('iters', '?')}"
+            if job.get("iters"):
+                self.running[job["label"]][2] = min(1.0, result["iter"] / job["iters"])
             self.line()
 
     def finished(self, job: dict, ok: bool) -> None:
@@ -165,12 +177,16 @@ class Progress:
 
     def line(self, end: bool = False) -> None:
         elapsed = time.monotonic() - self.start
-        scale = elapsed / self.estimate_done if self.estimate_done > 60 else 1.0
-        now = "; ".join(label + it for label, (_, it) in self.running.items()) or "-"
+        # how the estimate held so far: elapsed against the estimate of what finished, running jobs counted
+        # by the fraction of their iterations done
+        done = self.estimate_done + sum(seconds * fraction for seconds, _, fraction in self.running.values())
+        left = self.estimate_left - sum(seconds * fraction for seconds, _, fraction in self.running.values())
+        scale = elapsed / done if done > 60 else 1.0
+        now = "; ".join(label + it for label, (_, it, _) in self.running.items()) or "-"
         failed = f", {self.failed} failed" if self.failed else ""
         text = (f"[sweep {self.table}] {self.wave}: jobs {self.done}/{self.jobs}{failed} | cells "
                 f"{self.cells_done}/{self.cells_total} | running: {now} | {duration(elapsed)} elapsed, "
-                f"ETA {duration(max(0.0, self.estimate_left) * scale)}")
+                f"ETA {duration(max(0.0, left) * scale)}")
         if self.tty:
             sys.stdout.write("\r\033[K" + text + ("\n" if end and not self.running else ""))
             sys.stdout.flush()
@@ -240,7 +256,7 @@ class Sweep:
         progress = Progress(name, jobs, len(p.cells), len(p.cells) - len(todo.cells), self.log)
         for wave in todo.trainings:
             for t, _ in wave:
-                progress.add(t.seconds)
+                progress.add(_seconds(t))
         for cell in todo.cells:
             progress.add(cell.eval_seconds)
         trainings_at_once, evals_at_once, eval_cpus = self.resources()
@@ -248,7 +264,7 @@ class Sweep:
                   "parent": parent, "sweep": self.hash, "table": name, "eval_cpus": eval_cpus}
         try:
             for wave, trainings in enumerate(todo.trainings):
-                jobs_ = [{"kind": "train", "cfg": to_flat(cell.cfg), "index": wave, "seconds": t.seconds,
+                jobs_ = [{"kind": "train", "cfg": to_flat(cell.cfg), "index": wave, "seconds": _seconds(t),
                           "iters": t.iters, "label": f"{t.step} {t.hash[:8]} ({_label(cell)})"}
                          for t, cell in trainings]
                 self._wave(WAVES[wave], jobs_, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
@@ -266,10 +282,12 @@ class Sweep:
         """The sweep's parent run: the one an earlier driver of the same sweep started, else a new one."""
         p, tracker = self.plan, self.tracker
         tags = {"ddps.step": "sweep", "ddps.sweep": self.hash}
+        order = {"ddps.order": json.dumps(axis_order(p))}  # the printed table's row and column order
         runs = tracker.runs(self.experiment_id, tags)
         if runs:
             run_id = runs[0].info.run_id
             tracker.set_status(run_id, "RUNNING")
+            tracker.set_tags(run_id, order)
             return run_id
         from ddps.orchestration.pipeline import run_tags
         cfg = p.cells[0].cfg
@@ -277,7 +295,7 @@ class Sweep:
                                    {**run_tags(cfg), **tags, "ddps.table": p.experiment.name,
                                     "ddps.title": p.experiment.title, "ddps.cells": len(p.cells),
                                     "ddps.rows": ",".join(p.experiment.rows),
-                                    "ddps.columns": ",".join(p.experiment.columns)})
+                                    "ddps.columns": ",".join(p.experiment.columns), **order})
         tracker.log_params(run_id, {"sweep.experiment_file": str(p.experiment.path), "sweep.preset": p.preset,
                                     "sweep.cells": len(p.cells), "sweep.trainings": len(p.trainings),
                                     "sweep.naive_trainings": p.naive_trainings})
@@ -309,6 +327,11 @@ class Sweep:
             label, error = errors[0]
             raise SweepError(f"{len(errors)} of {len(jobs)} {wave} failed; the first, {label}: "
                              f"{_last_line(error)}")
+
+
+def _seconds(t: Training) -> float:
+    """A training's estimate; one whose checkpoint exists only needs its MLflow run (a start-up)."""
+    return START_S if t.path.exists() else t.seconds
 
 
 def _trial_name(trial) -> str:

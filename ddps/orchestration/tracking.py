@@ -106,6 +106,30 @@ class Tracker:
         """Every run of this experiment with these tags (any status)."""
         return self.client.search_runs([experiment_id], _filter(tags), max_results=10000)
 
+    def search(self, experiment_names: list[str], tags: dict | None = None, status: str | None = "FINISHED"):
+        """``mlflow.search_runs`` as a pandas DataFrame (columns run_id, status, start_time, metrics.*,
+        params.*, tags.*): every run of these experiments with these tags and status; empty if none."""
+        import mlflow
+        names = [n for n in experiment_names if self.client.get_experiment_by_name(n) is not None]
+        if not names:
+            import pandas as pd
+            return pd.DataFrame()
+        return mlflow.search_runs(experiment_names=names, filter_string=_filter(tags or {}, status),
+                                  max_results=100000, output_format="pandas")
+
+    def experiment_names(self) -> list[str]:
+        return sorted(e.name for e in self.client.search_experiments(max_results=1000))
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """A metric's (step, value) pairs, by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    def metric_keys(self, run_id: str) -> list[str]:
+        return sorted(self.client.get_run(run_id).data.metrics)
+
+    def list_artifacts(self, run_id: str, folder: str | None = None) -> list[str]:
+        return sorted(f.path for f in self.client.list_artifacts(run_id, folder))
+
     def set_status(self, run_id: str, status: str) -> None:
         self.client.update_run(run_id, status=status)
 

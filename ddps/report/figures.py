@@ -1,0 +1,124 @@
+"""The report's figures (matplotlib, PNG), drawn from what the evaluation runs logged to MLflow.
+
+- ``<table>-steps.png``: mIoU and mBIoU against the refinement step (0 = the base), one line per cell;
+- ``<table>-<cell>-classes.png``: per-class IoU change, DDPS's last step minus the base (the paper's Fig. 6);
+- ``<table>-<cell>-logits.png``: the base's against the refined log-probability of one class at every pixel
+  of a fixed val image (the paper's Fig. 5), from the run's ``probabilities.npz``;
+- ``<table>-<cell>-strip-<i>.png``: the run's refinement strips (image | ground truth | base | step 1 | ...),
+  copied from its ``strips/`` artifacts.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ddps.report.runs import Cell, Table
+
+STRIPS_PER_CELL = 2
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "cell"
+
+
+def cell_name(cell: Cell) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cell.coords.items())
+
+
+def steps_figure(tracker, table: Table, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for cell in table.sorted_cells():
+        for ax, metric in zip(axes, ("mIoU", "mBIoU")):
+            history = tracker.history(cell.run_id, metric)
+            ax.plot([s for s, _ in history], [v for _, v in history], marker=".", label=cell_name(cell))
+    for ax, metric in zip(axes, ("mIoU", "mBIoU")):
+        ax.set_xlabel("refinement step (0 = base segmentor)")
+        ax.set_ylabel(f"val {metric}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(table.title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def class_changes(tracker, cell: Cell) -> dict[str, float]:
+    """Per-class IoU, last step minus the base (step 0), from the run's IoU.<class> histories."""
+    keys = sorted(k for k in tracker.metric_keys(cell.run_id) if k.startswith("IoU."))
+    out = {}
+    for key in keys:
+        history = tracker.history(cell.run_id, key)
+        if history:
+            out[key[len("IoU."):]] = history[-1][1] - history[0][1]
+    return out
+
+
+def classes_figure(tracker, table: Table, cell: Cell, path: Path) -> Path:
+    plt = _plt()
+    changes = class_changes(tracker, cell)
+    names = sorted(changes, key=lambda n: changes[n])
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(names) + 1.2))
+    ax.barh(names, [changes[n] for n in names], color=["tab:red" if changes[n] < 0 else "tab:green" for n in names])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"IoU, DDPS step {cell.steps} − base (points)")
+    ax.set_title(f"{table.name}: {cell_name(cell)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def logits_figure(npz: Path, table: Table, cell: Cell, path: Path) -> Path:
+    """log p(class c) of the base against the last step's, every pixel of the image; c = the most frequent
+    labelled class that is not class 0 (the background)."""
+    plt = _plt()
+    data = np.load(npz)
+    label, base, last = data["label"], data["base"].astype(np.float32), data["steps"][-1].astype(np.float32)
+    classes = base.shape[0]
+    counts = np.bincount(label[label < classes].ravel(), minlength=classes)
+    counts[0] = 0
+    c = int(counts.argmax())
+    x = np.log(np.clip(base[c], 1e-4, 1)).ravel()
+    y = np.log(np.clip(last[c], 1e-4, 1)).ravel()
+    inside = (label == c).ravel()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(x[~inside], y[~inside], s=3, alpha=0.4, label=f"other pixels ({(~inside).sum()})")
+    ax.scatter(x[inside], y[inside], s=3, alpha=0.6, label=f"pixels of class {c} ({inside.sum()})")
+    ax.plot([-9.3, 0], [-9.3, 0], color="black", lw=0.8)
+    ax.set_xlabel(f"base: log p(class {c})")
+    ax.set_ylabel(f"DDPS step {cell.steps}: log p(class {c})")
+    ax.set_title(f"{table.name}: {cell_name(cell)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cell_figures(tracker, table: Table, cell: Cell, folder: Path) -> list[Path]:
+    """Class changes, logits and strips of one cell."""
+    stem = f"{table.name}-{slug(cell_name(cell))}"
+    paths = [classes_figure(tracker, table, cell, folder / f"{stem}-classes.png")]
+    artifacts = tracker.list_artifacts(cell.run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "probabilities.npz" in artifacts:
+            npz = tracker.download(f"runs:/{cell.run_id}/probabilities.npz", tmp)
+            paths.append(logits_figure(npz, table, cell, folder / f"{stem}-logits.png"))
+        strips = tracker.list_artifacts(cell.run_id, "strips") if "strips" in artifacts else []
+        for i, name in enumerate(strips[:STRIPS_PER_CELL]):
+            local = tracker.download(f"runs:/{cell.run_id}/{name}", tmp)
+            paths.append(Path(shutil.copyfile(local, folder / f"{stem}-strip-{i}.png")))
+    return paths

@@ -1,0 +1,194 @@
+"""Markdown tables in the paper's layouts, from a :class:`~ddps.report.runs.Table`.
+
+Two decimals; a refined score carries its change against the base segmentor of the same cell in
+parentheses; a missing number prints as "–". Rows and columns follow the experiment file's order, so the
+same runs always give the same bytes.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from ddps.report.runs import Cell, Table
+
+DASH = "–"
+
+
+def num(x: float) -> str:
+    return DASH if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def delta(x: float, base: float) -> str:
+    """'63.11 (+1.03)': a score and its change against the base."""
+    if math.isnan(x):
+        return DASH
+    return f"{x:.2f}" if math.isnan(base) else f"{x:.2f} ({x - base:+.2f})"
+
+
+def ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def last_name(cells: list[Cell]) -> str:
+    """'20th step' when every cell refines in the same number of steps, else 'last step'."""
+    steps = {c.steps for c in cells}
+    return f"{ordinal(steps.pop())} step" if len(steps) == 1 else "last step"
+
+
+def _md(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _coords(cell: Cell, axes: list[str]) -> list[str]:
+    return [cell.coords.get(a, DASH) for a in axes]
+
+
+# ---- layouts --------------------------------------------------------------------------------------
+
+def bases(table: Table) -> list[str]:
+    """Tables 1, 2, 4: each base segmentor and DDPS on it — #P(M), mIoU single / multi-scale, mBIoU."""
+    rows = []
+    for c in table.sorted_cells():
+        backbone = " / ".join(_coords(c, table.rows))
+        base_ss, base_ms = c.get("base_mIoU"), c.get("base_ms_mIoU")
+        rows.append(["base", backbone, num(c.params_base), f"{num(base_ss)} / {num(base_ms)}", num(c.get("base_mBIoU"))])
+        rows.append([f"+ DDPS ({c.steps} steps)", backbone, num(c.params_base + c.params_denoiser),
+                     f"{delta(c.get('last_mIoU'), base_ss)} / {delta(c.get('last_ms_mIoU'), base_ms)}",
+                     delta(c.get("last_mBIoU"), c.get("base_mBIoU"))])
+    return _md(["Method", "Backbone", "#P(M)", "mIoU (ss/ms)", "mBIoU"], rows)
+
+
+def steps(table: Table) -> list[str]:
+    """Tables 3a–3d, 7, 8: mIoU after the 1st and the last refinement step, and the last step's mBIoU."""
+    cells = table.sorted_cells()
+    axes = table.rows + table.columns
+    last = last_name(cells)
+    rows = [_coords(c, axes) + [delta(c.get("step1_mIoU"), c.get("base_mIoU")),
+                                       delta(c.get("last_mIoU"), c.get("base_mIoU")),
+                                       delta(c.get("last_mBIoU"), c.get("base_mBIoU"))] for c in cells]
+    return _md(axes + ["1st step", last, f"mBIoU ({last})"], rows) + ["", base_line(cells)]
+
+
+def matrix(table: Table) -> list[str]:
+    """Tables 3e, 6: rows x columns of last-step mIoU; a cell the grid does not hold prints '–'."""
+    row_axes, col_axes = table.rows, table.columns
+    row_keys = _keys(table, row_axes)
+    col_keys = _keys(table, col_axes)
+    header = [" / ".join(row_axes) + " \\ " + " / ".join(col_axes)] + [" / ".join(k) for k in col_keys]
+    rows = []
+    for rk in row_keys:
+        line = [" / ".join(rk)]
+        for ck in col_keys:
+            c = table.find(**dict(zip(row_axes, rk)), **dict(zip(col_axes, ck)))
+            line.append(DASH if c is None else delta(c.get("last_mIoU"), c.get("base_mIoU")))
+        rows.append(line)
+    return _md(header, rows) + ["", base_line(table.cells)]
+
+
+def trajectory(table: Table) -> list[str]:
+    """Table 3f: mIoU of the initial prediction, after the 1st step and after the last, per base."""
+    cells = table.sorted_cells()
+    rows = [_coords(c, table.rows) + [num(c.get("base_mIoU")), delta(c.get("step1_mIoU"), c.get("base_mIoU")),
+                                             delta(c.get("last_mIoU"), c.get("base_mIoU"))] for c in cells]
+    return _md(table.rows + ["initial", "1st step", last_name(cells)], rows)
+
+
+def denoisers(table: Table) -> list[str]:
+    """Table 5: denoiser size (rows, with its #P(M)) x base segmentor (columns), last-step mIoU."""
+    row_keys, col_keys = _keys(table, table.rows), _keys(table, table.columns)
+    header = [" / ".join(table.rows), "#P(M)"] + [" / ".join(k) for k in col_keys]
+    rows = []
+    for rk in row_keys:
+        found = [table.find(**dict(zip(table.rows, rk)), **dict(zip(table.columns, ck))) for ck in col_keys]
+        params = next((c.params_denoiser for c in found if c is not None), math.nan)
+        rows.append([" / ".join(rk), num(params)] + [DASH if c is None else delta(c.get("last_mIoU"), c.get("base_mIoU"))
+                                                      for c in found])
+    return _md(header, rows) + ["", base_line(table.cells)]
+
+
+def methods(table: Table) -> list[str]:
+    """Table 7: the base, the UNet as a decode head, DDPS — #P(M), mIoU, mBIoU of the last step."""
+    cells = table.sorted_cells()
+    first = cells[0]
+    rows = [["base segmentor", num(first.params_base), num(first.get("base_mIoU")), num(first.get("base_mBIoU"))]]
+    rows += [[" / ".join(_coords(c, table.rows + table.columns)), num(c.params_base + c.params_denoiser),
+              delta(c.get("last_mIoU"), c.get("base_mIoU")), delta(c.get("last_mBIoU"), c.get("base_mBIoU"))]
+             for c in cells]
+    return _md(["Method", "#P(M)", "mIoU", "mBIoU"], rows)
+
+
+def seeds(table: Table) -> list[str]:
+    """The seed-to-seed noise: last-step mIoU and mBIoU per training seed, their mean and standard deviation."""
+    cells = table.sorted_cells()
+    rows = [_coords(c, table.rows) + [delta(c.get("last_mIoU"), c.get("base_mIoU")),
+                                             delta(c.get("last_mBIoU"), c.get("base_mBIoU"))] for c in cells]
+    if len(cells) >= 2:
+        rows.append(["mean ± std"] + [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
+                                      for v in ([c.get("last_mIoU") for c in cells], [c.get("last_mBIoU") for c in cells])])
+    return _md(table.rows + ["mIoU", "mBIoU"], rows)
+
+
+def pipeline(table: Table) -> list[str]:
+    """A pipeline's evaluation (``ddps pipeline``, ``make demo``): the base, DDPS after step 1 and after
+    the last step; one block per evaluation run of the experiment (oldest first)."""
+    lines: list[str] = []
+    cells = table.sorted_cells()
+    for c in cells:
+        total = num(c.params_base + c.params_denoiser)
+        rows = [[f"base ({c.tags.get('base', '?')})", num(c.params_base), num(c.get("base_mIoU")), num(c.get("base_mBIoU"))],
+                ["DDPS step 1", total, delta(c.get("step1_mIoU"), c.get("base_mIoU")),
+                 delta(c.get("step1_mBIoU"), c.get("base_mBIoU"))],
+                [f"DDPS step {c.steps} (last)", total, delta(c.get("last_mIoU"), c.get("base_mIoU")),
+                 delta(c.get("last_mBIoU"), c.get("base_mBIoU"))]]
+        if len(cells) > 1:
+            lines += [f"## {c.coords['run']}", ""]
+        lines += _md(["Method", "#P(M)", "mIoU", "mBIoU"], rows) + [""]
+        if not math.isnan(c.get("reliance_own")):
+            lines += [f"Mask reliance (last-step mIoU): own trajectory {num(c.get('reliance_own'))} | oracle ground "
+                      f"truth {num(c.get('reliance_oracle'))} | random mask {num(c.get('reliance_random'))}", ""]
+    return lines
+
+
+LAYOUTS = {"table1": bases, "table2": bases, "table4": bases, "table3e": matrix, "table6": matrix,
+           "table3f": trajectory, "table5": denoisers, "table7": methods, "seeds": seeds}
+
+
+def layout(table: Table):
+    if table.rows == ["run"]:
+        return pipeline
+    return LAYOUTS.get(table.name, matrix if table.columns else steps)
+
+
+# ---- pieces -----------------------------------------------------------------------------------------
+
+def _keys(table: Table, axes: list[str]) -> list[tuple[str, ...]]:
+    """The label tuples of these axes that some cell holds, in table order."""
+    present = {tuple(c.coords.get(a, DASH) for a in axes) for c in table.cells}
+    keys = [()]
+    for a in axes:
+        keys = [k + (v,) for k in keys for v in table.labels(a)]
+    return [k for k in keys if k in present]
+
+
+def base_line(cells: list[Cell]) -> str:
+    bases = {(c.get("base_mIoU"), c.get("base_mBIoU")) for c in cells}
+    if len(bases) == 1:
+        miou, mbiou = bases.pop()
+        return (f"Base segmentor (step 0): {num(miou)} mIoU, {num(mbiou)} mBIoU; in parentheses, the change "
+                f"against it.")
+    return "In parentheses: the change against each cell's own base segmentor (step 0)."
+
+
+def header(table: Table) -> str:
+    commits = ", ".join(c[:12] for c in table.commits)
+    return (f"dataset {table.dataset} · preset {table.preset} · {len(table.cells)} cells, {table.runs} FINISHED "
+            f"runs in MLflow experiment `{table.name}` · git commit {commits}")
+
+
+def render(table: Table, paper: dict | None = None) -> str:
+    """The table's Markdown file: title, header line, the table, then (paper preset) the published one."""
+    lines = [f"# {table.title}", "", f"_{header(table)}_", ""] + layout(table)(table)
+    if paper:
+        lines += ["", f"Published, for comparison ({paper['source']}):", ""] + _md(paper["header"], paper["rows"])
+    return "\n".join(lines).rstrip() + "\n"
