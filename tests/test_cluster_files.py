@@ -27,7 +27,13 @@ def test_cluster_launcher_turns_token_auth_on_and_scales_gpu_workers():
     assert cfg["available_node_types"]["gpu_worker"]["max_workers"] >= 1
     starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert cfg["provider"]["security_group"]["GroupName"] == "ddps-cluster-internal"  # cluster network only
     assert "ray[default,train,tune]==2.60.0" in " ".join(cfg["setup_commands"])
+
+
+def test_cluster_readme_puts_mlflow_behind_authentication():
+    text = (ROOT / "cluster/README.md").read_text()
+    assert "--app-name basic-auth" in text and "MLFLOW_TRACKING_USERNAME" in text and "MLFLOW_TRACKING_PASSWORD" in text
 
 
 def test_rayjob_runs_the_pipeline_inside_the_cluster_network_with_token_auth():

@@ -10,7 +10,8 @@ import torch
 from ddps.config import resolve, to_flat
 from ddps.engine.loop import Worker
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.tracking import SECRET, Tracker, TrackingError, loggable_params, resolve_tracking_uri
+from ddps.orchestration.tracking import Tracker, TrackingError, is_secret, loggable_params, resolve_tracking_uri
+from sockets import descendants, is_loopback, listening
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +22,11 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     nodes = ray.nodes()
     assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    # every port the driver and the processes it started listen on (GCS, raylet, object manager, dashboard
+    # and its agents, workers): loopback, none on 0.0.0.0, :: or the machine's address
+    ports = listening(descendants(os.getpid()))
+    assert len({pid for pid, _, _ in ports}) >= 4  # the driver, GCS, raylet, dashboard and its agents at least
+    assert [p for p in ports if not is_loopback(p[1])] == []
 
 
 def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, monkeypatch):
@@ -31,7 +37,10 @@ def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, 
     params = loggable_params({"train.lr": 1e-3, "cluster.api_key": "x", "db.password": "y", "auth.token": "z",
                               "data.keypoints": 3})
     assert set(params) == {"train.lr", "data.keypoints"}
-    assert SECRET.search("mlflow.secret_value")
+    secrets = ["mlflow.secret_value", "cloud.apikey", "ssh.private-key", "user.sshKey", "aws.accessKeyId",
+               "tls.keyfile", "x.api-key", "key", "db.credentials"]
+    plain = ["data.keypoints", "zoo.monkey", "train.lr", "eval.hotkeys_off", "base.backbone"]
+    assert [n for n in secrets if not is_secret(n)] == [] and [n for n in plain if is_secret(n)] == []
 
 
 def test_an_unreachable_tracking_server_fails_before_any_compute():
@@ -145,3 +154,23 @@ def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(ray_local, 
     assert (report / "ddps-fashion-scenes.md").read_text().split("\n", 4)[-1].rstrip() in out
     assert {p.name for p in (report / "figures").glob("*-classes.png")}  # per-class IoU change of the demo's model
     assert f"sqlite:///{tmp_path / 'home'}/mlflow.db" in out
+
+
+def test_bad_data_in_a_ray_train_worker_is_the_one_line_error_not_rays_traceback(ray_local, tmp_path, capsys):
+    """A corrupt training image is found by a Ray Train worker; the driver says what the worker said."""
+    import numpy as np
+    from PIL import Image
+
+    from ddps.cli import main
+    root = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(np.full((40, 40), i % 3, np.uint8)).save(root / "masks" / f"s{i}.png")
+    (root / "images" / "s5.png").write_bytes(b"not a png")
+    (root / "classes.txt").write_text("bg\nshirt\nbag\n")
+    rc = main(["pipeline", "--preset", "smoke", "--set", "data.dataset=folder", "--set", f"data.root={root}",
+               "--max-failures", "0", "--cpus-per-worker", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("ddps: error: cannot read image ") and "s5.png" in err[-1], err[-3:]

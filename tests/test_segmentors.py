@@ -91,6 +91,9 @@ def test_truncated_and_missing_checkpoint_files(tmp_path):
                      content_hash="x")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"b\.pt fails its sha256 checksum"):  # ddps's own: a sidecar
+        load_base(path)
+    path.with_name("b.pt.sha256").unlink()  # a file from elsewhere, without one
     with pytest.raises(CheckpointError, match=r"b\.pt is unreadable"):
         load_base(path)
     with pytest.raises(CheckpointError, match="does not exist"):

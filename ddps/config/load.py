@@ -108,17 +108,30 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+EXPERIMENT_KEYS = ("name", "title", "include", "presets", "axes", "rows", "columns", "require")
+
+
 def read_experiment_file(path: str | Path) -> dict[str, Any]:
-    """An experiment YAML as a mapping; a missing, unreadable or non-mapping file is a one-line ConfigError."""
+    """An experiment YAML as a mapping; a missing, unreadable or non-mapping file, or one with a key no
+    experiment file has (a misspelt ``presets:`` would drop every override), is a one-line ConfigError."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"experiment file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"experiment file {path} cannot be read: {reason(e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"experiment file {path} is not valid YAML: {reason(e)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"experiment file {path} must hold a mapping")
+    unknown = [k for k in doc if k not in EXPERIMENT_KEYS]
+    if unknown:
+        raise ConfigError(f"experiment file {path}: unknown key {unknown[0]!r}; an experiment file holds "
+                          f"{', '.join(EXPERIMENT_KEYS)}")
+    if not isinstance(doc.get("presets") or {}, dict):
+        raise ConfigError(f"experiment file {path}: presets must map preset names to overrides, "
+                          f"e.g. presets: {{cpu: {{train: {{lr: 0.001}}}}}}")
     return doc
 
 

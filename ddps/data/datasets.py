@@ -27,7 +27,7 @@ Transform = Callable[[np.ndarray, np.ndarray], tuple]
 
 def check_labels(mask: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
     values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != ignore_index)]
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
     if len(bad):
         raise DataError(f"{where}: label value {int(bad[0])} is not a class (0..{num_classes - 1}) "
                         f"nor the ignore index {ignore_index}")
@@ -177,6 +177,14 @@ def cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _read_lines(path: Path, what: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file; an unreadable one is a one-line DataError."""
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} cannot be read as UTF-8 text: {reason(e)}") from None
+
+
 def folder_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """images/<stem>.png|jpg + masks/<stem>.png; splits/<split>.txt lists the stems of a split (optional)."""
     images = _require_dir(root / "images", "dataset images")
@@ -184,7 +192,7 @@ def folder_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     by_stem = {p.stem: p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     split_file = root / "splits" / f"{split}.txt"
     if split_file.is_file():
-        stems = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+        stems = [s.strip() for s in _read_lines(split_file, "split file")]
         unknown = [s for s in stems if s not in by_stem]
         if unknown:
             raise DataError(f"{split_file} names image {unknown[0]!r} that is not in {images}")
@@ -206,7 +214,7 @@ def folder_class_names(root: Path) -> tuple[str, ...]:
     path = root / "classes.txt"
     if not path.is_file():
         raise DataError(f"class-names file {path} does not exist (one class name per line)")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names = tuple(line.strip() for line in _read_lines(path, "class-names file"))
     if not names:
         raise DataError(f"class-names file {path} is empty")
     return names

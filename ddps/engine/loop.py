@@ -12,9 +12,7 @@ and periodic training-state checkpoints to resume from.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -23,6 +21,8 @@ import torch
 from torch import nn
 
 from ddps.errors import ConfigError
+from ddps.segmentors.base import digest
+from ddps.segmentors.checkpoint import save_atomic
 
 
 @dataclass
@@ -89,25 +89,9 @@ class Checkpointer(Protocol):
     def save(self, state: dict, step: int) -> None: ...
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def write_checked(path: Path, payload) -> Path:
-    """torch.save to a temporary name with a sha256 sidecar, then rename both: a partial file never
-    carries the final name."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    side = path.with_name(path.name + ".sha256")
-    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    side_tmp.write_text(_digest(data))
-    os.replace(tmp, path)
-    os.replace(side_tmp, side)
-    return path
+    """A training state: written atomically with a sha256 sidecar (``save_atomic``), read by read_checked."""
+    return save_atomic(path, payload, checksum=True)
 
 
 def read_checked(path: Path):
@@ -115,7 +99,7 @@ def read_checked(path: Path):
     side = path.with_name(path.name + ".sha256")
     try:
         data = path.read_bytes()
-        if not side.exists() or side.read_text().strip() != _digest(data):
+        if not side.exists() or side.read_text().strip() != digest(data):
             return None
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:

@@ -195,5 +195,5 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
         reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}, "
                       f"gain over the last fifth {final['plateau_gain']:+.2f}")
         if path is not None:
-            save_atomic(path, payload)
+            save_atomic(path, payload, checksum=True)
     return payload

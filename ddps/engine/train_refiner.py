@@ -107,6 +107,9 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
     tc = cfg.train
     codec = build_codec(cfg)
     train_eval = build_dataset(cfg.data, "train", train=False)
+    if base.spec.num_classes != train_eval.num_classes:
+        raise CheckpointError(f"the base segmentor predicts {base.spec.num_classes} classes but {train_eval.name} "
+                              f"has {train_eval.num_classes}; give a base trained on this dataset (ddps train-base)")
     if len(train_eval) < tc.batch_size:
         raise DataError(f"{train_eval.name} has {len(train_eval)} training images, fewer than "
                         f"train.batch_size={tc.batch_size}")
@@ -268,7 +271,7 @@ def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
                               base_payload=base_payload, stage=stage, metrics=metrics, history=history,
                               content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
     if path is not None:
-        save_atomic(path, payload)
+        save_atomic(path, payload, checksum=True)
     return payload
 
 

@@ -22,7 +22,8 @@ from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
 from ddps.orchestration.plan import EVAL_SECTIONS, Training, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.tracking import Tracker
+from ddps.orchestration.tracking import Tracker, is_secret
+from ddps.paths import safe_name
 from ddps.segmentors.checkpoint import read_checkpoint
 
 STRIP_IMAGES = (0, 1, 2, 3)
@@ -59,7 +60,7 @@ class Pipeline:
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
-        self.experiment_name = self.experiment or f"ddps-{self.cfg.data.dataset}"
+        self.experiment_name = safe_name(self.experiment or f"ddps-{self.cfg.data.dataset}", "MLflow experiment")
         self.experiment_id = self.tracker.experiment(self.experiment_name)
         self.tags = run_tags(self.cfg)
         self.parent: str | None = None
@@ -190,7 +191,8 @@ class Pipeline:
             self.tracker.set_tags(run_id, {"ddps.summary": json.dumps(summary)})
             with tempfile.TemporaryDirectory() as folder:
                 folder = Path(folder)
-                (folder / "config.yaml").write_text(yaml.safe_dump(to_flat(cfg), sort_keys=True))
+                (folder / "config.yaml").write_text(yaml.safe_dump(  # as the params: no secret-looking name
+                    {k: v for k, v in to_flat(cfg).items() if not is_secret(k)}, sort_keys=True))
                 self.tracker.log_artifact(run_id, folder / "config.yaml")
                 colours = palette(val.num_classes)
                 examples = trajectory_examples(denoiser, process, base, val,

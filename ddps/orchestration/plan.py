@@ -32,6 +32,7 @@ from ddps.config import Config, content_hash, resolve, to_flat
 from ddps.config.load import read_experiment, read_experiment_file
 from ddps.engine import train_base, train_refiner
 from ddps.errors import ConfigError, choices
+from ddps.paths import safe_name
 
 EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # what an evaluation reads
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
@@ -209,7 +210,8 @@ def load_experiment(path: str | Path) -> Experiment:
         if not REQUIRE.match(rule):
             raise ConfigError(f"{path}: require {rule!r} is not 'section.key OP section.key|number' "
                               f"with OP one of {choices(COMPARE)}")
-    return Experiment(str(doc.get("name") or path.stem), str(doc.get("title") or path.stem), path, axes, rows,
+    name = safe_name(str(doc.get("name") or path.stem), f"{path}: name")  # a folder of Ray Tune, a report file
+    return Experiment(name, str(doc.get("title") or path.stem), path, axes, rows,
                       columns, require)
 
 

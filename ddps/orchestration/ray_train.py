@@ -20,6 +20,7 @@ from pathlib import Path
 from ddps.config import from_flat
 from ddps.engine.loop import Worker, read_checked, write_checked
 from ddps.engine.reporter import ConsoleReporter, NullReporter
+from ddps.errors import DDPSError
 from ddps.paths import cache_dir
 
 STATE_FILE = "state.pt"
@@ -116,6 +117,25 @@ def refiner_worker(config: dict) -> None:
         reporter.flush()
 
 
+def ddps_cause(error: BaseException) -> DDPSError | None:
+    """The ddps error a Ray Train worker raised, found in what ``fit()`` raised (its causes, a Ray task
+    error's ``cause``, a training failure's per-worker errors); None when there is none."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DDPSError):  # Ray's RayTaskError subclasses the original's class; .cause is it
+            original = getattr(e, "cause", None)
+            return original if isinstance(original, DDPSError) else e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return None
+
+
 def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False) -> Path:
     """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
 
@@ -140,7 +160,13 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep), callbacks=callbacks),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        cause = ddps_cause(e)
+        if cause is None:
+            raise
+        raise cause from None  # bad data or a full disk in a worker: its one line, not Ray's traceback
     out = Path(config["out"])
     if not out.exists():
         raise RuntimeError(f"Ray Train finished {name} but {out} was not written")

@@ -18,7 +18,14 @@ from pathlib import Path
 from ddps.errors import DDPSError
 from ddps.paths import ddps_home
 
-SECRET = re.compile(r"(token|password|passwd|secret|(^|[._])key($|[._])|api_key|credential)", re.IGNORECASE)
+SECRET = re.compile(r"(token|password|passwd|secret|credential|api[-_]?key|private[-_]?key|key[-_]?file|"
+                    r"(^|[._-])key($|[._-]))", re.IGNORECASE)
+CAMEL_KEY = re.compile(r"[a-z0-9]Key($|[A-Z._-])")  # sshKey, accessKeyId: a word 'Key' inside a camelCase name
+
+
+def is_secret(name: str) -> bool:
+    """Names that look like secrets (token, password, secret, key, ...); 'keypoints' or 'monkey' do not."""
+    return bool(SECRET.search(name) or CAMEL_KEY.search(name))
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -53,7 +60,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def loggable_params(flat: dict) -> dict[str, str]:
     """The flat config as MLflow params: secret-looking names dropped, values as strings (<= 6000 chars)."""
-    return {k: str(v)[:6000] for k, v in flat.items() if not SECRET.search(k)}
+    return {k: str(v)[:6000] for k, v in flat.items() if not is_secret(k)}
 
 
 def _filter(tags: dict, status: str | None = None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddps.errors import DDPSError
+from ddps.paths import is_safe_name, safe_name
 from ddps.report import figures as figs
 from ddps.report.findings import findings, noise
 from ddps.report.findings import render as render_findings
@@ -58,7 +59,17 @@ def write_report(tracker, names: list[str] | None, out: str | Path, with_figures
         if missing:
             raise ReportError(f"no MLflow experiment {missing[0]!r} in {tracker.uri}; experiments there: "
                               f"{', '.join(known) or 'none'}")
-    names = sorted(names or experiments_with_evaluations(tracker), key=table_order)
+    if names:
+        for name in names:
+            safe_name(name, "MLflow experiment")
+    else:  # every experiment of the store: one whose name would escape --out is left out, and said so
+        names = []
+        for name in experiments_with_evaluations(tracker):
+            if is_safe_name(name):
+                names.append(name)
+            else:
+                log(f"[report] experiment {name!r} is not a safe file name: left out")
+    names = sorted(names, key=table_order)
     written = Written()
     for name in names:
         table = load_table(tracker, name, evaluations)
@@ -132,7 +143,7 @@ def export_parquet(tracker, names: list[str], folder: Path) -> list[Path]:
         runs = tracker.search([name], status=None)
         path = folder / f"{name}.parquet"
         runs.to_parquet(path, index=False)
-        evals = runs[runs.get("tags.ddps.step", pd.Series(dtype=str)) == "eval"]
+        evals = runs[runs["tags.ddps.step"] == "eval"] if "tags.ddps.step" in runs else runs.iloc[0:0]
         steps = [{"run_id": r, "metric": m, "step": s, "value": v}
                  for r in evals["run_id"] for m in ("mIoU", "mBIoU") for s, v in tracker.history(r, m)]
         steps_path = folder / f"{name}-steps.parquet"

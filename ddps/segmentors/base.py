@@ -8,6 +8,8 @@ is done by :meth:`BaseSegmentor.segment`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -101,14 +103,26 @@ def create_base(arch: str, backbone: str, num_classes: int, **kwargs) -> BaseSeg
     return BaseSegmentor(SegmentorSpec(arch, backbone, num_classes, **kwargs))
 
 
+def digest(data: bytes) -> str:
+    """sha256 of a checkpoint's bytes (its ``.sha256`` sidecar)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_state_file(path: str | Path, what: str):
     """``torch.load(weights_only=True)`` of a file, with a one-line CheckpointError when it is missing or
     unreadable (truncated archive, pickled objects that are not plain tensors and values)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
+    side = path.with_name(path.name + ".sha256")  # written beside ddps's own checkpoints (save_atomic)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        if side.is_file() and side.read_text().strip() != digest(data):
+            raise CheckpointError(f"{what} {path} fails its sha256 checksum ({side.name}): truncated or altered; "
+                                  f"restore it, or delete it to train it again")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: {reason(e)})") from None
 

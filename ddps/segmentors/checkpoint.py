@@ -5,13 +5,14 @@ Written to a temporary name and renamed, so a partial file never sits under the 
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
-from ddps.errors import CheckpointError
-from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state, read_state_file
+from ddps.errors import CheckpointError, reason
+from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state, digest, read_state_file
 
 KIND_BASE = "base_segmentor"
 
@@ -26,17 +27,35 @@ def base_payload(model: BaseSegmentor, *, config: dict, class_names, metrics: di
 
 
 def save_base(path: str | Path, model: BaseSegmentor, **kwargs) -> Path:
-    return save_atomic(path, base_payload(model, **kwargs))
+    return save_atomic(path, base_payload(model, **kwargs), checksum=True)
 
 
-def save_atomic(path: str | Path, payload) -> Path:
-    """torch.save to a temporary name in the same folder, then rename: a partial file never carries the
-    final name."""
+def save_atomic(path: str | Path, payload, checksum: bool = False) -> Path:
+    """torch.save to a temporary name in the same folder, then rename (and, with ``checksum``, a sha256
+    sidecar ``<name>.sha256`` beside it): a partial file never carries the final name. A failed write (an
+    unwritable folder, a full disk) is a one-line CheckpointError and leaves no temporary file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    side = path.with_name(path.name + ".sha256")
+    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        if checksum:
+            side_tmp.write_text(digest(data))
+        os.replace(tmp, path)
+        if checksum:
+            os.replace(side_tmp, side)
+    except OSError as e:
+        for leftover in (tmp, side_tmp):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise CheckpointError(f"cannot write {path}: {e.strerror or reason(e)}") from None
     return path
 
 
