@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: demo test test-fast bootstrap clean-venv
+.PHONY: reliability demo test test-fast bootstrap clean-venv
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -24,6 +24,10 @@ test: bootstrap
 # the suite without the tests marked slow (Ray Train, full pipelines)
 test-fast: bootstrap
 	@$(PY) -m pytest -q -m "not slow"
+
+# the tests marked reliability (faults, bad inputs, security); rewrites README's "Reliability" section
+reliability: bootstrap
+	$(PY) scripts/reliability.py
 
 clean-venv:
 	rm -rf .venv

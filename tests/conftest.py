@@ -1,4 +1,5 @@
 import gzip
+import json
 import os
 import struct
 from pathlib import Path
@@ -10,6 +11,42 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 only (read at import)
+
+
+# ---- reliability records (make reliability) --------------------------------------------------------
+# A test marked @pytest.mark.reliability(kind, case) — kind: fault | bad_input | security — writes one JSON
+# line per run to $DDPS_RELIABILITY_LOG: its outcome and what it counted (the `reliability` fixture's
+# numbers, e.g. fuzz examples tried / refused, metrics logged / lost). scripts/reliability.py sums them
+# into README's "Reliability" section.
+
+@pytest.fixture
+def reliability(request):
+    """Numbers a reliability test reports beside its outcome: reliability["lost"] = 0, ..."""
+    numbers: dict = {}
+    request.node.user_properties.append(("reliability", numbers))
+    return numbers
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("DDPS_RELIABILITY_LOG")
+    marker = getattr(report, "reliability_marker", None)
+    if not path or marker is None or (report.when != "call" and report.passed):
+        return
+    numbers = next((v for k, v in report.user_properties if k == "reliability"), {})
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": report.nodeid, "outcome": report.outcome, "when": report.when, **marker,
+                            "numbers": numbers}) + "\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    marker = item.get_closest_marker("reliability")
+    if marker is not None:
+        case = marker.kwargs.get("case") or item.name
+        if hasattr(item, "callspec"):  # a parametrized case: the parameters name it
+            case = f"{case} [{item.callspec.id}]"
+        outcome.get_result().reliability_marker = {"kind": marker.kwargs["kind"], "case": case}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -59,6 +59,7 @@ def _read_all(root: Path, split: str = "train"):
 
 # ---- folder datasets ------------------------------------------------------------------------------
 
+@pytest.mark.reliability(kind="bad_input", case="negative mask label")
 def test_a_negative_label_is_not_a_class():
     """PNG masks are unsigned, but a mask array from elsewhere (a user's loader, a 32-bit TIFF) may not be."""
     from ddps.data.datasets import check_labels
@@ -66,6 +67,7 @@ def test_a_negative_label_is_not_a_class():
         check_labels(np.array([[0, -1], [2, 255]]), 3, 255, "m.png")
 
 
+@pytest.mark.reliability(kind="bad_input", case="16-bit mask label past the classes")
 def test_a_16_bit_mask_with_a_label_past_the_classes(tmp_path):
     root = _folder(tmp_path / "d", mask_mode="I;16", mask_value=300)
     with pytest.raises(DataError, match=r"a\.png: label value 300 is not a class \(0\.\.2\) nor the ignore index 255") as e:
@@ -73,6 +75,7 @@ def test_a_16_bit_mask_with_a_label_past_the_classes(tmp_path):
     one_line(e.value)
 
 
+@pytest.mark.reliability(kind="bad_input", case="class / split file not UTF-8")
 @pytest.mark.parametrize("which", ["classes", "split"])
 def test_text_files_that_are_not_utf8_name_the_file(tmp_path, which):
     bad = b"\xff\xfe\x00bad"
@@ -88,6 +91,7 @@ GOOD = {"name": "t", "axes": [{"name": "a", "key": "infer.steps", "values": [1]}
         "presets": {"smoke": {"train": {"lr": 0.002}}}}
 
 
+@pytest.mark.reliability(kind="bad_input", case="experiment file")
 @pytest.mark.parametrize("change, match", [
     ({"presetz": {"smoke": {}}}, r"unknown key 'presetz'; an experiment file holds name, title, include, presets"),
     ({"presets": [1, 2]}, "presets must map preset names to overrides"),
@@ -106,6 +110,7 @@ def test_bad_experiment_files_are_one_line_config_errors(tmp_path, change, match
     one_line(e.value)
 
 
+@pytest.mark.reliability(kind="bad_input", case="experiment file not UTF-8")
 def test_an_experiment_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_bytes(b"name: \xff\xfe\n")
@@ -127,26 +132,40 @@ DOCS = st.fixed_dictionaries({}, optional={"presets": st.dictionaries(st.sampled
     st.dictionaries(KEYS, YAML_VALUES, max_size=4)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _tried(counts: dict, refused: bool) -> None:
+    counts["tried"] = counts.get("tried", 0) + 1
+    counts["refused"] = counts.get("refused", 0) + refused
+
+
+@pytest.mark.reliability(kind="bad_input", case="fuzzed experiment files")
+@settings(FUZZ, max_examples=150)
 @given(doc=DOCS | YAML_VALUES)
-def test_fuzzed_experiment_files_resolve_or_raise_one_line_config_errors(doc):
+def test_fuzzed_experiment_files_resolve_or_raise_one_line_config_errors(doc, reliability):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "exp.yaml"
         path.write_text(yaml.safe_dump(doc))
+        refused = False
         for load in (lambda: resolve("smoke", path), lambda: load_experiment(path)):
             try:
                 load()
             except ConfigError as e:
                 one_line(e)
+                refused = True
+                break
+        _tried(reliability, refused)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.reliability(kind="bad_input", case="fuzzed folder datasets")
+@settings(FUZZ, max_examples=60)
 @given(size=st.tuples(st.integers(1, 20), st.integers(1, 20)), mask_size=st.tuples(st.integers(1, 20), st.integers(1, 20)),
        mode=st.sampled_from(["L", "P", "I;16", "RGB"]), value=st.integers(-2, 300), image_bytes=st.binary(max_size=40) | st.none(),
        classes=st.binary(max_size=20) | st.sampled_from([b"bg\nshirt\n", b"a\nb\nc\n"]),
        split=st.none() | st.binary(max_size=12) | st.just(b"a\n") | st.just(b"missing\n"))
 def test_fuzzed_folder_datasets_load_or_raise_one_line_data_errors(size, mask_size, mode, value, image_bytes, classes,
-                                                                   split):
+                                                                   split, reliability):
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         (root / "images").mkdir()
@@ -162,12 +181,15 @@ def test_fuzzed_folder_datasets_load_or_raise_one_line_data_errors(size, mask_si
             (root / "splits" / "train.txt").write_bytes(split)
         try:
             _read_all(root)
+            _tried(reliability, False)
         except (DataError, ConfigError) as e:
             one_line(e)
+            _tried(reliability, True)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
+@pytest.mark.reliability(kind="bad_input", case="refiner training on a base with other classes")
 def test_a_base_trained_on_other_classes_is_refused_before_training(tmp_path):
     from ddps.segmentors.base import create_base
     from ddps.segmentors.checkpoint import save_base

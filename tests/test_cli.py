@@ -40,6 +40,7 @@ def test_train_base_then_eval_prints_the_row(tmp_path):
     assert 0 <= ss <= 100 and 0 <= ms <= 100 and 0 <= float(cells[4]) <= 100
 
 
+@pytest.mark.reliability(kind="bad_input", case="command line")
 @pytest.mark.parametrize("args, env, message", [
     (["train-base", "--preset", "smoke", "--set", "base.backbone=vit_h"], {},
      "unknown backbone 'vit_h' for segformer; choose from: mit_b0"),
@@ -60,11 +61,13 @@ def test_bad_input_is_one_line_on_stderr_without_traceback(args, env, message):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.reliability(kind="bad_input", case="paper preset without ADE20K")
 def test_paper_preset_without_ade20k_says_what_to_set():
     out = ddps("train-base", "--preset", "paper")
     assert out.returncode == 2 and "data.root is not set: point it at the ade20k folder" in out.stderr
 
 
+@pytest.mark.reliability(kind="bad_input", case="user weights that do not fit")
 def test_eval_of_a_users_state_dict_file_and_its_mismatch_error(tmp_path):
     import torch
 

@@ -1,6 +1,7 @@
 """The cluster files cannot be launched here; parse them and check the fields that matter."""
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ddps.config.choices import DATASET_NAMES  # noqa: F401  (the package imports)
@@ -21,6 +22,7 @@ def test_runtime_env_pins_the_stack_and_sets_the_environment():
     assert not any(word in key.lower() for key in variables for word in ("password", "token", "secret"))
 
 
+@pytest.mark.reliability(kind="security", case="cluster launcher: Ray token auth, cluster-internal security group")
 def test_cluster_launcher_turns_token_auth_on_and_scales_gpu_workers():
     cfg = yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())
     assert cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
@@ -31,11 +33,13 @@ def test_cluster_launcher_turns_token_auth_on_and_scales_gpu_workers():
     assert "ray[default,train,tune]==2.60.0" in " ".join(cfg["setup_commands"])
 
 
+@pytest.mark.reliability(kind="security", case="MLflow behind basic-auth (cluster/README)")
 def test_cluster_readme_puts_mlflow_behind_authentication():
     text = (ROOT / "cluster/README.md").read_text()
     assert "--app-name basic-auth" in text and "MLFLOW_TRACKING_USERNAME" in text and "MLFLOW_TRACKING_PASSWORD" in text
 
 
+@pytest.mark.reliability(kind="security", case="KubeRay job: token auth, ClusterIP only")
 def test_rayjob_runs_the_pipeline_inside_the_cluster_network_with_token_auth():
     job = yaml.safe_load((ROOT / "cluster/rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("python -m ddps pipeline")

@@ -6,57 +6,19 @@ Slow: marked ``slow``.
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from procs import free_port, mlflow_server_command, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group the fixture started (its PID is the group's), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def base_env(tmp_path: Path) -> dict:
@@ -68,9 +30,7 @@ def base_env(tmp_path: Path) -> dict:
 @pytest.fixture
 def mlflow_server(tmp_path):
     port, log = free_port(), tmp_path / "mlflow-server.log"
-    proc = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                  "--artifacts-destination", str(tmp_path / "mlartifacts"), "--host", "127.0.0.1",
-                  "--port", str(port), "--workers", "1"], log, base_env(tmp_path))
+    proc = start(mlflow_server_command(tmp_path, port), log, base_env(tmp_path))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc, log)

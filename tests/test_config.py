@@ -1,6 +1,6 @@
 """Config layering, the flat dict, content hashes and the one-line errors of bad values."""
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddps.config import PRESETS, content_hash, from_flat, known_keys, resolve, to_flat
@@ -31,6 +31,7 @@ def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
     assert content_hash(resolve("cpu", overrides=["train_base.lr=0.1"]), ["train_base"]) != content_hash(cfg, ["train_base"])
 
 
+@pytest.mark.reliability(kind="bad_input", case="config value")
 @pytest.mark.parametrize("item, match", [
     ("data.colour=1", r"unknown config key 'data.colour'; valid keys of data: dataset, root"),
     ("model.x=1", r"unknown config section 'model' .*; choose from: base, data, denoiser, diffusion, eval, infer, train, train_base"),
@@ -59,6 +60,7 @@ def test_exponent_without_a_dot_is_a_float():
     assert resolve("cpu", overrides=["train_base.lr=2e-3"]).train_base.lr == 0.002
 
 
+@pytest.mark.reliability(kind="bad_input", case="unknown preset, missing experiment file")
 def test_unknown_preset_and_missing_experiment(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown preset 'gpu'; choose from: cpu, paper, smoke"):
         resolve("gpu")
@@ -70,12 +72,15 @@ scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False), st.b
                     st.text(max_size=8), st.lists(st.floats(0.1, 4), max_size=3))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(known_keys() + ["data.x", "y.z", "preset"]), scalars, max_size=4))
-def test_fuzzed_overrides_either_resolve_or_raise_config_error(overrides):
+@pytest.mark.reliability(kind="bad_input", case="fuzzed --set overrides")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.dictionaries(st.sampled_from(known_keys() + ["data.x", "y.z", "preset"]), scalars, max_size=4))
+def test_fuzzed_overrides_either_resolve_or_raise_config_error(overrides, reliability):
+    reliability["tried"] = reliability.get("tried", 0) + 1
     try:
         cfg = resolve("cpu", overrides=overrides)
     except ConfigError as e:
         assert "\n" not in str(e)
+        reliability["refused"] = reliability.get("refused", 0) + 1
     else:
         assert from_flat(to_flat(cfg)) == cfg

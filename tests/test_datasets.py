@@ -113,6 +113,7 @@ def test_holdout_is_the_tail_of_the_training_images_and_leaves_train(tmp_path):
 
 # ---- bad input: one case each, a one-line error naming the file or value ------------------------
 
+@pytest.mark.reliability(kind="bad_input", case="corrupt image file")
 def test_corrupt_image(tmp_path):
     root = make_folder(tmp_path)
     (root / "images" / "s3.png").write_bytes(b"\x89PNG broken")
@@ -120,6 +121,7 @@ def test_corrupt_image(tmp_path):
         build_dataset(cfg(root, "folder"), "val")[0]
 
 
+@pytest.mark.reliability(kind="bad_input", case="corrupt mask file")
 def test_corrupt_mask(tmp_path):
     root = make_folder(tmp_path)
     (root / "masks" / "s3.png").write_bytes(b"garbage")
@@ -127,6 +129,7 @@ def test_corrupt_mask(tmp_path):
         build_dataset(cfg(root, "folder"), "val")[0]
 
 
+@pytest.mark.reliability(kind="bad_input", case="mask label past the classes")
 def test_label_value_out_of_range(tmp_path):
     root = make_folder(tmp_path)
     mask = np.zeros((40, 48)); mask[3, 3] = 7
@@ -135,6 +138,7 @@ def test_label_value_out_of_range(tmp_path):
         build_dataset(cfg(root, "folder"), "val")[0]
 
 
+@pytest.mark.reliability(kind="bad_input", case="image and mask sizes differ")
 def test_image_mask_size_mismatch(tmp_path):
     root = make_folder(tmp_path)
     save(root / "masks" / "s3.png", np.zeros((20, 20)))
@@ -142,6 +146,7 @@ def test_image_mask_size_mismatch(tmp_path):
         build_dataset(cfg(root, "folder"), "val")[0]
 
 
+@pytest.mark.reliability(kind="bad_input", case="empty dataset folder")
 def test_empty_dataset_folder(tmp_path):
     (tmp_path / "images").mkdir(); (tmp_path / "masks").mkdir()
     (tmp_path / "classes.txt").write_text("a\nb\n")
@@ -149,11 +154,13 @@ def test_empty_dataset_folder(tmp_path):
         build_dataset(cfg(tmp_path, "folder"), "val")
 
 
+@pytest.mark.reliability(kind="bad_input", case="missing dataset folder")
 def test_missing_dataset_folder(tmp_path):
     with pytest.raises(DataError, match=r"does-not-exist.* does not exist"):
         build_dataset(cfg(tmp_path / "does-not-exist", "ade20k"), "val")
 
 
+@pytest.mark.reliability(kind="bad_input", case="image without its mask")
 def test_missing_mask_file(tmp_path):
     root = make_folder(tmp_path)
     (root / "masks" / "s3.png").unlink()
@@ -161,6 +168,7 @@ def test_missing_mask_file(tmp_path):
         build_dataset(cfg(root, "folder"), "val")
 
 
+@pytest.mark.reliability(kind="bad_input", case="unknown dataset name")
 def test_unknown_dataset_name():
     from ddps.config.choices import DATASET_NAMES
     from ddps.data import DATASETS
@@ -170,6 +178,7 @@ def test_unknown_dataset_name():
         DataConfig(dataset="coco")
 
 
+@pytest.mark.reliability(kind="bad_input", case="ignore index inside the classes")
 def test_ignore_index_inside_the_class_range(tmp_path):
     with pytest.raises(DataError, match=r"ignore index 1 is one of its 3 classes"):
         build_dataset(cfg(make_folder(tmp_path), "folder", ignore_index=1), "val")
@@ -193,6 +202,7 @@ def test_mixed_image_sizes_are_evaluated_in_batches_of_one_size(tmp_path):
     assert batched["mIoU"] == pytest.approx(single["mIoU"]) and batched["mBIoU"] == pytest.approx(single["mBIoU"])
 
 
+@pytest.mark.reliability(kind="bad_input", case="unknown split")
 def test_unknown_split(tmp_path):
     with pytest.raises(DataError, match=r"unknown split 'test'; choose from: train, holdout, val"):
         build_dataset(cfg(make_folder(tmp_path), "folder"), "test")

@@ -85,17 +85,20 @@ def test_real_fashion_mnist_default_scenes_are_plausible():
     assert 0.2 < (masks > 0).mean() < 0.5  # the default scenes: about a third foreground
 
 
+@pytest.mark.reliability(kind="bad_input", case="missing Fashion-MNIST files")
 def test_missing_fashion_mnist_files_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*dataset-fashion-mnist.*--data-root"):
         idx.locate(tmp_path)
 
 
+@pytest.mark.reliability(kind="bad_input", case="corrupt IDX file")
 def test_corrupt_idx_file_is_reported(tiny_fashion):
     (tiny_fashion / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
         idx.load_split("test", tiny_fashion)
 
 
+@pytest.mark.reliability(kind="bad_input", case="scene parameters")
 @pytest.mark.parametrize("change, match", [({"canvas": 16}, "canvas"), ({"min_objects": 3, "max_objects": 2}, "objects"),
                                            ({"max_scale": 3.0}, "scale")])
 def test_bad_scene_parameters(change, match):

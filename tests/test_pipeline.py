@@ -16,6 +16,7 @@ from sockets import descendants, is_loopback, listening
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.reliability(kind="security", case="local Ray listens on 127.0.0.1 only")
 def test_local_ray_listens_on_loopback_only(ray_local):
     """The in-process Ray binds its services to 127.0.0.1, not to the machine's address."""
     ray = ray_local
@@ -29,6 +30,7 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     assert [p for p in ports if not is_loopback(p[1])] == []
 
 
+@pytest.mark.reliability(kind="security", case="secret-looking parameters never logged")
 def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) == f"sqlite:///{os.environ['DDPS_HOME']}/mlflow.db"
@@ -43,6 +45,7 @@ def test_tracking_uri_is_always_absolute_and_secrets_are_never_params(tmp_path, 
     assert [n for n in secrets if not is_secret(n)] == [] and [n for n in plain if is_secret(n)] == []
 
 
+@pytest.mark.reliability(kind="fault", case="MLflow server unreachable at start")
 def test_an_unreachable_tracking_server_fails_before_any_compute():
     import socket
     with socket.socket() as s:
@@ -156,6 +159,7 @@ def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(ray_local, 
     assert f"sqlite:///{tmp_path / 'home'}/mlflow.db" in out
 
 
+@pytest.mark.reliability(kind="bad_input", case="corrupt image found by a Ray Train worker")
 def test_bad_data_in_a_ray_train_worker_is_the_one_line_error_not_rays_traceback(ray_local, tmp_path, capsys):
     """A corrupt training image is found by a Ray Train worker; the driver says what the worker said."""
     import numpy as np

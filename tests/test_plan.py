@@ -50,6 +50,7 @@ def test_an_inference_only_axis_shares_every_training_and_labelled_values_set_se
                                                           {"loss": "CE", "renoise": "posterior"}]
 
 
+@pytest.mark.reliability(kind="bad_input", case="experiment grid")
 @pytest.mark.parametrize("doc, message", [
     ({"presets": {}}, "has no axes"),
     ({"axes": [{"name": "a", "values": [1]}]}, "plain values but no key"),
@@ -66,6 +67,7 @@ def test_a_bad_experiment_file_is_a_one_line_error_naming_it(tmp_path, doc, mess
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.reliability(kind="bad_input", case="unknown key on an axis")
 def test_an_unknown_key_on_an_axis_is_refused_by_the_config(tmp_path):
     doc = {"axes": [{"name": "a", "key": "infer.stepz", "values": [1]}], "rows": ["a"]}
     with pytest.raises(ConfigError, match="infer.stepz"):
@@ -105,6 +107,7 @@ def test_one_cell_per_model_runs_the_reliance_diagnostic_the_one_with_default_in
     assert chosen == [("20", "20"), ("50", "20"), ("100", "20")]  # the cpu preset's 20 test steps
 
 
+@pytest.mark.reliability(kind="bad_input", case="paper sweep without its dataset")
 def test_the_paper_preset_without_its_dataset_fails_at_once_saying_what_to_download(tmp_path, capsys):
     from ddps.cli import main
     rc = main(["sweep", str(ROOT / "experiments" / "table3a.yaml"), "--preset", "paper",
@@ -114,6 +117,7 @@ def test_the_paper_preset_without_its_dataset_fails_at_once_saying_what_to_downl
     assert "ade20k is not here" in err and "ADEChallengeData2016.zip" in err and "--data-root" in err
 
 
+@pytest.mark.reliability(kind="bad_input", case="include cycle")
 def test_an_included_file_applies_its_presets_first_and_an_include_cycle_is_refused(tmp_path):
     (tmp_path / "_shared.yaml").write_text(yaml.safe_dump({"presets": {"smoke": {"train": {"stage1_iters": 3,
                                                                                            "stage2_iters": 5}}}}))

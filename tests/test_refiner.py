@@ -32,6 +32,7 @@ def test_config_choices_match_the_registries():
     assert tuple(TRANSITIONS) == tuple(DIFFUSION_TRANSITIONS)
 
 
+@pytest.mark.reliability(kind="bad_input", case="refiner config (incl. test steps > train steps)")
 @pytest.mark.parametrize("override, message", [
     ({"diffusion.steps": 10, "infer.steps": 20}, "infer.steps=20 is out of range.*cannot exceed train steps"),
     ({"diffusion.transition": "gaussian"}, "diffusion.transition='gaussian'.*choose from: mask, uniform, uniform\\+mask"),

@@ -1,18 +1,14 @@
 """Security: the local MLflow UI and Ray listen on loopback only, names cannot escape their folder, a
 checkpoint cannot run code when it is read. (Ray's own loopback test: tests/test_pipeline.py.)"""
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 
 from ddps.config.load import resolve
 from ddps.errors import CheckpointError, ConfigError
+from procs import free_port, start, stop, wait_http
 from sockets import descendants, is_loopback, listening
 
 
@@ -22,37 +18,22 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.reliability(kind="security", case="MLflow UI listens on 127.0.0.1 only")
 def test_the_mlflow_ui_listens_on_loopback_only(tmp_path):
-    port = _free_port()
+    port, log = free_port(), tmp_path / "ui.log"
     env = {**os.environ, "DDPS_HOME": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    ui = subprocess.Popen([sys.executable, "-m", "ddps", "ui", "--port", str(port)], env=env, start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = start([sys.executable, "-m", "ddps", "ui", "--port", str(port)], log, env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert ui.poll() is None and time.monotonic() < deadline, "the UI did not start"
-            time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/health", ui, log)
         ports = listening(descendants(ui.pid))
         assert any(p == port for _, _, p in ports)
         assert [p for p in ports if not is_loopback(p[1])] == []
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        stop(ui)
 
 
+@pytest.mark.reliability(kind="security", case="names cannot escape their folder")
 def test_names_that_would_escape_their_folder_are_refused(tmp_path):
     from ddps.orchestration.pipeline import Pipeline
     from ddps.orchestration.tracking import Tracker
@@ -67,6 +48,7 @@ def test_names_that_would_escape_their_folder_are_refused(tmp_path):
     assert not list(tmp_path.parent.glob("evil*")) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.reliability(kind="security", case="checkpoints load with weights_only (a pickle cannot run code)")
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     from ddps.segmentors.checkpoint import read_checkpoint
     marker = tmp_path / "pwned"

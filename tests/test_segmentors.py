@@ -39,6 +39,7 @@ def test_freeze_stops_gradients_and_holds_batchnorm_statistics():
     assert all(not p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.reliability(kind="bad_input", case="unknown architecture or backbone")
 def test_unknown_architecture_and_backbone_list_the_choices():
     with pytest.raises(ConfigError, match=r"unknown base architecture 'unet'; choose from: deeplabv3plus, segformer"):
         create_base("unet", "mit_b0", 3)
@@ -57,6 +58,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
 
 
+@pytest.mark.reliability(kind="bad_input", case="base checkpoint with other classes")
 def test_checkpoint_with_other_classes_than_the_dataset(tmp_path):
     model = create_base("segformer", "mit_b0", 5, feature_channels=32)
     path = save_base(tmp_path / "b.pt", model, config={}, class_names="abcde", metrics={}, history=[],
@@ -65,6 +67,7 @@ def test_checkpoint_with_other_classes_than_the_dataset(tmp_path):
         load_base(path, num_classes=11)
 
 
+@pytest.mark.reliability(kind="bad_input", case="state dict with missing / unexpected / mismatched keys")
 def test_user_weights_missing_unexpected_and_mismatched_keys(tmp_path):
     model = create_base("segformer", "mit_b0", 5, feature_channels=32)
     state = model.state_dict()
@@ -85,6 +88,7 @@ def test_local_encoder_weights_are_loaded(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.reliability(kind="bad_input", case="truncated or missing checkpoint")
 def test_truncated_and_missing_checkpoint_files(tmp_path):
     model = create_base("segformer", "mit_b0", 5, feature_channels=32)
     path = save_base(tmp_path / "b.pt", model, config={}, class_names="abcde", metrics={}, history=[],

@@ -34,6 +34,7 @@ def _runs(db: Path):
     return client.search_runs([found.experiment_id], max_results=1000) if found else []
 
 
+@pytest.mark.reliability(kind="fault", case="sweep driver SIGKILLed mid-sweep")
 def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(GRID))

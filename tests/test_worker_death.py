@@ -45,11 +45,16 @@ def _registered_checkpoint(run_folder: Path) -> dict | None:
     return snapshot.get("latest_checkpoint_result")
 
 
-def _kill_after_first_checkpoint(run_folder: Path, pid_file: Path, killed: dict, stop: threading.Event):
-    """Wait until Ray Train holds a checkpoint of this run, then SIGKILL the rank-1 worker by its PID."""
+def _kill_after_checkpoint(run_folder: Path, pid_file: Path, killed: dict, stop: threading.Event, at: int,
+                           damage: bool) -> None:
+    """Once Ray Train has registered a checkpoint of this run at iteration >= ``at``, (with ``damage``, truncate
+    that checkpoint's state so its checksum fails, then) SIGKILL the rank-1 worker by its PID."""
     while not stop.is_set():
         latest = _registered_checkpoint(run_folder)
-        if latest and pid_file.exists():
+        if latest and latest["metrics"]["iter"] >= at and pid_file.exists():
+            if damage:
+                state = run_folder / latest["checkpoint_dir_name"] / ray_train.STATE_FILE
+                state.write_bytes(state.read_bytes()[:100])
             pid = int(pid_file.read_text())
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, iter=latest["metrics"]["iter"])
@@ -57,7 +62,8 @@ def _kill_after_first_checkpoint(run_folder: Path, pid_file: Path, killed: dict,
         time.sleep(0.02)
 
 
-def test_a_sigkilled_worker_is_replaced_and_the_stage_ends_with_the_same_weights(ray_local, tmp_path, monkeypatch):
+def _straight_and_interrupted(tmp_path, name: str, at: int, damage: bool):
+    """The same stage 2 run straight through, then with its rank-1 worker killed mid-stage."""
     from ddps.engine.reporter import NullReporter
     from ddps.engine.train_base import fit as fit_base
     from ddps.paths import cache_dir
@@ -66,26 +72,44 @@ def test_a_sigkilled_worker_is_replaced_and_the_stage_ends_with_the_same_weights
     cfg = resolve("smoke", overrides={"train.stage2_iters": ITERS, "train.eval_every": 1000,
                                       "train.cond_dropout": 0.3, "train.ema_every": 5})
     straight = _stage2(tmp_path, base, cfg, "straight")
-
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     killed, stop = {}, threading.Event()
-    run_folder = cache_dir("ray") / f"killed-{tmp_path.name}"
-    watcher = threading.Thread(target=_kill_after_first_checkpoint,
-                               args=(run_folder, pid_dir / "rank1.pid", killed, stop), daemon=True)
+    watcher = threading.Thread(target=_kill_after_checkpoint, daemon=True,
+                               args=(cache_dir("ray") / f"{name}-{tmp_path.name}", pid_dir / "rank1.pid", killed,
+                                     stop, at, damage))
     watcher.start()
     try:
-        interrupted = _stage2(tmp_path, base, cfg, "killed", pid_dir=pid_dir)
+        interrupted = _stage2(tmp_path, base, cfg, name, pid_dir=pid_dir)
     finally:
         stop.set()
         watcher.join(5)
-    assert killed, "the worker was never killed"
-    replacement = int((pid_dir / "rank1.pid").read_text())
+    assert killed and 0 < killed["iter"] < ITERS, "the worker was never killed mid-stage"
+    resumed = {int((pid_dir / f"rank{r}.resumed").read_text()) for r in (0, 1)}
+    return straight, interrupted, killed, resumed, int((pid_dir / "rank1.pid").read_text())
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+
+
+@pytest.mark.reliability(kind="fault", case="Ray Train worker SIGKILLed mid-stage")
+def test_a_sigkilled_worker_is_replaced_and_the_stage_ends_with_the_same_weights(ray_local, tmp_path, reliability):
+    straight, interrupted, killed, resumed, replacement = _straight_and_interrupted(tmp_path, "killed", EVERY, False)
     assert replacement != killed["pid"]  # a new worker group took over: the kill landed mid-run
     with pytest.raises(ProcessLookupError):
         os.kill(killed["pid"], 0)
-    resumed = {int((pid_dir / f"rank{r}.resumed").read_text()) for r in (0, 1)}
-    assert resumed == {killed["iter"]} and 0 < killed["iter"] < ITERS  # both resumed mid-stage, not at 0
-    for part in ("model", "ema"):
-        for key, value in straight[part].items():
-            assert torch.equal(value, interrupted[part][key]), (part, key)
+    assert resumed == {killed["iter"]}  # both ranks resumed mid-stage from the last checkpoint, not at 0
+    _same_weights(straight, interrupted)
+    reliability.update(killed_at=killed["iter"], resumed_at=min(resumed), weights="bit-identical")
+
+
+@pytest.mark.reliability(kind="fault", case="last Ray checkpoint truncated, then a worker SIGKILLed")
+def test_a_damaged_last_checkpoint_is_detected_and_the_one_before_it_is_used(ray_local, tmp_path, capfd, reliability):
+    straight, interrupted, killed, resumed, _ = _straight_and_interrupted(tmp_path, "damaged", 2 * EVERY, True)
+    assert resumed == {killed["iter"] - EVERY}  # the checkpoint before the damaged one
+    assert "is damaged (checksum); resuming from" in capfd.readouterr().out  # the user is told
+    _same_weights(straight, interrupted)
+    reliability.update(killed_at=killed["iter"], resumed_at=min(resumed), weights="bit-identical")

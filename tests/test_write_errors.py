@@ -30,6 +30,7 @@ print("LATEST", states.latest()["iter"])
 """
 
 
+@pytest.mark.reliability(kind="fault", case="disk full while saving a training state")
 def test_a_full_disk_is_one_line_and_the_previous_state_stays_the_latest(tmp_path):
     out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -38,6 +39,7 @@ def test_a_full_disk_is_one_line_and_the_previous_state_stays_the_latest(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000001.pt", "state-00000001.pt.sha256"]  # no temp
 
 
+@pytest.mark.reliability(kind="fault", case="output folder that cannot be created")
 def test_an_output_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match=r"cannot write .*file/sub/b\.pt: Not a directory") as e:
@@ -45,6 +47,7 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.reliability(kind="fault", case="DDPS_HOME that cannot be a folder")
 def test_ddps_home_that_cannot_be_a_folder_stops_before_any_work(tmp_path):
     (tmp_path / "home").write_text("not a folder")
     env = {**os.environ, "DDPS_HOME": str(tmp_path / "home")}
@@ -55,6 +58,7 @@ def test_ddps_home_that_cannot_be_a_folder_stops_before_any_work(tmp_path):
                                                f"exists); set DDPS_HOME to a writable folder"]
 
 
+@pytest.mark.reliability(kind="fault", case="final checkpoint truncated or altered")
 def test_a_truncated_or_altered_final_checkpoint_fails_its_checksum(tmp_path):
     path = save_atomic(tmp_path / "b.pt", {"kind": "x", "w": torch.arange(1000.0)}, checksum=True)
     assert read_state_file(path, "checkpoint")["w"][999] == 999

@@ -22,7 +22,7 @@ from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
 from ddps.orchestration.plan import EVAL_SECTIONS, Training, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.tracking import Tracker, is_secret
+from ddps.orchestration.tracking import MLflowReporter, Tracker, TrackingError, cache_spool, is_secret
 from ddps.paths import safe_name
 from ddps.segmentors.checkpoint import read_checkpoint
 
@@ -83,6 +83,9 @@ class Pipeline:
                 self.log(f"[{name}] checkpoint {path} exists: logging it, not retraining")
             else:
                 train(run_id)
+                if not MLflowReporter(self.tracker, run_id).flush():  # what a worker spooled while MLflow was down
+                    raise TrackingError(f"MLflow {self.tracker.uri} is unreachable; the metrics of run {run_id} are "
+                                        f"kept in {cache_spool()}")
             metrics = read_checkpoint(path).get("metrics", {})
             self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()
                                               if isinstance(v, (int, float))}, step=0)

@@ -51,9 +51,19 @@ class RayCheckpointer:
             return None
         with checkpoint.as_directory() as folder:
             state = read_checked(Path(folder) / STATE_FILE)
-        if state is None:
-            self.log(f"the last Ray checkpoint {checkpoint.path} is damaged; starting this stage over")
-        elif self.pid_dir:  # for fault-injection tests: where each rank resumed
+        if state is None:  # truncated or altered (checksum): the one before it, which Ray keeps beside it
+            latest = Path(checkpoint.path)
+            older = sorted(latest.parent.glob("checkpoint_*"), reverse=True) if _local(checkpoint) else []
+            for previous in (p for p in older if p.name < latest.name):
+                state = read_checked(previous / STATE_FILE)
+                if state is not None:
+                    self.log(f"the last Ray checkpoint {latest} is damaged (checksum); resuming from {previous} "
+                             f"(iteration {state['iter']})")
+                    break
+            else:
+                self.log(f"the last Ray checkpoint {latest} is damaged and no earlier one is sound; starting "
+                         f"this stage over")
+        if state is not None and self.pid_dir:  # for fault-injection tests: where each rank resumed
             Path(self.pid_dir, f"rank{self.rank}.resumed").write_text(str(state["iter"]))
         return state
 
@@ -65,6 +75,12 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory() as folder:
             write_checked(Path(folder) / STATE_FILE, state)
             ray.train.report({"iter": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _local(checkpoint) -> bool:
+    """Whether a Ray checkpoint lives on a local (or mounted) file system, where its siblings can be listed."""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    return filesystem is None or getattr(filesystem, "type_name", "local") == "local"
 
 
 def _worker_setup(config: dict):
@@ -86,7 +102,10 @@ def _worker_setup(config: dict):
         reporter = echo
         if config.get("tracking_uri") and config.get("run_id"):
             from ddps.orchestration.tracking import MLflowReporter, Tracker
-            reporter = MLflowReporter(Tracker(config["tracking_uri"]), config["run_id"], echo=echo)
+            # fail fast and spool while the server is down rather than hold the training in MLflow's retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            reporter = MLflowReporter(Tracker(config["tracking_uri"], check=False), config["run_id"], echo=echo)
     return worker, reporter, RayCheckpointer(config["checkpoint_every"], rank, log=reporter.info,
                                                pid_dir=config.get("pid_dir"))
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -74,11 +75,12 @@ def _filter(tags: dict, status: str | None = None) -> str:
 class Tracker:
     """Runs of one tracking store: experiments, parent and nested runs, params, metrics, artifacts."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, check: bool = True):
         import mlflow
         from mlflow.tracking import MlflowClient
         self.uri = resolve_tracking_uri(uri)
-        check_reachable(self.uri)
+        if check:  # a worker's reporter does not check: it spools while the server is down
+            check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
 
@@ -161,9 +163,9 @@ class Tracker:
         from mlflow.entities import RunTag
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict, step: int, timestamp: int | None = None) -> None:
         from mlflow.entities import Metric
-        now = int(time.time() * 1000)
+        now = timestamp or int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v == v]  # NaN dropped
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
@@ -180,27 +182,69 @@ class Tracker:
 
 class MLflowReporter:
     """The engine's Reporter interface onto one MLflow run: metrics throttled to one batch every
-    ``every_s`` seconds (evaluation metrics are sent at once), messages to the console."""
+    ``every_s`` seconds (evaluation metrics are sent at once), messages to the console.
 
-    def __init__(self, tracker: Tracker, run_id: str, every_s: float = 10.0, echo=None):
-        self.tracker, self.run_id, self.every_s, self.echo = tracker, run_id, every_s, echo
-        self.pending: list[tuple[dict, int]] = []
+    Training does not wait for the tracking server: a batch that cannot be sent (the server is down) goes
+    to a spool file ``<DDPS_HOME>/spool/<run_id>.jsonl`` — a buffer, not a tracker — and the reporter tries
+    again every ``retry_s`` seconds; the first send that succeeds replays the spool in order (with the
+    metrics' own timestamps), so nothing is lost, including by a worker that died meanwhile: the next
+    reporter of the same run (a restarted worker, the driver) replays what it left."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every_s: float = 10.0, echo=None, retry_s: float = 15.0):
+        self.tracker, self.run_id, self.every_s, self.echo, self.retry_s = tracker, run_id, every_s, echo, retry_s
+        self.pending: list[tuple[dict, int, int]] = []  # (metrics, step, timestamp in ms)
         self.last = 0.0
+        self.down_since: float | None = None
+        self.spool = cache_spool() / f"{re.sub(r'[^A-Za-z0-9]+', '_', run_id)}.jsonl"
 
     def log(self, metrics: dict, step: int) -> None:
         if self.echo:
             self.echo.log(metrics, step)
-        self.pending.append((dict(metrics), step))
+        self.pending.append((dict(metrics), step, int(time.time() * 1000)))
         urgent = any(not k.startswith(("loss", "lr", "img_per_s", "ce", "vlb")) for k in metrics)
-        if urgent or time.monotonic() - self.last >= self.every_s:
+        waited = time.monotonic() - self.last
+        if (urgent and self.down_since is None) or waited >= (self.retry_s if self.down_since else self.every_s):
             self.flush()
 
     def info(self, message: str) -> None:
         if self.echo:
             self.echo.info(message)
 
-    def flush(self) -> None:
-        for metrics, step in self.pending:
-            self.tracker.log_metrics(self.run_id, metrics, step)
-        self.pending.clear()
+    def flush(self) -> bool:
+        """Send the spool (if any) then what is pending; on failure spool it. True if all was delivered."""
         self.last = time.monotonic()
+        batches = self._spooled() + self.pending
+        self.pending = []
+        sent = 0
+        try:
+            for metrics, step, stamp in batches:
+                self.tracker.log_metrics(self.run_id, metrics, step, timestamp=stamp)
+                sent += 1
+        except Exception as e:  # the server is unreachable or failing: keep every batch not yet sent
+            self._write_spool(batches[sent:])
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.info(f"MLflow unreachable ({type(e).__name__}); training goes on, metrics kept in "
+                          f"{self.spool} and sent when it is back")
+            return False
+        self.spool.unlink(missing_ok=True)
+        if self.down_since is not None:
+            self.info(f"MLflow reachable again after {time.monotonic() - self.down_since:.0f} s; "
+                      f"{len(batches)} spooled batches delivered")
+            self.down_since = None
+        return True
+
+    def _spooled(self) -> list[tuple[dict, int, int]]:
+        if not self.spool.exists():
+            return []
+        return [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line.strip()]
+
+    def _write_spool(self, batches: list) -> None:
+        tmp = self.spool.with_name(self.spool.name + ".tmp")
+        tmp.write_text("".join(json.dumps(list(b)) + "\n" for b in batches))
+        os.replace(tmp, self.spool)  # whole or not at all, as checkpoints are
+
+
+def cache_spool() -> Path:
+    from ddps.paths import cache_dir
+    return cache_dir("spool")
