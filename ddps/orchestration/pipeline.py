@@ -208,6 +208,7 @@ class Pipeline:
                     self.tracker.log_artifact(run_id, folder / f"strip-{ex['index']}.png", "strips")
                 first = examples[0]
                 np.savez_compressed(folder / "probabilities.npz", image=first["image"], label=first["label"],
+                                    class_names=np.array(val.class_names),
                                     base=first["base_probs"].astype(np.float16),
                                     steps=np.stack(first["step_probs"]).astype(np.float16))
                 self.tracker.log_artifact(run_id, folder / "probabilities.npz")

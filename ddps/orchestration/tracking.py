@@ -176,6 +176,7 @@ class Tracker:
     def download(self, uri: str, dst: str | Path | None = None) -> Path:
         """A ``runs:/<id>/<path>`` artifact as a local file."""
         import mlflow
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per small file
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
                                                         tracking_uri=self.uri))
 

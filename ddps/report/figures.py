@@ -91,15 +91,18 @@ def logits_figure(npz: Path, table: Table, cell: Cell, path: Path) -> Path:
     counts = np.bincount(label[label < classes].ravel(), minlength=classes)
     counts[0] = 0
     c = int(counts.argmax())
+    name = f"class {c}"
+    if "class_names" in data.files:  # written by evaluations since the report exists
+        name = str(data["class_names"][c])
     x = np.log(np.clip(base[c], 1e-4, 1)).ravel()
     y = np.log(np.clip(last[c], 1e-4, 1)).ravel()
     inside = (label == c).ravel()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(x[~inside], y[~inside], s=3, alpha=0.4, label=f"other pixels ({(~inside).sum()})")
-    ax.scatter(x[inside], y[inside], s=3, alpha=0.6, label=f"pixels of class {c} ({inside.sum()})")
+    ax.scatter(x[inside], y[inside], s=3, alpha=0.6, label=f"pixels of {name} ({inside.sum()})")
     ax.plot([-9.3, 0], [-9.3, 0], color="black", lw=0.8)
-    ax.set_xlabel(f"base: log p(class {c})")
-    ax.set_ylabel(f"DDPS step {cell.steps}: log p(class {c})")
+    ax.set_xlabel(f"base: log p({name})")
+    ax.set_ylabel(f"DDPS step {cell.steps}: log p({name})")
     ax.set_title(f"{table.name}: {cell_name(cell)}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
