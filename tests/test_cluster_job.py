@@ -77,7 +77,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline_into_a_real_mlflow_server(ray_he
         time.sleep(3)
     log = out.stdout[-4000:] + out.stderr[-2000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
-    assert "| base (segformer-mit_b0) |" in out.stdout and "| step 1 |" in out.stdout, log  # the job's table
+    assert "| base (segformer-mit_b0) |" in out.stdout and "| DDPS step 1 |" in out.stdout, log  # the job's table
 
     client = MlflowClient(mlflow_server)  # over HTTP, as the UI sees it
     exp = client.get_experiment_by_name("job-test")
