@@ -142,11 +142,11 @@ class Pipeline:
 
         A sweep's cell passes its own tags (``cell``: table, row, column, its training run); the pipeline's
         parent then keeps no ``step.eval`` link (a sweep has many)."""
+        from ddps.denoiser import count_params
         from ddps.engine.evaluate_checkpoint import evaluation_split
         from ddps.engine.evaluate_refiner import evaluate_refiner, trajectory_examples
         from ddps.engine.features import compute_cache
         from ddps.engine.refine_images import palette, strip
-        from ddps.denoiser import count_params
         from ddps.refiner.build import build_codec
         from ddps.refiner.checkpoint import load_refiner
         key = {"ddps.step": "eval", "ddps.content_hash": digest}
