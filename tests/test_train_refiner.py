@@ -164,3 +164,28 @@ def test_feature_cache_holds_originals_then_flips_in_dataset_order(smoke_base):
             torch.testing.assert_close(cache.base_logits[row].float(), b.base_logits[0].half().float(),
                                        atol=2e-3, rtol=1e-2)
             assert torch.equal(cache.labels[row], y[0].to(torch.uint8))
+
+
+def test_the_feature_cache_is_kept_once_and_memory_mapped_by_every_later_training(smoke_base, monkeypatch):
+    """prepare_data with the base's hash writes the train split's features to DDPS_HOME/features once; a
+    second preparation (another stage, another worker) maps that file instead of running the base again,
+    and a damaged file is computed again."""
+    import ddps.engine.train_refiner as train_refiner
+    cfg, (_, payload, base) = resolve("smoke"), smoke_base
+    path = train_refiner.feature_cache_path(cfg, payload["hash"])
+    path.unlink(missing_ok=True)
+    calls = []
+    real = train_refiner.compute_cache
+    monkeypatch.setattr(train_refiner, "compute_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = prepare_data(cfg, base, base_hash=payload["hash"]).train_cache
+    assert path.exists() and len(calls) == 2  # the held-out split, then the train split (kept)
+    second = prepare_data(cfg, base, base_hash=payload["hash"]).train_cache
+    assert len(calls) == 3  # only the held-out split again: the train split came from the file
+    for name in ("features", "base_logits", "labels"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    flipped = resolve("smoke", overrides={"train.flip": not cfg.train.flip})
+    assert train_refiner.feature_cache_path(flipped, payload["hash"]) != path  # flips change what is cached
+    path.write_bytes(b"not a cache")
+    third = prepare_data(cfg, base, base_hash=payload["hash"]).train_cache
+    assert len(calls) == 5 and torch.equal(third.features, first.features)
+    assert len(torch.load(path, mmap=True, weights_only=True)["labels"]) == len(first)  # rewritten whole

@@ -1,12 +1,17 @@
 """The frozen base segmentor's side of refiner training and evaluation: features and its own prediction.
 
 The base is frozen, so for a split without augmentation its features never change: ``FeatureCache``
-computes them once (and those of the horizontally flipped images, when flips are on) and holds them in
-memory as float16. Where augmentation is wanted, ``base_batch`` computes them per batch.
+computes them once (and those of the horizontally flipped images, when flips are on) and holds them as
+float16; ``stored_cache`` keeps them in a file addressed by what determines them (base hash, data, mask
+size, flips) and memory-maps it, so every later training on that base — and every data-parallel worker —
+reads them instead of running the base again. Where augmentation is wanted, ``base_batch`` computes them
+per batch.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +105,25 @@ def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, 
     if cache is None:
         raise DataError(f"{getattr(dataset, 'name', 'dataset')} is empty: nothing to cache")
     return cache
+
+
+def stored_cache(path: Path, compute, expected: int) -> tuple[FeatureCache, bool]:
+    """The feature cache in ``path`` (memory-mapped: the pages are shared by every process that reads it),
+    else ``compute()`` written there first (atomically: a reader never sees half a file); (cache, reused).
+    A file that does not load, or holds another number of images than ``expected``, is computed again."""
+    if path.exists():
+        try:
+            blob = torch.load(path, mmap=True, weights_only=True)
+            cache = FeatureCache(blob["features"], blob["base_logits"], blob["labels"])
+            if len(cache) == expected == len(cache.base_logits) == len(cache.labels):
+                return cache, True
+        except Exception:  # noqa: BLE001 - a damaged or foreign file is replaced below
+            pass
+    cache = compute()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"features": cache.features, "base_logits": cache.base_logits, "labels": cache.labels}, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a full or read-only disk costs the reuse, not the training
+        tmp.unlink(missing_ok=True)
+    return cache, False

@@ -18,7 +18,8 @@ import torch
 from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate_refiner import evaluate_refiner
-from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning, stack_pairs
+from ddps.engine.features import (FeatureCache, base_batch, compute_cache, conditioning, stack_pairs,
+                                  stored_cache)
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.engine.train_base import seed_everything
@@ -101,9 +102,19 @@ class RefinerData:
     class_names: tuple
 
 
-def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None) -> RefinerData:
+def feature_cache_path(cfg: Config, base_hash: str) -> Path:
+    """Where the train split's feature cache of this base lives: addressed by the base's hash, the data
+    section, the mask size and flips — what the cached tensors depend on."""
+    key = content_hash(cfg, ("data",), [base_hash, "features", f"mask_scale={cfg.denoiser.mask_scale}",
+                                         f"flip={cfg.train.flip}"])
+    return cache_dir("features") / f"train-{key[:16]}.pt"
+
+
+def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None,
+                 base_hash: str | None = None) -> RefinerData:
     """The training stream's source and the held-out split that evaluations during training use: the
-    holdout split when data.holdout > 0 (for choosing hyper-parameters without touching val), else val."""
+    holdout split when data.holdout > 0 (for choosing hyper-parameters without touching val), else val.
+    With ``base_hash``, the train split's feature cache is kept in DDPS_HOME/features and reused."""
     tc = cfg.train
     codec = build_codec(cfg)
     train_eval = build_dataset(cfg.data, "train", train=False)
@@ -119,10 +130,18 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
     select = compute_cache(base, select_set, codec, device=device)
     cache, train_set = None, None
     if tc.feature_cache:
-        cache = compute_cache(base, train_eval, codec, flip=tc.flip, device=device)
+        def compute():
+            return compute_cache(base, train_eval, codec, flip=tc.flip, device=device)
+        how = "computed"
+        if base_hash:
+            path = feature_cache_path(cfg, base_hash)
+            cache, reused = stored_cache(path, compute, len(train_eval) * (2 if tc.flip else 1))
+            how = f"memory-mapped from {path}" if reused else f"computed, kept in {path}"
+        else:
+            cache = compute()
         if reporter:
             reporter.info(f"feature cache: {len(cache)} train images ({'with' if tc.flip else 'no'} flips), "
-                          f"{cache.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.0f}s")
+                          f"{cache.nbytes / 2**20:.0f} MiB, {how}, {time.perf_counter() - t0:.0f}s")
     else:
         train_set = build_dataset(cfg.data, "train", seed=tc.seed)
     return RefinerData(cache, train_set, select, select_name, train_eval.num_classes, train_eval.ignore_index,
@@ -294,7 +313,7 @@ def fit(cfg: Config, base_checkpoint: str | Path, reporter_factory=None, out_dir
             log(f"[{stage}] reusing {path} (same config hash)")
         else:
             if data is None:
-                data = prepare_data(cfg, base, device, ConsoleReporter("data"))
+                data = prepare_data(cfg, base, device, ConsoleReporter("data"), base_payload["hash"])
             reporter = reporter_factory(stage, stage_iters(cfg, stage)) if reporter_factory else None
             payload = fit_stage(cfg, stage, base, base_payload, data, path=path, init_state=init_state,
                                 reporter=reporter, worker=Worker(device=device))

@@ -44,7 +44,11 @@ def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> 
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env} if env else None,
                  log_to_driver=log_to_driver)
         return
-    cpus = max(2, math.ceil(cluster.workers * cluster.cpus_per_worker + extra_cpus - 1e-9))
+    # as many trials side by side as this machine's cores hold workers (one at a time with 2 workers on 2
+    # cores; two with 1 worker each), each with its extra CPUs (logical) beside them
+    per_trial = cluster.workers * cluster.cpus_per_worker
+    side_by_side = max(1, int((os.cpu_count() or 1) // per_trial)) if extra_cpus else 1
+    cpus = max(2, math.ceil(side_by_side * (per_trial + extra_cpus) - 1e-9))
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1",

@@ -136,6 +136,11 @@ def _trial(config: dict) -> None:
 
 # ---- progress -------------------------------------------------------------------------------------
 
+def say(line: str) -> None:
+    """The sweep's default log: print, looked up when called (Ray swaps builtins.print in some processes)."""
+    print(line, flush=True)
+
+
 class Progress:
     """The sweep's live line over Tune's own reporter (silenced): jobs done / total, cells done / total, what
     runs now (a training with its iteration), elapsed, and an ETA — the plan's estimate of what is left,
@@ -150,7 +155,12 @@ class Progress:
         self.running: dict[str, list] = {}  # label -> [estimated seconds, iteration text, fraction done]
         self.start = time.monotonic()
         self.wave = ""
-        self.tty = log is print and sys.stdout.isatty()
+        self.tty = log is say and sys.stdout.isatty()
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment's state: the log function (a logger's method, or
+        # print while another thread has swapped builtins.print) stays with the driver
+        return {**self.__dict__, "log": say}
 
     def add(self, seconds: float) -> None:
         self.estimate_left += seconds
@@ -225,7 +235,7 @@ class Sweep:
     plan: Plan
     cluster: Cluster = field(default_factory=Cluster)
     tracking_uri: str | None = None
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = say
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
@@ -237,7 +247,10 @@ class Sweep:
         import ray
         total = ray.cluster_resources().get("CPU", 1.0)
         workers = self.cluster.workers * self.cluster.cpus_per_worker
-        return (max(1, int(total // (workers + TRIAL_CPUS))), max(1, int(total // workers)), workers)
+        # a local Ray counts a training trial's TRIAL_CPUS as logical CPUs beside the cores (ensure_ray):
+        # evaluations, which hold only their own CPUs, stay within the cores
+        cores = total if os.environ.get("RAY_ADDRESS") else min(total, os.cpu_count() or 1)
+        return (max(1, int(total // (workers + TRIAL_CPUS))), max(1, int(cores // workers)), workers)
 
     def run(self) -> Pending:
         """Run what is left of the plan; returns what was left when it started."""
@@ -343,7 +356,7 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = None, log=print,
+def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = None, log=say,
                verbose: bool = False) -> list[Pending]:
     """Each table in turn, on the cluster in RAY_ADDRESS or an in-process Ray with room for a trial
     beside its workers."""
