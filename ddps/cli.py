@@ -135,7 +135,8 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     out = cache_dir("reports") / name
     write_report(pipeline.tracker, [name], out, evaluations={eval_hash(cfg, chain_of(cfg))}, parquet=False,
                  log=lambda line: None)
-    print((out / f"{name}.md").read_text().split("\n", 4)[-1].rstrip())  # the table, below title and header
+    table = (out / f"{name}.md").read_text().split("\n## Figures")[0]  # the table, without its figure links
+    print(table.split("\n", 4)[-1].rstrip())  # below the title and the header line
     print(f"report: {out}/{name}.md (figures in {out}/figures)")
     print(f"MLflow: {pipeline.tracker.uri} (experiment {name}); to browse it: ddps ui, then open "
           f"http://127.0.0.1:5000")
@@ -184,7 +185,7 @@ def cmd_report(args) -> int:
                            with_figures=not args.no_figures, log_figures=not args.no_log,
                            parquet=not args.no_parquet)
     if len(written.tables) == 1:
-        print(next(p for p in written.files if p.suffix == ".md").read_text().rstrip())
+        print(next(p for p in written.files if p.suffix == ".md").read_text().split("\n## Figures")[0].rstrip())
     print(f"report: {Path(args.out) / 'index.md'}")
     return 0
 

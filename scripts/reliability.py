@@ -14,8 +14,10 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_block import rewrite  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
 
 
 def _commit() -> str:
@@ -62,15 +64,6 @@ def render(records: list[dict], rc: int) -> str:
     return "\n".join(lines)
 
 
-def rewrite(readme: Path, section: str) -> None:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}")
-
-
 def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as folder:
         log = Path(folder) / "records.jsonl"
@@ -82,7 +75,7 @@ def main(argv: list[str]) -> int:
         print("no reliability records: did any marked test run?", file=sys.stderr)
         return rc or 1
     section = render(records, rc)
-    rewrite(ROOT / "README.md", section)
+    rewrite(ROOT / "README.md", "reliability", section)
     print(section)
     return rc
 

@@ -1,6 +1,7 @@
 """`ddps report` against a real MLflow SQLite store holding known runs (written through mlflow's API):
 the tables' cells, each finding's verdict, byte-identical Markdown, figures logged back, parquet, no torch."""
 import json
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,9 @@ def test_figures_are_written_and_logged_and_runs_export_to_parquet(store, tmp_pa
     assert figures == sorted(["seeds-steps.png", "table1-steps.png"] +
                              [f"{s}-{kind}.png" for s in stems for kind in ("classes", "logits", "strip-0")])
     assert all(Image.open(tmp_path / "figures" / f).size[0] > 0 for f in figures)
+    for name in ("table1", "seeds"):  # each table's file shows its own figures, linked relative to it
+        linked = re.findall(r"!\[[^]]*\]\(figures/([^)]+)\)", (tmp_path / f"{name}.md").read_text())
+        assert sorted(linked) == sorted(f for f in figures if f.startswith(name + "-")), name
     parent = tracker.search(["table1"], {"ddps.step": "sweep"})["run_id"].iloc[0]
     assert sorted(a.split("/")[-1] for a in tracker.list_artifacts(parent, "report")) == \
         sorted(f for f in figures if f.startswith("table1"))

@@ -81,15 +81,16 @@ def write_report(tracker, names: list[str] | None, out: str | Path, with_figures
         raise ReportError(f"no FINISHED evaluation runs in {', '.join(names) or 'any experiment'} of "
                           f"{tracker.uri}: run a sweep or a pipeline first")
     out.mkdir(parents=True, exist_ok=True)
+    made = _figures(tracker, written.tables, out / "figures", log_figures, log) if with_figures else {}
     for name, table in written.tables.items():
         path = out / f"{name}.md"
-        path.write_text(render(table, PUBLISHED.get(name) if table.preset == "paper" else None))
+        path.write_text(render(table, PUBLISHED.get(name) if table.preset == "paper" else None)
+                        + figure_links(made.get(name, []), out))
         written.files.append(path)
     index = out / "index.md"
     index.write_text(render_index(written.tables))
     written.files.append(index)
-    if with_figures:
-        written.files += _figures(tracker, written.tables, out / "figures", log_figures, log)
+    written.files += [path for paths in made.values() for path in paths]
     if parquet:
         written.files += export_parquet(tracker, list(written.tables), out / "runs")
     log(f"[report] {len(written.tables)} table(s), {len(written.files)} file(s) in {out}")
@@ -117,9 +118,20 @@ def render_index(tables: dict[str, Table]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _figures(tracker, tables: dict[str, Table], folder: Path, log_figures: bool, log) -> list[Path]:
+def figure_links(paths: list[Path], out: Path) -> str:
+    """A table's figures as Markdown images under a 'Figures' heading (paths relative to its file)."""
+    if not paths:
+        return ""
+    lines = ["", "## Figures", ""]
+    for path in paths:
+        lines += [f"![{path.stem}]({path.relative_to(out).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def _figures(tracker, tables: dict[str, Table], folder: Path, log_figures: bool, log) -> dict[str, list[Path]]:
+    """Each table's figures (written into ``folder`` and, with ``log_figures``, logged to its parent run)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    paths: dict[str, list[Path]] = {}
     for name, table in tables.items():
         made = [figs.steps_figure(tracker, table, folder / f"{name}-steps.png")]
         if layout(table).__name__ in CELL_FIGURES:
@@ -129,7 +141,7 @@ def _figures(tracker, tables: dict[str, Table], folder: Path, log_figures: bool,
             for path in made:
                 tracker.log_artifact(table.parent, path, "report")
         log(f"[report] {name}: {len(made)} figure(s)")
-        paths += made
+        paths[name] = made
     return paths
 
 
