@@ -116,3 +116,41 @@ def test_the_progress_eta_scales_what_is_left_by_how_the_estimate_held(monkeypat
     clock[0] = 1800.0
     progress.result(second, {"iter": 50})
     assert "running: b it 50/100" in lines[-1] and lines[-1].endswith("30 min elapsed, ETA 10 min")
+
+
+def test_two_tables_run_as_one_schedule_and_a_shared_training_runs_once(ray_local, tmp_path):
+    """`ddps sweep a.yaml b.yaml` (and --all): one wave per chain position over both tables. Table b's only
+    model is one of table a's (same learning rate): 2 trainings in all, each table its parent and its cells."""
+    from ddps.orchestration.sweep import run_sweeps
+    lr = {"name": "lr", "key": "train.lr", "values": [0.003, 0.004]}  # models no other test of the session trains
+    a = {**GRID, "name": "smoke-a", "title": "a", "axes": [lr], "columns": []}
+    b = {**GRID, "name": "smoke-b", "title": "b", "axes": GRID["axes"][1:], "rows": ["test_steps"], "columns": [],
+         "presets": {"smoke": {**GRID["presets"]["smoke"], "train": {"stages": "multi-step", "lr": 0.003}}}}
+    plans = []
+    for doc in (a, b):
+        path = tmp_path / f"{doc['name']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        plans.append(plan(load_experiment(path), "smoke"))
+    train_base.fit(plans[0].cells[0].cfg)
+    shared = {t.hash for t in plans[0].to_train} & {t.hash for t in plans[1].to_train}
+    assert len(shared) == 1 and len({t.hash for p in plans for t in p.to_train}) == 2
+    before = set(cache_dir("checkpoints").glob("refiner-*.pt"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cluster = Cluster(workers=1, cpus_per_worker=1, checkpoint_every=3)
+    lines: list[str] = []
+    run_sweeps(plans, cluster, uri, log=lines.append)
+
+    assert len(set(cache_dir("checkpoints").glob("refiner-*.pt")) - before) == 2
+    sweeps = [Sweep(p, cluster, uri) for p in plans]
+    client = sweeps[0].tracker.client
+    steps = {}
+    for s in sweeps:
+        runs = _runs(client, s.experiment_id)
+        steps[s.plan.experiment.name] = sorted(r.data.tags["ddps.step"] for r in runs)
+        assert all(r.info.status == "FINISHED" for r in runs)
+    # the base's checkpoint existed: its run is logged (under a), not retrained; b's model was trained once, under a
+    assert steps == {"smoke-a": ["base", "eval", "eval", "multistep", "multistep", "sweep"],
+                     "smoke-b": ["eval", "eval", "sweep"]}
+    assert any("2 tables" in line and "cells 4/4" in line for line in lines)
+    assert all(left.empty for left in run_sweeps(plans, cluster, uri, log=lines.append))
+    assert sum(len(_runs(client, s.experiment_id)) for s in sweeps) == 9  # the rerun logged nothing

@@ -45,7 +45,7 @@ RATE = {"base": 170.0, "stage1": 99.0, "stage2": 99.0, "multistep": 99.0, "head"
 BASE_RATIO = {("deeplabv3plus", "mobilenet_v2"): 0.52, ("deeplabv3plus", "resnet18"): 0.58,
               ("deeplabv3plus", "resnet50"): 0.26, ("segformer", "mit_b1"): 0.51}
 DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}
-START_S = 40.0  # starting and stopping a TorchTrainer (worker processes, imports, the feature cache)
+START_S = 25.0  # starting and stopping a TorchTrainer (worker processes, imports, mapping the feature cache)
 EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
 EVAL_START_S = 20.0
 ESTIMATED_PRESETS = ("smoke", "cpu")

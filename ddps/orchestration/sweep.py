@@ -4,6 +4,9 @@ Tune runs trials side by side but knows no order between them, and a stage needs
 as **waves**, one ``Tuner`` each — bases, first refiner stages (stage 1, multi-step, head), stage 2, then the
 evaluations. A training trial starts the step's ``TorchTrainer`` (its own data-parallel workers), an
 evaluation trial evaluates in its own process; both call the pipeline's own step and evaluation code.
+Several tables (``--all``) run as one schedule (``run_together``): every table's bases in one wave, every
+first stage in the next, and so on, so the cluster stays full until the end and a training two tables
+share runs once.
 
 Resources: a training trial holds ``TRIAL_CPUS`` and its TorchTrainer workers ``workers x cpus_per_worker``,
 so as many trainings run at once as the cluster's CPUs hold both (DESIGN.md: logical CPUs); an evaluation
@@ -114,7 +117,8 @@ def _trial(config: dict) -> None:
     from ray import tune
 
     from ddps.orchestration.pipeline import Pipeline
-    job, common = config["job"], config["common"]
+    job = config["job"]
+    common = job.get("common") or config["common"]  # a job of a merged run carries its own table's
     cfg = from_flat(job["cfg"])
     pipeline = Pipeline(cfg, Cluster(**common["cluster"]), tracking_uri=common["tracking_uri"],
                         experiment=common["experiment"], tune=True)
@@ -254,42 +258,50 @@ class Sweep:
 
     def run(self) -> Pending:
         """Run what is left of the plan; returns what was left when it started."""
+        todo, common = self.prepare()
+        if todo.empty:
+            return todo
+        progress = _progress(self.plan.experiment.name, [(self, todo)], self.log)
+        trainings_at_once, evals_at_once, eval_cpus = self.resources()
+        try:
+            for wave in range(3):
+                jobs = self.train_jobs(todo, wave, common)
+                _run_wave(WAVES[wave], jobs, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
+            # evaluations run on their trial's CPU threads (the pipeline's evaluation is not GPU-aware yet)
+            _run_wave(WAVES[3], self.eval_jobs(todo, common), common, {"CPU": eval_cpus}, evals_at_once, progress)
+            self.tracker.end_run(common["parent"], "FINISHED")
+        except BaseException:
+            self.tracker.end_run(common["parent"], "FAILED")
+            raise
+        return todo
+
+    def prepare(self, prefix: str = "") -> tuple[Pending, dict]:
+        """What is left of the plan and, when something is, the parent run (KILLED-marking what an earlier
+        driver left RUNNING) and what every trial of this sweep shares."""
         p, tracker = self.plan, self.tracker
         todo = pending(p, tracker, self.experiment_id)
         name = p.experiment.name
         if todo.empty:
             self.log(f"[sweep {name}] all {len(p.cells)} cells of preset {p.preset} are finished in MLflow "
                      f"experiment {name}: nothing to run")
-            return todo
+            return todo, {}
         stale = tracker.mark_stale(self.experiment_id, {"ddps.sweep": self.hash})
         if stale:
             self.log(f"[sweep {name}] marked {stale} run(s) left RUNNING by an earlier driver as KILLED")
-        parent = self._parent()
-        jobs = sum(len(w) for w in todo.trainings) + len(todo.cells)
-        progress = Progress(name, jobs, len(p.cells), len(p.cells) - len(todo.cells), self.log)
-        for wave in todo.trainings:
-            for t, _ in wave:
-                progress.add(_seconds(t))
-        for cell in todo.cells:
-            progress.add(cell.eval_seconds)
-        trainings_at_once, evals_at_once, eval_cpus = self.resources()
         common = {"cluster": asdict(self.cluster), "tracking_uri": tracker.uri, "experiment": name,
-                  "parent": parent, "sweep": self.hash, "table": name, "eval_cpus": eval_cpus}
-        try:
-            for wave, trainings in enumerate(todo.trainings):
-                jobs_ = [{"kind": "train", "cfg": to_flat(cell.cfg), "index": wave, "seconds": _seconds(t),
-                          "iters": t.iters, "label": f"{t.step} {t.hash[:8]} ({_label(cell)})"}
-                         for t, cell in trainings]
-                self._wave(WAVES[wave], jobs_, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
-            jobs_ = [{"kind": "eval", "cfg": to_flat(c.cfg), "tags": cell_tags(p, c), "reliance": c.reliance,
-                      "seconds": c.eval_seconds, "label": _label(c)} for c in todo.cells]
-            # evaluations run on their trial's CPU threads (the pipeline's evaluation is not GPU-aware yet)
-            self._wave(WAVES[3], jobs_, common, {"CPU": eval_cpus}, evals_at_once, progress)
-            tracker.end_run(parent, "FINISHED")
-        except BaseException:
-            tracker.end_run(parent, "FAILED")
-            raise
-        return todo
+                  "parent": self._parent(), "sweep": self.hash, "table": name, "eval_cpus": self.resources()[2],
+                  "prefix": prefix}
+        return todo, common
+
+    def train_jobs(self, todo: Pending, wave: int, common: dict) -> list[dict]:
+        return [{"kind": "train", "cfg": to_flat(cell.cfg), "index": wave, "seconds": _seconds(t), "iters": t.iters,
+                 "label": f"{common['prefix']}{t.step} {t.hash[:8]} ({_label(cell)})", "hash": t.hash,
+                 "common": common} for t, cell in todo.trainings[wave]]
+
+    def eval_jobs(self, todo: Pending, common: dict) -> list[dict]:
+        return [{"kind": "eval", "cfg": to_flat(c.cfg), "tags": cell_tags(self.plan, c), "reliance": c.reliance,
+                 "seconds": c.eval_seconds, "label": f"{common['prefix']}{_label(c)}", "common": common}
+                for c in todo.cells]
 
     def _parent(self) -> str:
         """The sweep's parent run: the one an earlier driver of the same sweep started, else a new one."""
@@ -314,32 +326,36 @@ class Sweep:
                                     "sweep.naive_trainings": p.naive_trainings})
         return run_id
 
-    def _wave(self, wave: str, jobs: list[dict], common: dict, resources: dict, at_once: int,
-              progress: Progress) -> None:
-        if not jobs:
-            return
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, which verbose=0 silences
-        import logging
 
-        from ray import tune
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)  # not a line per wave about its state files
-        progress.wave = f"{wave} ({len(jobs)})"
-        tuner = tune.Tuner(
-            tune.with_resources(_trial, resources),
-            param_space={"common": common, "job": tune.grid_search(jobs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=f"{common['table']}-{self.hash[:8]}-{wave.replace(' ', '-')}",
-                                      storage_path=str(cache_dir("ray") / "tune"), verbose=0,
-                                      callbacks=[_callback(progress)],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        results = tuner.fit()
-        errors = [(r.config["job"]["label"], r.error) for r in results if r.error]
-        if errors:
-            label, error = errors[0]
-            raise SweepError(f"{len(errors)} of {len(jobs)} {wave} failed; the first, {label}: "
-                             f"{_last_line(error)}")
+# ---- the waves ------------------------------------------------------------------------------------
+
+def _run_wave(wave: str, jobs: list[dict], common: dict, resources: dict, at_once: int,
+              progress: Progress) -> None:
+    """One Tuner over the jobs of a wave, ``at_once`` trials at a time; a failed trial fails the wave."""
+    if not jobs:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, which verbose=0 silences
+    import logging
+
+    from ray import tune
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # not a line per wave about its state files
+    progress.wave = f"{wave} ({len(jobs)})"
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, resources),
+        param_space={"common": common, "job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=f"{common['table']}-{common['sweep'][:8]}-{wave.replace(' ', '-')}",
+                                  storage_path=str(cache_dir("ray") / "tune"), verbose=0,
+                                  callbacks=[_callback(progress)],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    errors = [(r.config["job"]["label"], r.error) for r in results if r.error]
+    if errors:
+        label, error = errors[0]
+        raise SweepError(f"{len(errors)} of {len(jobs)} {wave} failed; the first, {label}: "
+                         f"{_last_line(error)}")
 
 
 def _seconds(t: Training) -> float:
@@ -356,13 +372,63 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def _progress(name: str, todos: list[tuple[Sweep, Pending]], log) -> Progress:
+    """One progress line over these sweeps' pending jobs (a training shared by two tables counted once)."""
+    trainings = {t.hash: t for _, todo in todos for wave in todo.trainings for t, _ in wave}
+    cells = sum(len(s.plan.cells) for s, _ in todos)
+    left = sum(len(todo.cells) for _, todo in todos)
+    progress = Progress(name, len(trainings) + left, cells, cells - left, log)
+    for t in trainings.values():
+        progress.add(_seconds(t))
+    for _, todo in todos:
+        for cell in todo.cells:
+            progress.add(cell.eval_seconds)
+    return progress
+
+
+def run_together(sweeps: list[Sweep], log=say) -> list[Pending]:
+    """Several tables as one schedule: every table's bases in one wave, then every first stage, every second
+    stage, every evaluation — so that as many trials run at once as the cluster holds from the first to the
+    last, rather than a table's last, lonely training leaving cores idle. A training two tables share runs
+    once (under the first table's experiment); each table keeps its parent run, tags and resumption."""
+    every = [(s, *s.prepare(prefix=f"{s.plan.experiment.name}: ")) for s in sweeps]
+    prepared = [(s, todo, common) for s, todo, common in every if not todo.empty]
+    if not prepared:
+        return [todo for _, todo, _ in every]
+    progress = _progress(f"{len(prepared)} tables", [(s, todo) for s, todo, _ in prepared], log)
+    first = prepared[0][0]
+    trainings_at_once, evals_at_once, eval_cpus = first.resources()
+    together = {"table": "all", "sweep": hashlib.sha256(" ".join(c["sweep"] for _, _, c in prepared).encode())
+                .hexdigest()}
+    try:
+        for wave in range(3):
+            jobs, seen = [], set()
+            for s, todo, common in prepared:
+                for job in s.train_jobs(todo, wave, common):
+                    if job["hash"] not in seen:
+                        seen.add(job["hash"])
+                        jobs.append(job)
+            _run_wave(WAVES[wave], jobs, together, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
+        jobs = [job for s, todo, common in prepared for job in s.eval_jobs(todo, common)]
+        _run_wave(WAVES[3], jobs, together, {"CPU": eval_cpus}, evals_at_once, progress)
+        for s, _, common in prepared:
+            s.tracker.end_run(common["parent"], "FINISHED")
+    except BaseException:
+        for s, _, common in prepared:
+            s.tracker.end_run(common["parent"], "FAILED")
+        raise
+    return [todo for _, todo, _ in every]
+
+
 def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = None, log=say,
                verbose: bool = False) -> list[Pending]:
-    """Each table in turn, on the cluster in RAY_ADDRESS or an in-process Ray with room for a trial
-    beside its workers."""
+    """One table, or several as one schedule (run_together), on the cluster in RAY_ADDRESS or an in-process
+    Ray with room for a trial beside its workers."""
     from ddps.orchestration.runtime import ensure_ray
     sweeps = [Sweep(p, cluster, tracking_uri, log) for p in plans]  # every tracking check before compute
     ensure_ray(cluster, extra_cpus=TRIAL_CPUS, log_to_driver=verbose)
     if not verbose:
         log("workers' output goes to Ray's logs (/tmp/ray/session_latest/logs; --verbose shows it here)")
-    return [s.run() for s in sweeps]
+    if len(sweeps) == 1:
+        return [sweeps[0].run()]
+    return run_together(sweeps, log)
