@@ -154,7 +154,9 @@ def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(ray_local, 
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["base (segformer-mit_b0)", "DDPS step 1", "DDPS step 5 (last)"]
     report = tmp_path / "home" / "reports" / "ddps-fashion-scenes"  # written from MLflow, as `ddps report` does
     assert f"report: {report}/ddps-fashion-scenes.md" in out
-    assert (report / "ddps-fashion-scenes.md").read_text().split("\n", 4)[-1].rstrip() in out
+    table, figures = (report / "ddps-fashion-scenes.md").read_text().split("\n## Figures")
+    assert table.split("\n", 4)[-1].rstrip() in out and "![" not in out  # the table, not its figure links
+    assert "-classes.png)" in figures
     assert {p.name for p in (report / "figures").glob("*-classes.png")}  # per-class IoU change of the demo's model
     assert f"sqlite:///{tmp_path / 'home'}/mlflow.db" in out
 
