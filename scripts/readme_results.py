@@ -25,26 +25,32 @@ def section_of(markdown: str, heading: str) -> str:
 
 
 def times(folder: Path) -> str:
-    rows, total = [], 0
+    """The measured wall times (sweep_all.sh's files: a header line per run, then "<sweep>\t<seconds>")."""
+    rows, total, counted = [], 0, 0
     for path in sorted(folder.glob("sweep-times-cpu*.tsv")):
         for line in path.read_text().splitlines():
-            if line.startswith("#") or not line.strip():
+            if not line.strip():
                 continue
-            table, seconds = line.split("\t")
-            rows.append(f"| {table} | {path.name} | {int(seconds) // 60} min {int(seconds) % 60:02d} s |")
+            if line.startswith("#"):
+                rows.append(f"| *{line.lstrip('# ')}* | | |")
+                continue
+            table, seconds = line.split("\t")[:2]
+            rows.append(f"| {table} | {path.name} | {int(seconds) // 3600} h {int(seconds) % 3600 // 60:02d} min "
+                        f"{int(seconds) % 60:02d} s |")
             if table != "all (rerun)":
-                total += int(seconds)
+                total, counted = total + int(seconds), counted + 1
     if not rows:
         return "(no measured sweep times in reports/)"
-    return "| sweep | runner | wall |\n|---|---|---|\n" + "\n".join(rows) + \
-        f"\n\nSum over the tables: {total // 3600} h {total % 3600 // 60:02d} min of runner time (the two runners " \
-        f"overlapped, so the elapsed time, given above, is shorter)."
+    text = "| sweep | file | wall |\n|---|---|---|\n" + "\n".join(rows)
+    if counted > 1:
+        text += f"\n\nSum: {total // 3600} h {total % 3600 // 60:02d} min."
+    return text
 
 
 def main(argv: list[str]) -> int:
     folder = Path(argv[0]) if argv else ROOT / "reports"
     index = (folder / "index.md").read_text()
-    table1 = (folder / "table1.md").read_text().strip().splitlines()
+    table1 = (folder / "table1.md").read_text().split("\n## Figures")[0].strip().splitlines()
     findings = section_of(index, "The paper's findings, on our numbers").replace("](table", "](reports/table")
     reliance = section_of(index, "Mask reliance of each DDPS model")
     text = "\n".join([
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> int:
         "",
         f"**{table1[0].lstrip('# ')}** ([reports/table1.md](reports/table1.md))",
         "",
-        *table1[1:],
+        *"\n".join(table1[1:]).strip().splitlines(),
         "",
         "**The paper's findings, on our numbers**",
         "",
