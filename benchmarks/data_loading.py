@@ -1,6 +1,6 @@
 """Data loading against compute: training step time with the real loader against a preloaded batch.
 
-    .venv/bin/python benchmarks/data_loading.py [--repeats 2] [--steps 20] [--threads 2]
+    .venv/bin/python benchmarks/data_loading.py [--repeats 2] [--steps 20] [--threads 2] [--num-workers N]
 
 Three rows per repeat, interleaved (a shared machine's speed drifts; compare ratios within one run):
 - base segmentor (`cpu` preset: SegFormer-B0, batch 32, augmented 64-pixel scenes): the training step fed by
@@ -116,9 +116,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, help="the base loader's worker processes "
+                        "(default: the cpu preset's train_base.num_workers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = resolve("cpu", None, FLAT)
+    cfg = resolve("cpu", None, FLAT if args.num_workers is None else
+                  {**FLAT, "train_base.num_workers": args.num_workers})
     runs: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for name, seconds in {**base_rows(cfg, args.steps), **refiner_rows(cfg, args.steps)}.items():
