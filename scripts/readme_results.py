@@ -31,8 +31,9 @@ def times(folder: Path) -> str:
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
-            if line.startswith("#"):
+            if line.startswith("#"):  # a new run: its own sum
                 rows.append(f"| *{line.lstrip('# ')}* | | |")
+                total, counted = 0, 0
                 continue
             table, seconds = line.split("\t")[:2]
             rows.append(f"| {table} | {path.name} | {int(seconds) // 3600} h {int(seconds) % 3600 // 60:02d} min "
@@ -43,7 +44,7 @@ def times(folder: Path) -> str:
         return "(no measured sweep times in reports/)"
     text = "| sweep | file | wall |\n|---|---|---|\n" + "\n".join(rows)
     if counted > 1:
-        text += f"\n\nSum: {total // 3600} h {total % 3600 // 60:02d} min."
+        text += f"\n\nSum over the last run's sweeps: {total // 3600} h {total % 3600 // 60:02d} min."
     return text
 
 
