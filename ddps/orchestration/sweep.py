@@ -258,22 +258,7 @@ class Sweep:
 
     def run(self) -> Pending:
         """Run what is left of the plan; returns what was left when it started."""
-        todo, common = self.prepare()
-        if todo.empty:
-            return todo
-        progress = _progress(self.plan.experiment.name, [(self, todo)], self.log)
-        trainings_at_once, evals_at_once, eval_cpus = self.resources()
-        try:
-            for wave in range(3):
-                jobs = self.train_jobs(todo, wave, common)
-                _run_wave(WAVES[wave], jobs, common, {"CPU": TRIAL_CPUS}, trainings_at_once, progress)
-            # evaluations run on their trial's CPU threads (the pipeline's evaluation is not GPU-aware yet)
-            _run_wave(WAVES[3], self.eval_jobs(todo, common), common, {"CPU": eval_cpus}, evals_at_once, progress)
-            self.tracker.end_run(common["parent"], "FINISHED")
-        except BaseException:
-            self.tracker.end_run(common["parent"], "FAILED")
-            raise
-        return todo
+        return run_together([self], self.log)[0]
 
     def prepare(self, prefix: str = "") -> tuple[Pending, dict]:
         """What is left of the plan and, when something is, the parent run (KILLED-marking what an earlier
@@ -391,15 +376,19 @@ def run_together(sweeps: list[Sweep], log=say) -> list[Pending]:
     stage, every evaluation — so that as many trials run at once as the cluster holds from the first to the
     last, rather than a table's last, lonely training leaving cores idle. A training two tables share runs
     once (under the first table's experiment); each table keeps its parent run, tags and resumption."""
-    every = [(s, *s.prepare(prefix=f"{s.plan.experiment.name}: ")) for s in sweeps]
+    several = len(sweeps) > 1  # labels then name their table
+    every = [(s, *s.prepare(prefix=f"{s.plan.experiment.name}: " if several else "")) for s in sweeps]
     prepared = [(s, todo, common) for s, todo, common in every if not todo.empty]
     if not prepared:
         return [todo for _, todo, _ in every]
-    progress = _progress(f"{len(prepared)} tables", [(s, todo) for s, todo, _ in prepared], log)
-    first = prepared[0][0]
-    trainings_at_once, evals_at_once, eval_cpus = first.resources()
-    together = {"table": "all", "sweep": hashlib.sha256(" ".join(c["sweep"] for _, _, c in prepared).encode())
-                .hexdigest()}
+    if several:
+        name = f"{len(prepared)} tables"
+        together = {"table": "all", "sweep": hashlib.sha256(" ".join(c["sweep"] for _, _, c in prepared).encode())
+                    .hexdigest()}
+    else:
+        name, together = prepared[0][0].plan.experiment.name, prepared[0][2]
+    progress = _progress(name, [(s, todo) for s, todo, _ in prepared], log)
+    trainings_at_once, evals_at_once, eval_cpus = prepared[0][0].resources()
     try:
         for wave in range(3):
             jobs, seen = [], set()
