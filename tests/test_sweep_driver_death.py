@@ -28,8 +28,9 @@ GRID = {
 
 
 def _runs(db: Path):
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{db}")
+    """Through Tracker, so this poller never migrates the new store while the driver does (its lock)."""
+    from ddps.orchestration.tracking import Tracker
+    client = Tracker(f"sqlite:///{db}").client
     found = client.get_experiment_by_name("driver-death")
     return client.search_runs([found.experiment_id], max_results=1000) if found else []
 
@@ -48,10 +49,7 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
     deadline = time.monotonic() + 900
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            try:
-                runs = _runs(db) if db.exists() else []
-            except Exception:  # the driver is still creating the store (MLflow migrates a new SQLite file)
-                runs = []
+            runs = _runs(db)
             if any(r.data.tags.get("ddps.step") == "eval" and r.info.status == "FINISHED" for r in runs):
                 break
             time.sleep(1)

@@ -5,9 +5,14 @@
   Tune change the working directory of their workers, so a relative URI would scatter stores).
 - An http server is checked before any compute: unreachable -> one-line error.
 - Parameters whose names look like secrets (token, password, secret, key) are never logged.
+- A new SQLite store is created under a file lock (``<store>.lock``): MLflow migrates a fresh file in
+  several steps, and two processes doing so at once (a sweep and `ddps ui`, two sweeps, a driver and its
+  trials) leave one of them with "table ... already exists".
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -72,6 +77,18 @@ def _filter(tags: dict, status: str | None = None) -> str:
     return " and ".join(clauses)
 
 
+@contextlib.contextmanager
+def store_lock(db: Path):
+    """An exclusive lock on ``<db>.lock`` for as long as the block runs (released if the process dies)."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Runs of one tracking store: experiments, parent and nested runs, params, metrics, artifacts."""
 
@@ -82,7 +99,11 @@ class Tracker:
         if check:  # a worker's reporter does not check: it spools while the server is down
             check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            with store_lock(Path(self.uri[len("sqlite:///"):])):
+                self.client = MlflowClient(self.uri)  # creates (migrates) the store, if new, alone
+        else:
+            self.client = MlflowClient(self.uri)
 
     # ---- experiments and runs -----------------------------------------------------------------------
     def experiment(self, name: str) -> str:
