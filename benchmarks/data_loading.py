@@ -1,8 +1,9 @@
 """Data loading against compute: training step time with the real loader against a preloaded batch.
 
-    .venv/bin/python benchmarks/data_loading.py [--repeats 2] [--steps 20] [--threads 2] [--num-workers N]
+    .venv/bin/python benchmarks/data_loading.py [--repeats 2] [--steps 40] [--block 5] [--threads 2] [--num-workers N]
 
-Three rows per repeat, interleaved (a shared machine's speed drifts; compare ratios within one run):
+The rows of one model share its step and take turns every ``--block`` steps, in ABBA order (a shared
+machine's speed drifts within seconds; compare ratios within one run):
 - base segmentor (`cpu` preset: SegFormer-B0, batch 32, augmented 64-pixel scenes): the training step fed by
   its DataLoader (random scale, crop, flip: albumentations, `train_base.num_workers`) against the same step
   on one batch loaded beforehand — no cache can apply, every image is augmented anew;
@@ -40,14 +41,24 @@ SCENES = 2000
 FLAT = {"data.train_scenes": SCENES}
 
 
-def per_step(step, source, steps: int, warmup: int = 3) -> float:
-    """Seconds per training step, each step taking its input from ``next(source)``."""
-    for _ in range(warmup):
-        step(next(source))
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(next(source))
-    return (time.perf_counter() - start) / steps
+def interleaved(step, sources: dict, steps: int, block: int = 5, warmup: int = 3) -> dict[str, float]:
+    """Seconds per training step fed by each source, the sources taking turns in blocks of ``block`` steps
+    (in ABBA order, so a machine whose speed drifts linearly slows every source alike). With loader
+    processes their prefetching (two batches per process) runs into the next source's block: use a larger
+    ``block`` there."""
+    names = list(sources)
+    for name in names:
+        for _ in range(warmup):
+            step(next(sources[name]))
+    total = dict.fromkeys(names, 0.0)
+    rounds = max(1, steps // block)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            for _ in range(block):
+                step(next(sources[name]))
+            total[name] += time.perf_counter() - start
+    return {name: seconds / (rounds * block) for name, seconds in total.items()}
 
 
 def repeat(item):
@@ -55,7 +66,7 @@ def repeat(item):
         yield item
 
 
-def base_rows(cfg, steps: int) -> dict[str, float]:
+def base_rows(cfg, steps: int, block: int) -> dict[str, float]:
     tc = cfg.train_base
     train_set = build_dataset(cfg.data, "train", seed=tc.seed)
     model = create_base(cfg.base.arch, cfg.base.backbone, train_set.num_classes,
@@ -63,7 +74,7 @@ def base_rows(cfg, steps: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.parameters(), tc.lr)
     order = GlobalOrder(len(train_set), tc.batch_size, tc.seed)
     loader = DataLoader(train_set, batch_sampler=(index.tolist() for index, _ in order),
-                        num_workers=tc.num_workers, worker_init_fn=reseed_worker)
+                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=train_set.collate)
 
     def step(batch):
         x, y = batch["image"], batch["mask"]
@@ -72,49 +83,47 @@ def base_rows(cfg, steps: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    real = iter(loader)
-    preloaded = next(iter(DataLoader(train_set, batch_size=tc.batch_size, shuffle=True)))
-    return {"base: DataLoader (augmented)": per_step(step, real, steps),
-            "base: preloaded batch": per_step(step, repeat(preloaded), steps)}
+    preloaded = next(iter(DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, collate_fn=train_set.collate)))
+    return interleaved(step, {"base: DataLoader (augmented)": iter(loader),
+                              "base: preloaded batch": repeat(preloaded)}, steps, block)
 
 
-def refiner_rows(cfg, steps: int) -> dict[str, float]:
+def refiner_rows(cfg, steps: int, block: int) -> dict[str, float]:
     data_set = build_dataset(cfg.data, "train", train=False)
     base = create_base(cfg.base.arch, cfg.base.backbone, data_set.num_classes,
                        feature_channels=cfg.base.feature_channels).freeze()
     digest = "bench-" + base_hash(cfg)  # its own feature cache: random weights are not the trained base's
-    rows = {}
+    run = resolve("cpu", None, {**FLAT, "train.feature_cache": True})
+    process = build_process(run, data_set.num_classes)
+    codec = build_codec(run)
+    denoiser = build_denoiser(run, data_set.num_classes, base.feature_channels, process)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), run.train.lr)
+    streams = {}
     for cached in (True, False):
-        run = resolve("cpu", None, {**FLAT, "train.feature_cache": cached})
-        data = prepare_data(run, base, base_hash=digest)
-        process = build_process(run, data.num_classes)
-        codec = build_codec(run)
-        denoiser = build_denoiser(run, data.num_classes, base.feature_channels, process)
-        optimizer = torch.optim.AdamW(denoiser.parameters(), run.train.lr)
-        order = GlobalOrder(train_size(data), run.train.batch_size, run.train.seed)
-        stream = batches(data, base, codec, order, residual=run.denoiser.residual)
-        it = [0]
+        config = resolve("cpu", None, {**FLAT, "train.feature_cache": cached})
+        data = prepare_data(config, base, base_hash=digest)
+        order = GlobalOrder(train_size(data), config.train.batch_size, config.train.seed)
+        streams[cached] = batches(data, base, codec, order, residual=config.denoiser.residual)
+    it = [0]
 
-        def step(batch):
-            it[0] += 1
-            loss, _ = refiner_loss(denoiser, process, batch, codec, stage=2, target=run.train.target,
-                                   rng=SampleRNG(it[0], batch.keys), loss=run.train.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if cached:
-            rows["refiner: feature cache (memory-mapped)"] = per_step(step, stream, steps)
-            rows["refiner: preloaded batch"] = per_step(step, repeat(next(stream)), steps)
-        else:
-            rows["refiner: no cache (augmented images through the base)"] = per_step(step, stream, steps)
-    return rows
-
+    def step(batch):
+        it[0] += 1
+        loss, _ = refiner_loss(denoiser, process, batch, codec, stage=2, target=run.train.target,
+                               rng=SampleRNG(it[0], batch.keys), loss=run.train.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return interleaved(step, {"refiner: feature cache (memory-mapped)": streams[True],
+                              "refiner: preloaded batch": repeat(next(streams[True])),
+                              "refiner: no cache (augmented images through the base)": streams[False]},
+                       steps, block)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40, help="steps per row and repeat")
+    parser.add_argument("--block", type=int, default=5, help="steps a row runs before the next takes its turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, help="the base loader's worker processes "
                         "(default: the cpu preset's train_base.num_workers)")
@@ -124,12 +133,13 @@ def main() -> None:
                   {**FLAT, "train_base.num_workers": args.num_workers})
     runs: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        for name, seconds in {**base_rows(cfg, args.steps), **refiner_rows(cfg, args.steps)}.items():
+        for name, seconds in {**base_rows(cfg, args.steps, args.block), **refiner_rows(cfg, args.steps, args.block)}.items():
             runs.setdefault(name, []).append(seconds)
     mean = {k: sum(v) / len(v) for k, v in runs.items()}
     batch = cfg.train.batch_size
     print(f"torch {torch.__version__}, {args.threads} threads, batch {batch}, {args.repeats} x {args.steps} steps "
-          f"per row, train_base.num_workers={cfg.train_base.num_workers}\n")
+          f"per row, the rows of a model taking turns every {args.block} steps, "
+          f"train_base.num_workers={cfg.train_base.num_workers}\n")
     print("| step fed by | ms per step (runs) | images/s | speed against its reference |\n|---|---|---|---|")
     reference = {"base: DataLoader (augmented)": "base: preloaded batch",
                  "refiner: feature cache (memory-mapped)": "refiner: preloaded batch",

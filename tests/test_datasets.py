@@ -1,6 +1,7 @@
 """Dataset loaders on tiny trees written in each real layout, and every bad-input case."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddps.config import DataConfig
@@ -75,8 +76,12 @@ def test_folder_layout_with_split_files_and_class_names(tmp_path):
     train = build_dataset(cfg(root, "folder"), "train")
     val = build_dataset(cfg(root, "folder"), "val")
     assert (len(train), len(val)) == (3, 1) and train.class_names == ("bg", "cat", "dog")
-    item = train[0]  # training pipeline: crop 32 from a 40x48 image
-    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
+    item = train[0]  # training pipeline: a crop of at most 32 from a 40x48 image, as uint8
+    assert item["image"].dtype == torch.uint8 and item["image"].shape[1:] == item["mask"].shape
+    assert max(item["mask"].shape) <= 32
+    batch = train.collate([item, train[1]])  # padded to the crop and normalised per batch
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (2, 32, 32) and batch["mask"].dtype == torch.int64
     assert set(np.unique(val[0]["mask"].numpy())) <= {0, 2, 255}
 
 

@@ -1,7 +1,8 @@
 """Segmentation datasets: the embedded fashion-scenes, ADE20K, Cityscapes and a generic folder layout.
 
 Every dataset yields {"image": (3, H, W) float32 normalised, "mask": (H, W) int64, "index": int} and knows
-its class names and ignore index. Reading checks each file: a corrupt image or mask, an image/mask size
+its class names and ignore index — except with training augmentation, whose items are uint8 crops of at most
+the crop size, padded and normalised per batch by ``dataset.collate`` (transforms.TrainTransform). Reading checks each file: a corrupt image or mask, an image/mask size
 mismatch or a label value that is neither a class nor the ignore index raises a one-line DataError that
 names the file.
 """
@@ -13,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ddps.config import DataConfig
 from ddps.data import classes, fashion_scenes
@@ -26,7 +27,7 @@ Transform = Callable[[np.ndarray, np.ndarray], tuple]
 
 
 def check_labels(mask: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
-    values = np.unique(mask)
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
     bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
     if len(bad):
         raise DataError(f"{where}: label value {int(bad[0])} is not a class (0..{num_classes - 1}) "
@@ -51,6 +52,12 @@ class SegmentationDataset(Dataset):
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         raise NotImplementedError
+
+    @property
+    def collate(self) -> Callable[[list[dict]], dict]:
+        """The DataLoader collate of these items: the training transform's (pad and normalise the batch),
+        else torch's default (stack)."""
+        return getattr(self.transform, "collate", None) or default_collate
 
     def tail(self, n: int) -> "SegmentationDataset":
         """The last ``n`` items as a dataset of the same kind (e.g. training scenes held out for tuning)."""

@@ -151,7 +151,7 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
                       f"{worker.world_size} worker(s)")
     ddp = worker.wrap(model) if worker.wrap else model
     loader = DataLoader(train_set, batch_sampler=(index.tolist() for index, _ in order),
-                        num_workers=tc.num_workers, worker_init_fn=reseed_worker)
+                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=train_set.collate)
 
     # ---- loop ------------------------------------------------------------------------------------
     batches = iter(loader)

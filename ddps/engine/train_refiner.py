@@ -18,7 +18,7 @@ import torch
 from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate_refiner import evaluate_refiner
-from ddps.engine.features import (FeatureCache, base_batch, compute_cache, conditioning, stack_pairs,
+from ddps.engine.features import (FeatureCache, base_batch, compute_cache, conditioning,
                                   stored_cache)
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
@@ -156,8 +156,8 @@ def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu", re
             yield conditioning(data.train_cache.batch(index, device, keys=keys), residual)
     else:
         pairs = (list(zip(index.tolist(), keys.tolist())) for index, keys in order)
-        loader = torch.utils.data.DataLoader(KeyedDataset(data.train_set), batch_sampler=pairs, num_workers=0,
-                                             collate_fn=stack_keyed)
+        keyed = KeyedDataset(data.train_set)
+        loader = torch.utils.data.DataLoader(keyed, batch_sampler=pairs, num_workers=0, collate_fn=keyed.collate)
         for images, labels, keys in loader:
             yield conditioning(base_batch(base, images.to(device), labels.to(device), codec, keys=keys), residual)
 
@@ -175,10 +175,10 @@ class KeyedDataset(torch.utils.data.Dataset):
         index, key = pair
         return {**self.dataset[int(index)], "key": int(key)}
 
-
-def stack_keyed(items: list[dict]):
-    images, masks, _ = stack_pairs(items)
-    return images, masks, torch.tensor([i["key"] for i in items])
+    def collate(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (B, 3, H, W), masks (B, H, W), keys (B,)), collated as the dataset collates its items."""
+        batch = self.dataset.collate(items)
+        return batch["image"], batch["mask"], torch.tensor([i["key"] for i in items])
 
 
 def train_size(data: RefinerData) -> int:
