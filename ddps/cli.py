@@ -155,7 +155,8 @@ def cmd_sweep(args) -> int:
         overrides.insert(0, f"data.root={args.data_root}")
     from ddps.config.load import parse_set
     plans = [plan(load_experiment(f), args.preset, parse_set(overrides)) for f in files]
-    print(describe(plans))
+    from ddps.orchestration.sweep import finished_cells
+    print(describe(plans, finished_cells(plans, args.tracking_uri)))
     if args.dry_run:
         for p in plans:
             print(f"\n{p.experiment.title} ({p.preset}): {len(p.cells)} cells, {len(p.invalid)} not valid")

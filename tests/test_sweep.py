@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from ddps.engine import train_base
-from ddps.orchestration.plan import load_experiment, plan
+from ddps.orchestration.plan import describe, load_experiment, plan
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.sweep import Sweep
+from ddps.orchestration.sweep import Sweep, finished_cells
 from ddps.paths import cache_dir
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,12 @@ def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(r
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cluster = Cluster(workers=2, cpus_per_worker=0.5, checkpoint_every=3)
     lines: list[str] = []
+    assert finished_cells([p], uri) == {} and not (tmp_path / "mlflow.db").exists()  # a dry run creates no store
     sweep = Sweep(p, cluster, uri, log=lines.append)
     sweep.run()
+    finished = finished_cells([p], uri)  # what the dry run now counts: every cell, none left to estimate
+    assert finished == {"smoke-grid": {c.eval_hash for c in p.cells}}
+    assert "| 4 (4 finished) |" in describe([p], finished)
 
     trained = set(cache_dir("checkpoints").glob("refiner-*.pt")) - before
     assert trained == set(planned) and len(trained) == 2  # exactly the dry run's trainings

@@ -141,12 +141,6 @@ class Plan:
     def to_train(self) -> list[Training]:
         return [t for t in self.trainings if not t.path.exists()]
 
-    @property
-    def estimated_seconds(self) -> float:
-        """Trainings not yet done plus every evaluation, at this machine's rates (RATE)."""
-        unique = {c.eval_hash: c.eval_seconds for c in self.cells}
-        return sum(t.seconds for t in self.to_train) + sum(unique.values())
-
 
 # ---- reading an experiment ------------------------------------------------------------------------
 
@@ -311,10 +305,16 @@ def _choose_reliance_cells(cells: list[Cell], common: Config) -> None:
         (default or group)[0].reliance = True
 
 
-def describe(plans: list[Plan]) -> str:
+def _evaluations(total: int, left: int) -> str:
+    return str(total) if left == total else f"{total} ({total - left} finished)"
+
+
+def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> str:
     """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, and the estimated
-    time alone (every training it needs that is not trained yet) and in this order (after the tables above
-    it have trained what they share with it)."""
+    time alone (every training it needs that is not trained yet, every evaluation not finished yet) and in
+    this order (after the tables above it have trained what they share with it). ``finished``: per
+    experiment name, the evaluation hashes of its cells with a FINISHED run in MLflow."""
+    finished = finished or {}
     lines = ["| experiment | preset | cells | trainings planned | naive | planned / naive | already trained | "
              "evaluations | estimated time alone | in this order |", "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -327,20 +327,25 @@ def describe(plans: list[Plan]) -> str:
         for t in p.trainings:
             steps[t.step] = steps.get(t.step, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in steps.items())
-        evals = sum({c.eval_hash: c.eval_seconds for c in p.cells}.values())
+        finished_here = finished.get(p.experiment.name, set())
+        unfinished = {c.eval_hash: c.eval_seconds for c in p.cells if c.eval_hash not in finished_here}
+        evals = sum(unfinished.values())
+        alone = evals + sum(t.seconds for t in p.to_train)
         in_order = evals + sum(t.seconds for t in p.to_train if t.hash not in earlier)
         earlier |= {t.hash for t in p.trainings}
         total += in_order
         lines.append(f"| {p.experiment.name} | {p.preset} | {len(p.cells)} | {len(p.trainings)} ({detail}) | "
                      f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.1%} | "
-                     f"{len(p.trainings) - len(p.to_train)} | {p.evaluations} | "
-                     f"{estimate(p.estimated_seconds, p.preset)} | {estimate(in_order, p.preset)} |")
+                     f"{len(p.trainings) - len(p.to_train)} | {_evaluations(p.evaluations, len(unfinished))} | "
+                     f"{estimate(alone, p.preset)} | {estimate(in_order, p.preset)} |")
     if len(plans) > 1:
         unique = {t.hash: t for p in plans for t in p.trainings}
         naive = sum(p.naive_trainings for p in plans)
         done = sum(t.path.exists() for t in unique.values())
+        evaluations = sum(p.evaluations for p in plans)
+        left = sum(len({c.eval_hash for c in p.cells} - finished.get(p.experiment.name, set())) for p in plans)
         lines.append(f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} | "
-                     f"{len(unique) / naive:.1%} | {done} | {sum(p.evaluations for p in plans)} | | "
+                     f"{len(unique) / naive:.1%} | {done} | {_evaluations(evaluations, left)} | | "
                      f"{estimate(total, plans[0].preset)} |")
     if plans and plans[0].preset not in ESTIMATED_PRESETS:
         lines.append(f"\n(no time estimate for preset {plans[0].preset}: the rates are measured on this machine "

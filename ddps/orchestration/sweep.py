@@ -32,13 +32,14 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ddps.config import from_flat, to_flat
 from ddps.errors import DDPSError
 from ddps.orchestration.plan import START_S, Cell, Plan, Training, duration, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.tracking import Tracker
+from ddps.orchestration.tracking import Tracker, TrackingError, resolve_tracking_uri
 from ddps.paths import cache_dir
 
 TRIAL_CPUS = 0.25  # what a training trial itself holds beside its TorchTrainer workers (Tune refuses 0)
@@ -107,6 +108,28 @@ def pending(p: Plan, tracker: Tracker, experiment_id: str) -> Pending:
     cells = [c for c in p.cells
              if not tracker.find_run(experiment_id, {"ddps.step": "eval", "ddps.content_hash": c.eval_hash})]
     return Pending(waves, cells)
+
+
+def finished_cells(plans: list[Plan], tracking_uri: str | None, log: Callable[[str], None] | None = None
+                   ) -> dict[str, set[str]]:
+    """Per table, the evaluation hashes of its cells with a FINISHED evaluation run — what a sweep would skip.
+    Empty where the store does not exist yet (nothing is created) or cannot be reached (said in one line)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return {}
+    try:
+        tracker = Tracker(uri)
+    except TrackingError as e:
+        (log or say)(f"{e}: finished cells not counted")
+        return {}
+    finished: dict[str, set[str]] = {}
+    for p in plans:
+        found = tracker.client.get_experiment_by_name(p.experiment.name)
+        if found is not None:
+            finished[p.experiment.name] = {r.data.tags.get("ddps.content_hash") for r in
+                                           tracker.runs(found.experiment_id, {"ddps.step": "eval"})
+                                           if r.info.status == "FINISHED"}
+    return finished
 
 
 # ---- the trial ------------------------------------------------------------------------------------
