@@ -83,7 +83,8 @@ def base_rows(cfg, steps: int, block: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    preloaded = next(iter(DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, collate_fn=train_set.collate)))
+    preloaded = next(iter(DataLoader(train_set, batch_size=tc.batch_size, shuffle=True,
+                                     collate_fn=train_set.collate)))
     return interleaved(step, {"base: DataLoader (augmented)": iter(loader),
                               "base: preloaded batch": repeat(preloaded)}, steps, block)
 

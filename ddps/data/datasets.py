@@ -2,9 +2,9 @@
 
 Every dataset yields {"image": (3, H, W) float32 normalised, "mask": (H, W) int64, "index": int} and knows
 its class names and ignore index — except with training augmentation, whose items are uint8 crops of at most
-the crop size, padded and normalised per batch by ``dataset.collate`` (transforms.TrainTransform). Reading checks each file: a corrupt image or mask, an image/mask size
-mismatch or a label value that is neither a class nor the ignore index raises a one-line DataError that
-names the file.
+the crop size, padded and normalised per batch by ``dataset.collate`` (transforms.TrainTransform). Reading
+checks each file: a corrupt image or mask, an image/mask size mismatch or a label value that is neither a
+class nor the ignore index raises a one-line DataError that names the file.
 """
 from __future__ import annotations
 

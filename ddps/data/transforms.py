@@ -13,17 +13,17 @@ Training (mmseg's ADE20K / Cityscapes pipeline):
 A training item is therefore the augmented crop as uint8 (3, h, w), h, w <= crop, and its mask (h, w);
 normalising and padding 32 crops at once costs a fraction of doing it per image, where albumentations'
 per-call overhead dominates at 64 pixels (so is the whole per-image chain one Compose call). Albumentations
-has no category-balanced crop: :class:`CatMaxRatioCrop` is one, on its crop base class. Test: resize the short side to
-``test_resize`` and normalise, per image (image only: metrics use the original labels).
+has no category-balanced crop: :class:`CatMaxRatioCrop` is one, on its crop base class. Test: resize the
+short side to ``test_resize`` and normalise, per image (image only: metrics use the original labels).
 """
 from __future__ import annotations
 
 import random
 
 import albumentations as A
-from albumentations.augmentations.crops.transforms import BaseCrop
 import numpy as np
 import torch
+from albumentations.augmentations.crops.transforms import BaseCrop
 
 from ddps.config import DataConfig
 
