@@ -17,8 +17,9 @@ bootstrap:
 demo: bootstrap
 	$(PY) -m ddps demo
 
+# --durations: the 15 slowest tests at the end, to keep the suite within its 20 minutes
 test: bootstrap
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # the suite without the tests marked slow (Ray Train, full pipelines)
