@@ -174,13 +174,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri
+    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri, sqlite_path
     from ddps.report.write import ReportError, write_report
     if args.all == bool(args.experiments):
         raise ReportError("give --experiment NAME (repeatable) or --all, not both and not neither")
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise ReportError(f"no MLflow store at {uri[len('sqlite:///'):]}; run a sweep or `make demo` first, "
+    db = sqlite_path(uri)
+    if db and not db.exists():
+        raise ReportError(f"no MLflow store at {db}; run a sweep or `make demo` first, "
                           f"or give --tracking-uri")
     written = write_report(Tracker(uri), None if args.all else args.experiments, args.out,
                            with_figures=not args.no_figures, log_figures=not args.no_log,

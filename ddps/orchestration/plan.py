@@ -321,7 +321,7 @@ def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> 
     def estimate(seconds: float, preset: str) -> str:  # the rates are this machine's, for its presets only
         return duration(seconds) if preset in ESTIMATED_PRESETS else "-"
     earlier: set[str] = set()
-    total = 0.0
+    total, unfinished_in_all = 0.0, 0
     for p in plans:
         steps = {}
         for t in p.trainings:
@@ -330,6 +330,7 @@ def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> 
         finished_here = finished.get(p.experiment.name, set())
         unfinished = {c.eval_hash: c.eval_seconds for c in p.cells if c.eval_hash not in finished_here}
         evals = sum(unfinished.values())
+        unfinished_in_all += len(unfinished)
         alone = evals + sum(t.seconds for t in p.to_train)
         in_order = evals + sum(t.seconds for t in p.to_train if t.hash not in earlier)
         earlier |= {t.hash for t in p.trainings}
@@ -343,9 +344,8 @@ def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> 
         naive = sum(p.naive_trainings for p in plans)
         done = sum(t.path.exists() for t in unique.values())
         evaluations = sum(p.evaluations for p in plans)
-        left = sum(len({c.eval_hash for c in p.cells} - finished.get(p.experiment.name, set())) for p in plans)
         lines.append(f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} | "
-                     f"{len(unique) / naive:.1%} | {done} | {_evaluations(evaluations, left)} | | "
+                     f"{len(unique) / naive:.1%} | {done} | {_evaluations(evaluations, unfinished_in_all)} | | "
                      f"{estimate(total, plans[0].preset)} |")
     if plans and plans[0].preset not in ESTIMATED_PRESETS:
         lines.append(f"\n(no time estimate for preset {plans[0].preset}: the rates are measured on this machine "

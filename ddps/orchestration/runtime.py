@@ -57,9 +57,9 @@ def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> 
 
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
     """`mlflow server` over the store (one worker, no job runner: ~0.5 GB), bound to ``host``."""
-    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri
+    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri, sqlite_path
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
+    if sqlite_path(uri):
         Tracker(uri, check=False)  # a new store is created under its lock, not raced by a sweep starting beside
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,

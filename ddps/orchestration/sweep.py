@@ -32,14 +32,13 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from ddps.config import from_flat, to_flat
 from ddps.errors import DDPSError
 from ddps.orchestration.plan import START_S, Cell, Plan, Training, duration, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
-from ddps.orchestration.tracking import Tracker, TrackingError, resolve_tracking_uri
+from ddps.orchestration.tracking import Tracker, TrackingError, resolve_tracking_uri, sqlite_path
 from ddps.paths import cache_dir
 
 TRIAL_CPUS = 0.25  # what a training trial itself holds beside its TorchTrainer workers (Tune refuses 0)
@@ -105,9 +104,14 @@ def pending(p: Plan, tracker: Tracker, experiment_id: str) -> Pending:
             seen.add(t.hash)
             if not (t.path.exists() and tracker.find_run(everywhere, {"ddps.step": t.step, "ddps.content_hash": t.hash})):
                 waves[i].append((t, cell))
-    cells = [c for c in p.cells
-             if not tracker.find_run(experiment_id, {"ddps.step": "eval", "ddps.content_hash": c.eval_hash})]
-    return Pending(waves, cells)
+    finished = finished_evaluations(tracker, experiment_id)
+    return Pending(waves, [c for c in p.cells if c.eval_hash not in finished])
+
+
+def finished_evaluations(tracker: Tracker, experiment_id: str) -> set[str]:
+    """The content hashes of the cells of this experiment with a FINISHED evaluation run (one query)."""
+    return {r.data.tags.get("ddps.content_hash") for r in tracker.runs(experiment_id, {"ddps.step": "eval"})
+            if r.info.status == "FINISHED"}
 
 
 def finished_cells(plans: list[Plan], tracking_uri: str | None, log: Callable[[str], None] | None = None
@@ -115,21 +119,16 @@ def finished_cells(plans: list[Plan], tracking_uri: str | None, log: Callable[[s
     """Per table, the evaluation hashes of its cells with a FINISHED evaluation run — what a sweep would skip.
     Empty where the store does not exist yet (nothing is created) or cannot be reached (said in one line)."""
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db and not db.exists():
         return {}
     try:
         tracker = Tracker(uri)
     except TrackingError as e:
         (log or say)(f"{e}: finished cells not counted")
         return {}
-    finished: dict[str, set[str]] = {}
-    for p in plans:
-        found = tracker.client.get_experiment_by_name(p.experiment.name)
-        if found is not None:
-            finished[p.experiment.name] = {r.data.tags.get("ddps.content_hash") for r in
-                                           tracker.runs(found.experiment_id, {"ddps.step": "eval"})
-                                           if r.info.status == "FINISHED"}
-    return finished
+    found = {p.experiment.name: tracker.client.get_experiment_by_name(p.experiment.name) for p in plans}
+    return {name: finished_evaluations(tracker, e.experiment_id) for name, e in found.items() if e is not None}
 
 
 # ---- the trial ------------------------------------------------------------------------------------

@@ -44,11 +44,15 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if not uri:
         return f"sqlite:///{ddps_home() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        return f"sqlite:///{path.expanduser().resolve()}"
+        return f"sqlite:///{sqlite_path(uri).expanduser().resolve()}"
     if "://" not in uri:
         raise TrackingError(f"tracking URI {uri!r} is not a URI; use http(s)://host:port or sqlite:////abs/path.db")
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -99,11 +103,9 @@ class Tracker:
         if check:  # a worker's reporter does not check: it spools while the server is down
             check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        if self.uri.startswith("sqlite:///"):
-            with store_lock(Path(self.uri[len("sqlite:///"):])):
-                self.client = MlflowClient(self.uri)  # creates (migrates) the store, if new, alone
-        else:
-            self.client = MlflowClient(self.uri)
+        db = sqlite_path(self.uri)
+        with store_lock(db) if db else contextlib.nullcontext():
+            self.client = MlflowClient(self.uri)  # creates (migrates) a new SQLite store, alone
 
     # ---- experiments and runs -----------------------------------------------------------------------
     def experiment(self, name: str) -> str:
