@@ -3,8 +3,9 @@ weights, a damaged checkpoint is skipped, and the data order shards by worker wi
 import pytest
 import torch
 
+from ddps.checkpoint_io import read_checked, write_checked
 from ddps.config import resolve
-from ddps.engine.loop import FolderCheckpointer, GlobalOrder, Worker, read_checked, write_checked
+from ddps.engine.loop import FolderCheckpointer, GlobalOrder, Worker
 from ddps.engine.reporter import NullReporter
 from ddps.engine.train_base import fit as fit_base
 from ddps.engine.train_refiner import fit, fit_stage, prepare_data, stage_checkpoint

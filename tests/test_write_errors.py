@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
+from ddps.checkpoint_io import read_state_file, save_atomic
 from ddps.errors import CheckpointError
-from ddps.segmentors.base import read_state_file
-from ddps.segmentors.checkpoint import save_atomic
 
 FULL_DISK = """
 import resource, signal, sys

@@ -15,7 +15,8 @@ from ddps.config import from_flat, parse_set, resolve
 from ddps.data import build_dataset
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.rows import HEADER, result_row
-from ddps.segmentors import apply_state, create_base, read_state_file
+from ddps.checkpoint_io import read_state_file
+from ddps.segmentors import apply_state, create_base
 from ddps.segmentors.checkpoint import base_from_payload, is_checkpoint
 from ddps.refiner.checkpoint import KIND_REFINER, load_refiner
 from ddps.refiner.build import build_codec

@@ -7,12 +7,11 @@ and periodic training-state checkpoints to resume from.
   ``batch_size`` samples is cut into ``world_size`` equal shards, rank r taking the r-th. The effective
   batch is always the config's ``batch_size``, whatever the number of workers (it must divide it).
 - ``FolderCheckpointer``: every N iterations the whole training state (model, EMA, optimiser, iteration,
-  data position, RNG) is written to a temporary name, checksummed and renamed; the last K are kept. A
-  truncated or altered file fails its checksum and the previous one is used, with a message.
+  data position, RNG) is written to a temporary name, checksummed and renamed (``ddps.checkpoint_io``); the
+  last K are kept. A truncated or altered file fails its checksum and the previous one is used, with a message.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -20,9 +19,8 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from ddps.checkpoint_io import read_checked, sidecar, write_checked
 from ddps.errors import ConfigError
-from ddps.segmentors.base import digest
-from ddps.segmentors.checkpoint import save_atomic
 
 
 @dataclass
@@ -89,23 +87,6 @@ class Checkpointer(Protocol):
     def save(self, state: dict, step: int) -> None: ...
 
 
-def write_checked(path: Path, payload) -> Path:
-    """A training state: written atomically with a sha256 sidecar (``save_atomic``), read by read_checked."""
-    return save_atomic(path, payload, checksum=True)
-
-
-def read_checked(path: Path):
-    """The payload of a file written by write_checked; None when it fails its checksum or cannot be read."""
-    side = path.with_name(path.name + ".sha256")
-    try:
-        data = path.read_bytes()
-        if not side.exists() or side.read_text().strip() != digest(data):
-            return None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-
-
 @dataclass
 class FolderCheckpointer:
     """Training-state checkpoints ``state-<iter>.pt`` in ``folder``, every ``every`` iterations, last ``keep``."""
@@ -131,7 +112,7 @@ class FolderCheckpointer:
         write_checked(Path(self.folder) / f"state-{step:08d}.pt", state)
         for old in self.files()[:-self.keep]:
             old.unlink(missing_ok=True)
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+            sidecar(old).unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

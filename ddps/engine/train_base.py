@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ddps.checkpoint_io import write_checked
 from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
 from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate import evaluate_base
@@ -23,7 +24,7 @@ from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.paths import cache_dir
 from ddps.errors import CheckpointError, DataError
 from ddps.segmentors import BaseSegmentor, create_base
-from ddps.segmentors.checkpoint import base_payload, read_checkpoint, save_atomic
+from ddps.segmentors.checkpoint import base_payload, read_checkpoint
 
 BASE_SECTIONS = ("data", "base", "train_base")
 
@@ -195,5 +196,5 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
         reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}, "
                       f"gain over the last fifth {final['plateau_gain']:+.2f}")
         if path is not None:
-            save_atomic(path, payload, checksum=True)
+            write_checked(path, payload)
     return payload

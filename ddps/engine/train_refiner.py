@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ddps.checkpoint_io import write_checked
 from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset, selection_split
 from ddps.engine.evaluate_refiner import evaluate_refiner
@@ -29,7 +30,7 @@ from ddps.paths import cache_dir
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.checkpoint import refiner_payload
 from ddps.refiner.objective import head_loss, refiner_loss
-from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint, save_atomic
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 
 STAGE1_ONLY_KEYS = ("train.stage2_iters",)  # what stage 1 does not depend on
 
@@ -290,7 +291,7 @@ def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
                               base_payload=base_payload, stage=stage, metrics=metrics, history=history,
                               content_hash=stage_hash(cfg, stage, base_payload["hash"]), class_names=data.class_names)
     if path is not None:
-        save_atomic(path, payload, checksum=True)
+        write_checked(path, payload)
     return payload
 
 

@@ -17,8 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddps.checkpoint_io import read_checked, write_checked
 from ddps.config import from_flat
-from ddps.engine.loop import Worker, read_checked, write_checked
+from ddps.engine.loop import Worker
 from ddps.engine.reporter import ConsoleReporter, NullReporter
 from ddps.errors import DDPSError
 from ddps.paths import cache_dir

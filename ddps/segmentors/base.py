@@ -8,8 +8,6 @@ is done by :meth:`BaseSegmentor.segment`.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddps.checkpoint_io import read_state_file
 from ddps.config.choices import BACKBONES, check_base_names
-from ddps.errors import CheckpointError, reason
+from ddps.errors import CheckpointError
 
 ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus}
 assert set(ARCHITECTURES) == set(BACKBONES)
@@ -101,30 +100,6 @@ class BaseSegmentor(nn.Module):
 def create_base(arch: str, backbone: str, num_classes: int, **kwargs) -> BaseSegmentor:
     """Build a base segmentor by name, e.g. create_base('segformer', 'mit_b0', 11)."""
     return BaseSegmentor(SegmentorSpec(arch, backbone, num_classes, **kwargs))
-
-
-def digest(data: bytes) -> str:
-    """sha256 of a checkpoint's bytes (its ``.sha256`` sidecar)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_state_file(path: str | Path, what: str):
-    """``torch.load(weights_only=True)`` of a file, with a one-line CheckpointError when it is missing or
-    unreadable (truncated archive, pickled objects that are not plain tensors and values)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
-    side = path.with_name(path.name + ".sha256")  # written beside ddps's own checkpoints (save_atomic)
-    try:
-        data = path.read_bytes()
-        if side.is_file() and side.read_text().strip() != digest(data):
-            raise CheckpointError(f"{what} {path} fails its sha256 checksum ({side.name}): truncated or altered; "
-                                  f"restore it, or delete it to train it again")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: {reason(e)})") from None
 
 
 def apply_state(module: nn.Module, payload, where: str) -> None:

@@ -1,18 +1,16 @@
 """Base segmentor checkpoints: weights + the flat config that built them + what they scored.
 
-Written to a temporary name and renamed, so a partial file never sits under the final name; read with
-``torch.load(weights_only=True)``: only tensors and plain Python values, never arbitrary pickles.
+Written and read through :mod:`ddps.checkpoint_io`: a temporary name renamed, so a partial file never sits
+under the final name, with a sha256 sidecar; read with ``torch.load(weights_only=True)``: only tensors and
+plain Python values, never arbitrary pickles.
 """
 from __future__ import annotations
 
-import io
-import os
 from pathlib import Path
 
-import torch
-
-from ddps.errors import CheckpointError, reason
-from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state, digest, read_state_file
+from ddps.checkpoint_io import read_state_file, write_checked
+from ddps.errors import CheckpointError
+from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state
 
 KIND_BASE = "base_segmentor"
 
@@ -27,36 +25,7 @@ def base_payload(model: BaseSegmentor, *, config: dict, class_names, metrics: di
 
 
 def save_base(path: str | Path, model: BaseSegmentor, **kwargs) -> Path:
-    return save_atomic(path, base_payload(model, **kwargs), checksum=True)
-
-
-def save_atomic(path: str | Path, payload, checksum: bool = False) -> Path:
-    """torch.save to a temporary name in the same folder, then rename (and, with ``checksum``, a sha256
-    sidecar ``<name>.sha256`` beside it): a partial file never carries the final name. A failed write (an
-    unwritable folder, a full disk) is a one-line CheckpointError and leaves no temporary file behind."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    side = path.with_name(path.name + ".sha256")
-    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        if checksum:
-            side_tmp.write_text(digest(data))
-        os.replace(tmp, path)
-        if checksum:
-            os.replace(side_tmp, side)
-    except OSError as e:
-        for leftover in (tmp, side_tmp):
-            try:
-                leftover.unlink(missing_ok=True)
-            except OSError:
-                pass
-        raise CheckpointError(f"cannot write {path}: {e.strerror or reason(e)}") from None
-    return path
+    return write_checked(path, base_payload(model, **kwargs))
 
 
 def is_checkpoint(payload) -> bool:
