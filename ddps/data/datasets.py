@@ -103,10 +103,14 @@ class ArrayDataset(SegmentationDataset):
         return self.images[i], self.masks[i], f"{self.name} scene {i}"
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB; a one-line DataError naming the file when it is missing or
+    cannot be read (datasets and ``ddps refine`` alike)."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBomb...)
         raise DataError(f"cannot read image {path}: {reason(e)}") from None
 

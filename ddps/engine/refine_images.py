@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ddps.config import from_flat
+from ddps.data.datasets import read_image
 from ddps.data.transforms import EvalTransform
 from ddps.engine.features import base_batch, conditioning
-from ddps.errors import DataError
 from ddps.refiner.build import build_codec
 from ddps.refiner.checkpoint import load_refiner
 from ddps.refiner.sampler import refine
@@ -46,16 +46,6 @@ def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: 
         if i + 1 < len(tiles):
             out.append(np.full((h, gap, 3), 255, np.uint8))
     return np.concatenate(out, axis=1)
-
-
-def read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"image {path} cannot be read ({type(e).__name__})") from None
 
 
 @torch.no_grad()
