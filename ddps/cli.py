@@ -45,10 +45,12 @@ def _resolve(args):
     if experiment and args.config and experiment != args.config:
         raise ConfigError(f"two experiment files given ({experiment} and --config {args.config}); give one")
     args.config = args.config or experiment
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.insert(0, f"data.root={args.data_root}")
-    return resolve(args.preset, args.config, overrides)
+    return resolve(args.preset, args.config, _overrides(args))
+
+
+def _overrides(args) -> list[str]:
+    """The --set overrides, led by data.root=<--data-root> when given (so an explicit --set data.root wins)."""
+    return ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
 
 
 def cmd_data_build(args) -> int:
@@ -150,11 +152,8 @@ def cmd_sweep(args) -> int:
     if args.all == bool(args.experiments):
         raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
     files = experiment_files() if args.all else args.experiments
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.insert(0, f"data.root={args.data_root}")
     from ddps.config.load import parse_set
-    plans = [plan(load_experiment(f), args.preset, parse_set(overrides)) for f in files]
+    plans = [plan(load_experiment(f), args.preset, parse_set(_overrides(args))) for f in files]
     from ddps.orchestration.sweep import finished_cells
     print(describe(plans, finished_cells(plans, args.tracking_uri)))
     if args.dry_run:
