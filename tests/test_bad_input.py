@@ -18,12 +18,7 @@ from ddps.config.load import read_experiment, resolve
 from ddps.data.datasets import build_dataset
 from ddps.errors import ConfigError, DataError
 from ddps.orchestration.plan import load_experiment
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error)
-    assert text and "\n" not in text and "Traceback" not in text, text
-    return text
+from messages import one_line
 
 
 def _folder(root: Path, classes=b"bg\nshirt\nbag\n", mask_mode="L", mask_value=1, split: bytes | None = None) -> Path:
@@ -82,6 +77,20 @@ def test_text_files_that_are_not_utf8_name_the_file(tmp_path, which):
     root = _folder(tmp_path / "d", **({"classes": bad} if which == "classes" else {"split": bad}))
     with pytest.raises(DataError, match=r"(classes\.txt|train\.txt) cannot be read as UTF-8 text") as e:
         _read_all(root)
+    one_line(e.value)
+
+
+@pytest.mark.parametrize("content, match", [(None, r"image .*a\.png does not exist"),
+                                            (b"not a png", r"cannot read image .*a\.png: ")])
+def test_one_image_reader_for_datasets_and_ddps_refine(tmp_path, content, match):
+    """A dataset and ``ddps refine`` read a user's image with the same function, so with the same message."""
+    from ddps.data.datasets import read_image
+    from ddps.engine import refine_images
+    assert refine_images.read_image is read_image
+    if content is not None:
+        (tmp_path / "a.png").write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        read_image(tmp_path / "a.png")
     one_line(e.value)
 
 

@@ -8,14 +8,9 @@ import torch
 
 from ddps.config.load import resolve
 from ddps.errors import CheckpointError, ConfigError
+from messages import one_line
 from procs import free_port, start, stop, wait_http
 from sockets import descendants, is_loopback, listening
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error)
-    assert text and "\n" not in text, text
-    return text
 
 
 @pytest.mark.reliability(kind="security", case="MLflow UI listens on 127.0.0.1 only")
