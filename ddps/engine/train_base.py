@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ddps.checkpoint_io import write_checked
 from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
-from ddps.data import build_dataset, selection_split
+from ddps.data import SegmentationDataset, build_dataset, selection_split
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
@@ -114,15 +115,57 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
     ``checkpointer`` the training state is saved every ``checkpointer.every`` iterations and a restarted
     run resumes from the latest (augmentation draws are re-seeded from (seed, iteration) at resumption,
     so a resumed run is close to, not bit-identical with, an uninterrupted one).
+
+    Stages, in this order (the order of the random draws): config -> data -> model -> optimiser ->
+    start or resume -> loop -> checkpoint.
     """
     tc = cfg.train_base
     worker = worker or Worker()
-    device = worker.device
 
-    # ---- setup -----------------------------------------------------------------------------------
+    # ---- config: seeds and threads -----------------------------------------------------------------
     seed_everything(tc.seed + worker.rank)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+
+    # ---- data --------------------------------------------------------------------------------------
+    data = _data(cfg, worker)
+
+    # ---- model -------------------------------------------------------------------------------------
+    model = create_base(cfg.base.arch, cfg.base.backbone, data.train.num_classes,
+                        feature_channels=cfg.base.feature_channels,
+                        encoder_weights=cfg.base.encoder_weights).to(worker.device)
+
+    # ---- optimiser ---------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
+
+    # ---- start, or resume from the latest training state --------------------------------------------
+    progress = _start_or_resume(cfg, reporter, worker, model, optimizer, data, checkpointer)
+
+    # ---- loop --------------------------------------------------------------------------------------
+    _loop(cfg, reporter, worker, model, optimizer, data, progress, checkpointer)
+
+    # ---- checkpoint --------------------------------------------------------------------------------
+    return _finish(cfg, reporter, worker, model, data, progress, path)
+
+
+@dataclass
+class _Data:
+    train: SegmentationDataset
+    val: SegmentationDataset
+    split: str  # the held-out split the plateau is checked on: holdout if data.holdout, else val
+    order: GlobalOrder
+
+
+@dataclass
+class _Progress:
+    history: list[dict] = field(default_factory=list)  # held-out scores: {"iter", "mIoU", "mBIoU"}
+    start: int = 0  # the iteration this run starts at
+    seen: int = 0   # images trained on so far (global)
+
+
+def _data(cfg: Config, worker: Worker) -> _Data:
+    """The train set (augmented, seeded per rank), the held-out set and this rank's global-batch order."""
+    tc = cfg.train_base
     train_set = build_dataset(cfg.data, "train", seed=tc.seed + worker.rank)
     split = selection_split(cfg.data)  # the plateau is checked on the holdout split; val only reports
     val_set = build_dataset(cfg.data, split)
@@ -131,45 +174,51 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
                         f"{tc.batch_size}")
     worker.local_batch(tc.batch_size, "train_base.batch_size")
     order = GlobalOrder(len(train_set), tc.batch_size, tc.seed, worker.rank, worker.world_size)
-    model = create_base(cfg.base.arch, cfg.base.backbone, train_set.num_classes,
-                        feature_channels=cfg.base.feature_channels,
-                        encoder_weights=cfg.base.encoder_weights).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
-    history: list[dict] = []
-    start, seen = 0, 0
-    state = checkpointer.latest() if checkpointer else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        order.seek(state["position"])
-        set_rng_state(state["rng"])
-        history, start, seen = list(state["history"]), int(state["iter"]), int(state["images_seen"])
-        train_set.transform.reseed(tc.seed * 100_003 + start * 7 + worker.rank)
-        reporter.info(f"resuming at iteration {start} from the last checkpoint")
-    else:
-        reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(train_set)} train / "
-                      f"{len(val_set)} {split} images, {tc.iters} iters of batch {tc.batch_size} on "
-                      f"{worker.world_size} worker(s)")
-    ddp = worker.wrap(model) if worker.wrap else model
-    loader = DataLoader(train_set, batch_sampler=(index.tolist() for index, _ in order),
-                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=train_set.collate)
+    return _Data(train_set, val_set, split, order)
 
-    # ---- loop ------------------------------------------------------------------------------------
+
+def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer,
+                     data: _Data, checkpointer: Checkpointer | None) -> _Progress:
+    """A fresh start, or the model, optimiser, data position and RNG of the checkpointer's latest state."""
+    tc = cfg.train_base
+    state = checkpointer.latest() if checkpointer else None
+    if state is None:
+        reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(data.train)} train / "
+                      f"{len(data.val)} {data.split} images, {tc.iters} iters of batch {tc.batch_size} on "
+                      f"{worker.world_size} worker(s)")
+        return _Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    data.order.seek(state["position"])
+    set_rng_state(state["rng"])
+    progress = _Progress(list(state["history"]), int(state["iter"]), int(state["images_seen"]))
+    data.train.transform.reseed(tc.seed * 100_003 + progress.start * 7 + worker.rank)
+    reporter.info(f"resuming at iteration {progress.start} from the last checkpoint")
+    return progress
+
+
+def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer, data: _Data,
+          progress: _Progress, checkpointer: Checkpointer | None) -> None:
+    """Iterations progress.start .. train_base.iters: logs, held-out evaluations (rank 0), training states."""
+    tc, device, split, history = cfg.train_base, worker.device, data.split, progress.history
+    ddp = worker.wrap(model) if worker.wrap else model
+    loader = DataLoader(data.train, batch_sampler=(index.tolist() for index, _ in data.order),
+                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=data.train.collate)
     batches = iter(loader)
     window_start, window_images = time.perf_counter(), 0
     model.train()
-    for it in range(start, tc.iters):
+    for it in range(progress.start, tc.iters):
         batch = next(batches)
         x, y = batch["image"].to(device), batch["mask"].to(device)  # (b, 3, H, W), (b, H, W)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, tc) * group["lr_mult"]
         logits = ddp(x).logits
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, y, ignore_index=train_set.ignore_index)
+        loss = F.cross_entropy(logits, y, ignore_index=data.train.ignore_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        seen += tc.batch_size
+        progress.seen += tc.batch_size
         window_images += tc.batch_size
         step = it + 1
         if step % tc.log_every == 0 or step == tc.iters:
@@ -177,20 +226,24 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
             reporter.log({"loss": float(loss.detach()), "lr": lr_at(it, tc), "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
         if worker.is_main and (step % tc.eval_every == 0 or step == tc.iters):
-            scores = evaluate_base(model, val_set, cfg.eval, device=device)
+            scores = evaluate_base(model, data.val, cfg.eval, device=device)
             history.append({"iter": step, "mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"]})
             reporter.log({f"{split}_mIoU": scores["mIoU"], f"{split}_mBIoU": scores["mBIoU"]}, step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointer and step % checkpointer.every == 0 and step < tc.iters:
             checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "position": order.position, "rng": rng_state(), "history": history,
-                               "images_seen": seen}, step)
+                               "position": data.order.position, "rng": rng_state(), "history": history,
+                               "images_seen": progress.seen}, step)
 
-    # ---- checkpoint ------------------------------------------------------------------------------
+
+def _finish(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, data: _Data,
+            progress: _Progress, path: Path | None) -> dict:
+    """The final payload (weights, config, scores, history); rank 0 reports it and saves it at ``path``."""
+    split, history, tc = data.split, progress.history, cfg.train_base
     final = {f"{split}_mIoU": history[-1]["mIoU"] if history else math.nan,
              f"{split}_mBIoU": history[-1]["mBIoU"] if history else math.nan,
-             "plateau_gain": plateau_gain(history, tc.iters), "images_seen": seen}
-    payload = base_payload(model, config=to_flat(cfg), class_names=train_set.class_names, metrics=final,
+             "plateau_gain": plateau_gain(history, tc.iters), "images_seen": progress.seen}
+    payload = base_payload(model, config=to_flat(cfg), class_names=data.train.class_names, metrics=final,
                            history=history, content_hash=base_hash(cfg))
     if worker.is_main:
         reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}, "
