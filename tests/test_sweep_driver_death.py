@@ -27,6 +27,10 @@ GRID = {
 }
 
 
+def _finished_evaluations(runs) -> set[str]:
+    return {r.info.run_id for r in runs if r.data.tags.get("ddps.step") == "eval" and r.info.status == "FINISHED"}
+
+
 def _runs(db: Path):
     """Through Tracker, so this poller never migrates the new store while the driver does (its lock)."""
     from ddps.orchestration.tracking import Tracker
@@ -49,8 +53,7 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
     deadline = time.monotonic() + 900
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            runs = _runs(db)
-            if any(r.data.tags.get("ddps.step") == "eval" and r.info.status == "FINISHED" for r in runs):
+            if _finished_evaluations(_runs(db)):
                 break
             time.sleep(1)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -62,6 +65,10 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
     before = _runs(db)
     assert any(r.info.status == "RUNNING" for r in before)  # what the dead driver left behind
     finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}
+    evaluated_before = _finished_evaluations(before)
+    # a half-done sweep: some cells were evaluated before the kill (not a kill during the trainings, within
+    # the deadline), and not all of them
+    assert 0 < len(evaluated_before) < 8, (len(evaluated_before), (tmp_path / "first.log").read_text()[-3000:])
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
@@ -75,4 +82,5 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
                         if r.data.tags["ddps.step"] in ("base", "multistep"))
     assert len(trainings) == 3 and set(trainings.values()) == {1}  # every model trained and logged once
     assert finished_before <= {r.info.run_id for r in finished}  # finished work was kept, not redone
+    assert evaluated_before < _finished_evaluations(runs)  # the rerun evaluated the missing cells (once each: above)
     assert "marked" in second.stdout and "as KILLED" in second.stdout
