@@ -1,10 +1,10 @@
-"""The layers of DESIGN.md hold: importing the core leaves ray and mlflow out of sys.modules."""
+"""The layers of docs/design.md ("Layers") hold: importing the core leaves ray and mlflow out of sys.modules."""
 import subprocess
 import sys
 
-CORE = ["ddps.config", "ddps.checkpoint_io", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference", "ddps.metrics",
-        "ddps.diffusion", "ddps.denoiser", "ddps.refiner.model", "ddps.refiner.sampler", "ddps.refiner.objective",
-        "ddps.refiner.checkpoint", "ddps.engine.train_base", "ddps.engine.train_refiner",
+CORE = ["ddps.config", "ddps.checkpoint_io", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference",
+        "ddps.metrics", "ddps.diffusion", "ddps.denoiser", "ddps.refiner.model", "ddps.refiner.sampler",
+        "ddps.refiner.objective", "ddps.refiner.checkpoint", "ddps.engine.train_base", "ddps.engine.train_refiner",
         "ddps.engine.evaluate_checkpoint", "ddps.engine.refine_images", "ddps.engine.loop", "ddps.cli"]
 
 

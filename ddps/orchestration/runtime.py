@@ -9,8 +9,8 @@ import sys
 
 from ddps.paths import ddps_home
 
-# what every Ray worker must see as the driver does (DESIGN.md): the work folder, offline albumentations,
-# no telemetry, the tracking store
+# what every Ray worker must see as the driver does (docs/design.md, "Environment"): the work folder, offline
+# albumentations, no telemetry, the tracking store
 WORKER_ENV = ("DDPS_HOME", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED",
               "MLFLOW_TRACKING_URI", "DDPS_FASHION_MNIST", "RAY_TRAIN_ENABLE_PRINT_PATCH")
 
@@ -22,7 +22,7 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-node m
 def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start Ray in this process with
     enough logical CPUs for the workers plus ``extra_cpus`` (a Tune trial beside them; logical, not
-    physical: DESIGN.md) and a bounded object store.
+    physical: docs/design.md, "Ray resources are logical") and a bounded object store.
 
     A local Ray stays on loopback: in Ray's single-node mode (no other node can join) its GCS, raylet,
     object manager and dashboard bind to 127.0.0.1 rather than the machine's address. Ray reads the switch

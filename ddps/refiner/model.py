@@ -66,5 +66,5 @@ class MaskDenoiser(nn.Module):
         return logits + features[:, -self.num_classes:] if self.residual else logits
 
     def unet_params(self) -> int:
-        """Parameters of the UNet alone (DESIGN.md: from its input conv to its output conv)."""
+        """Parameters of the UNet alone, from its input conv to its output conv (docs/design.md, "Parameter counts")."""
         return sum(p.numel() for p in self.unet.parameters())
