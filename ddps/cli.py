@@ -66,22 +66,26 @@ def cmd_data_build(args) -> int:
     return 0
 
 
-def cmd_train_base(args) -> int:
-    from ddps.engine.train_base import fit
+def _print_checkpoint(path) -> None:
+    """Write the checkpoint's metrics beside it as <name>.json and print both paths."""
     from ddps.segmentors.checkpoint import read_checkpoint
-    cfg = _resolve(args)
-    path = fit(cfg, checkpoint=args.out, force=args.force)
     metrics = read_checkpoint(path)["metrics"]
     metrics_path = Path(path).with_suffix(".json")
     metrics_path.write_text(json.dumps(metrics, indent=2))
     print(f"checkpoint: {path}\nmetrics: {metrics_path}")
+
+
+def cmd_train_base(args) -> int:
+    from ddps.engine.train_base import fit
+    cfg = _resolve(args)
+    path = fit(cfg, checkpoint=args.out, force=args.force)
+    _print_checkpoint(path)
     return 0
 
 
 def cmd_train(args) -> int:
     from ddps.engine import train_base, train_refiner
     from ddps.engine.reporter import ConsoleReporter
-    from ddps.segmentors.checkpoint import read_checkpoint
     cfg = _resolve(args)
     base = args.base
     if not base:
@@ -92,10 +96,7 @@ def cmd_train(args) -> int:
         base = train_base.fit(cfg)
     path = train_refiner.fit(cfg, base, reporter_factory=lambda stage, iters: ConsoleReporter(stage, iters),
                              out_dir=args.out, force=args.force)
-    metrics = read_checkpoint(path)["metrics"]
-    metrics_path = Path(path).with_suffix(".json")
-    metrics_path.write_text(json.dumps(metrics, indent=2))
-    print(f"checkpoint: {path}\nmetrics: {metrics_path}")
+    _print_checkpoint(path)
     return 0
 
 
