@@ -37,6 +37,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from ddps.diffusion.process import MaskInput, NoiseProcess
+from ddps.diffusion.rng import SampleRNG
 from ddps.diffusion.schedules import alpha_bar as schedule_alpha_bar
 from ddps.errors import ConfigError, choices
 
@@ -74,13 +76,15 @@ def structured_matrix(keep: torch.Tensor, replace: torch.Tensor, masked: torch.T
     return torch.cat([torch.cat([real, mask_col], dim=2), mask_row], dim=1)  # (N, S, S)
 
 
-class MaskDiffusion:
+class MaskDiffusion(NoiseProcess):
     """Discrete diffusion q(x_t | x_0) = Cat(x_t; onehot(x_0) Q_bar_t) over K classes (+ [MASK]).
 
     t = 0 is the clean mask and t = T pure noise; `t` arguments are long tensors (B,) of per-sample times
     in 0..T, or ints. Masks are long (B, H, W) state maps; distributions are (B, S, H, W) probabilities
     over the S states. Inputs may live on any device; the matrices are rebuilt there from the schedule.
     """
+
+    supports_vlb = True
 
     def __init__(self, num_classes: int, steps: int, transition: str = "uniform", schedule: str = "linear",
                  mask_max: float = 0.9):
@@ -264,6 +268,32 @@ class MaskDiffusion:
         batch, height, width = shape
         p = self.stationary().to(device=device, dtype=torch.float32)
         return self.sample(p.view(1, -1, 1, 1).expand(batch, -1, height, width), generator, noise)
+
+    def draw_noise(self, rng: SampleRNG, h: int, w: int, stream: int) -> torch.Tensor:
+        """The Gumbel-max uniforms u of one (h, w) state-map draw (see :meth:`sample`): (B, S, h, w)."""
+        return rng.rand((self.num_states, h, w), stream)
+
+    # ----------------------------------------------------------------------------------- the denoiser's side
+
+    @property
+    def mask_input(self) -> MaskInput:
+        """x_t enters the denoiser as a state map through Embedding(S, E) (DDPS §3.2)."""
+        return MaskInput("embed", num_states=self.num_states)
+
+    def q_sample_labels(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPS Eq. 2): a class map is a state map here, so this is :meth:`q_sample`."""
+        return self.q_sample(x0, t, generator=generator, noise=noise)
+
+    def free_step(self, logits: torch.Tensor, s: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_s ~ q(x_s | x̂_0), x̂_0 = argmax logits (free re-noising, DDPS Alg. 2): (B, H, W) long."""
+        return self.q_sample(logits.argmax(1), s, generator=generator)
+
+    def posterior_step(self, x_t: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_s ~ q(x_s | x_t, x̂_0), x̂_0 = argmax logits, for s < t (DDPS Eq. 3): (B, H, W) long."""
+        return self.sample(self.posterior(x_t, logits.argmax(1), t, s), generator=generator)
 
     # ----------------------------------------------------------------------------------- loss
 
