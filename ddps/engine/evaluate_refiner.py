@@ -11,22 +11,21 @@ from __future__ import annotations
 import torch
 
 from ddps.config import Config
-from ddps.diffusion.bits import BitDiffusion
+from ddps.diffusion.process import NoiseProcess
 from ddps.engine.features import FeatureCache, conditioning
 from ddps.metrics import SegMetrics
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.sampler import refine
 
 
-def oracle_input(process, batch, codec: ResizeCodec, t: int, ignore_index: int, generator=None) -> torch.Tensor:
+def oracle_input(process: NoiseProcess, batch, codec: ResizeCodec, t: int, ignore_index: int,
+                 generator=None) -> torch.Tensor:
     """The ground truth at the mask size (ignore pixels: the base's guess), re-noised to time t."""
     gt = codec.encode(batch.labels)
     gt = torch.where(gt == ignore_index, batch.base_pred, gt)
     B = gt.shape[0]
     t_batch = torch.full((B,), t, dtype=torch.long, device=gt.device)
-    if isinstance(process, BitDiffusion):
-        return process.q_sample(process.encode(gt), t_batch, generator=generator)
-    return process.q_sample(gt, t_batch, generator=generator)
+    return process.q_sample_labels(gt, t_batch, generator=generator)
 
 
 @torch.no_grad()
