@@ -29,6 +29,10 @@ where alpha_bar is the schedule's cumulative keep probability and gamma_bar the 
 For uniform+mask the per-step replace probability beta_t = (1 - alpha_t - gamma_t)/K is >= 0 at every t
 for any schedule exactly when mask_max <= 1 - alpha_bar_T; with the linear schedule gamma_bar_t is linear
 in t from ~9e-6 to mask_max, as in VQ-Diffusion.
+
+The process may diffuse over more states than the denoiser predicts classes (``num_states``; the published
+DDPS checkpoints diffuse over 151 states for ADE20K's 150 classes): the K above is then the number of real
+(non-[MASK]) states, ``num_categories``, and predicted class probabilities give the extra states zero mass.
 """
 from __future__ import annotations
 
@@ -82,16 +86,22 @@ class MaskDiffusion(NoiseProcess):
     t = 0 is the clean mask and t = T pure noise; `t` arguments are long tensors (B,) of per-sample times
     in 0..T, or ints. Masks are long (B, H, W) state maps; distributions are (B, S, H, W) probabilities
     over the S states. Inputs may live on any device; the matrices are rebuilt there from the schedule.
+    ``num_states``: S, by default K (+ 1 for [MASK]); more adds real states no class maps to (module doc).
     """
 
     supports_vlb = True
 
     def __init__(self, num_classes: int, steps: int, transition: str = "uniform", schedule: str = "linear",
-                 mask_max: float = 0.9):
+                 mask_max: float = 0.9, num_states: int | None = None):
         if transition not in TRANSITIONS:
             raise ConfigError(f"unknown transition {transition!r}; choose from: {choices(TRANSITIONS)}")
         if int(num_classes) < 1:
             raise ConfigError(f"num_classes={num_classes!r} is out of range: >= 1")
+        absorbing = transition != "uniform"
+        fewest = int(num_classes) + absorbing
+        if num_states is not None and int(num_states) < fewest:
+            raise ConfigError(f"num_states={num_states!r} is out of range: >= {fewest} (the classes"
+                              f"{' + [MASK]' if absorbing else ''})")
         alpha_bar = schedule_alpha_bar(schedule, steps)                  # (T + 1,) float64
         if transition == "uniform+mask" and not 0.0 < mask_max <= 1.0 - alpha_bar[-1]:
             raise ConfigError(f"mask_max={mask_max!r} is out of range: in (0, {1.0 - alpha_bar[-1]:.6f}]")
@@ -99,8 +109,9 @@ class MaskDiffusion(NoiseProcess):
         self.steps = int(steps)
         self.transition = transition
         self.schedule = schedule
-        self.mask_index = None if transition == "uniform" else self.num_classes
-        self.num_states = self.num_classes + (self.mask_index is not None)
+        self.num_states = fewest if num_states is None else int(num_states)
+        self.num_categories = self.num_states - absorbing               # the real states, K in the module doc
+        self.mask_index = self.num_categories if absorbing else None     # [MASK] is the last state
         gamma_bar = cumulative_masked(transition, alpha_bar, mask_max)
         assert np.all(per_step_replace(alpha_bar, gamma_bar) >= -1e-12), "negative replace probability"
         self.alpha_bar = torch.from_numpy(alpha_bar)                     # (T + 1,) float64
@@ -126,8 +137,8 @@ class MaskDiffusion(NoiseProcess):
         d_unmasked = log_unmasked[t] - log_unmasked[s]
         keep = d_keep.exp()
         masked = -torch.expm1(d_unmasked)                                # 1 - (1-gamma_bar_t)/(1-gamma_bar_s)
-        replace = (-torch.expm1(d_keep) - masked).clamp_min(0) / self.num_classes
-        return structured_matrix(keep, replace, masked, self.num_classes, self.mask_index is not None)
+        replace = (-torch.expm1(d_keep) - masked).clamp_min(0) / self.num_categories
+        return structured_matrix(keep, replace, masked, self.num_categories, self.mask_index is not None)
 
     def transition_between(self, s: int, t: int) -> torch.Tensor:
         """Q_{s->t} = Q_{s+1} Q_{s+2} ... Q_t (identity when s == t): float64 CPU (S, S), cached."""
@@ -163,10 +174,11 @@ class MaskDiffusion(NoiseProcess):
         return t
 
     def _as_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K or S, H, W) probabilities -> (B, S, H, W), a zero [MASK] channel appended when needed."""
+        """(B, K or S, H, W) probabilities -> (B, S, H, W), zero channels for the states after the classes
+        (the extra states and [MASK]) appended when needed."""
         assert x.dim() == 4, f"probabilities must be (B, S, H, W), got {tuple(x.shape)}"
-        if x.shape[1] == self.num_classes and self.num_states == self.num_classes + 1:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 1))
+        if x.shape[1] == self.num_classes < self.num_states:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.num_states - self.num_classes))
         assert x.shape[1] == self.num_states, f"{x.shape[1]} channels, expected {self.num_states} states"
         return x
 
@@ -254,10 +266,10 @@ class MaskDiffusion(NoiseProcess):
         """The limit of q(x_T | x_0) as alpha_bar_T -> 0, independent of x_0: float64 (S,).
 
         uniform: 1/K each; mask: all mass on [MASK]; uniform+mask: gamma_bar_T / (1 - alpha_bar_T) on
-        [MASK], the rest spread evenly over the K classes.
+        [MASK], the rest spread evenly over the K real states.
         """
         masked = float(self.gamma_bar[-1] / (1 - self.alpha_bar[-1]))
-        p = torch.full((self.num_states,), (1 - masked) / self.num_classes, dtype=torch.float64)
+        p = torch.full((self.num_states,), (1 - masked) / self.num_categories, dtype=torch.float64)
         if self.mask_index is not None:
             p[self.mask_index] = masked
         return p

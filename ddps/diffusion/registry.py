@@ -14,10 +14,11 @@ from ddps.errors import ConfigError, choices
 
 
 def discrete_process(num_classes: int, steps: int, *, transition: str = "uniform", schedule: str = "linear",
-                     mask_max: float = 0.9, **other_processes_options):
+                     mask_max: float = 0.9, num_states: int | None = None, **other_processes_options):
     """Discrete diffusion over the classes (+ [MASK]): ddps.diffusion.discrete.MaskDiffusion."""
     from ddps.diffusion.discrete import MaskDiffusion
-    return MaskDiffusion(num_classes, steps, transition=transition, schedule=schedule, mask_max=mask_max)
+    return MaskDiffusion(num_classes, steps, transition=transition, schedule=schedule, mask_max=mask_max,
+                         num_states=num_states)
 
 
 def bit_process(num_classes: int, steps: int, *, schedule: str = "cosine", bit_scale: float = 0.1,
