@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -24,12 +25,15 @@ from ddps.engine.evaluate_refiner import evaluate_refiner
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
-                        preset: str = "cpu", all_steps: bool = False, split: str = "val") -> str:
-    """Evaluate single-scale (and multi-scale + flip) and return the header and the row."""
+                        preset: str = "cpu", all_steps: bool = False, split: str = "val",
+                        as_json: bool = False) -> str:
+    """Evaluate single-scale (and multi-scale + flip) and return the header and the row, or with ``as_json``
+    every score at full precision as one JSON object (see :func:`result_json`)."""
     overrides = list(overrides)
     payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
     if is_checkpoint(payload) and payload["kind"] == KIND_REFINER:
-        return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split)
+        return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split,
+                                           as_json=as_json)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
         val_set = evaluation_split(cfg, split)
@@ -42,6 +46,8 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
         apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
     ss = evaluate_base(model, val_set, cfg.eval)
     ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
+    if as_json:
+        return json.dumps({"kind": "base", "base": scores_json(ss), "multiscale": scores_json(ms) if ms else None})
     row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss["mIoU"],
                      ms["mIoU"] if ms else None, ss["mBIoU"])
     return f"{HEADER}\n{row}"
@@ -60,7 +66,7 @@ REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 
 
 
 def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = (), all_steps: bool = False,
-                                split: str = "val", device="cpu") -> str:
+                                split: str = "val", device="cpu", as_json: bool = False) -> str:
     """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
     hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
@@ -74,6 +80,8 @@ def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = 
     head = cfg.denoiser.method == "head"
     result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val_set.num_classes,
                               ignore_index=val_set.ignore_index, reliance=not head, device=device, head=head)
+    if as_json:
+        return json.dumps(result_json(result))
     return refiner_report(result, cfg, base, denoiser, all_steps)
 
 
@@ -97,3 +105,18 @@ def refiner_report(result: dict, cfg, base, denoiser, all_steps: bool = False) -
         for k, (t, scores) in enumerate(zip(result["times"], result["steps"]), 1):
             lines.append(f"| {k} | {t} | {scores['mIoU']:.2f} | {scores['mBIoU']:.2f} | {scores['aAcc']:.2f} |")
     return "\n".join(lines)
+
+
+def scores_json(scores: dict) -> dict:
+    """One prediction's scores: mIoU, mBIoU, aAcc and the per-class IoU (NaN where a class is absent)."""
+    return {k: (list(map(float, scores[k])) if k == "IoU" else float(scores[k])) for k in ("mIoU", "mBIoU", "aAcc", "IoU")}
+
+
+def result_json(result: dict) -> dict:
+    """``ddps eval --json`` of a refiner: {'kind', 'images', 'base': scores, 'steps': [{'t', **scores}],
+    'reliance': {'own', 'oracle', 'random', 'oracle_t'} (absent for the UNet head)}."""
+    out = {"kind": "refiner", "images": result["images"], "base": scores_json(result["initial"]),
+           "steps": [{"t": t, **scores_json(s)} for t, s in zip(result["times"], result["steps"])]}
+    if "reliance" in result:
+        out["reliance"] = dict(result["reliance"])
+    return out
