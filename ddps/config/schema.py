@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ddps.config.choices import DATASET_NAMES, check_base_names
+from ddps.diffusion.registry import PROCESSES
 from ddps.errors import ConfigError, choices
 
 
@@ -168,14 +169,15 @@ class DenoiserConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The noise process over masks (paper §3.1, App. A)."""
-    kind: str = "discrete"          # discrete | bits (Gaussian diffusion on analog bits, Table 8)
+    kind: str = "discrete"          # discrete | bits (Gaussian diffusion on analog bits, Table 8) | a registered
+                                    # name (ddps.diffusion.registry.PROCESSES)
     transition: str = "uniform"     # uniform (replace-only) | mask (absorbing) | uniform+mask
     schedule: str = "linear"        # linear | cosine
     steps: int = 20                 # T, the train steps
     bit_scale: float = 0.1          # analog-bit input scaling (bits)
 
     def __post_init__(self):
-        _choose("diffusion.kind", self.kind, ("discrete", "bits"))
+        _choose("diffusion.kind", self.kind, PROCESSES)
         _choose("diffusion.transition", self.transition, TRANSITIONS)
         _choose("diffusion.schedule", self.schedule, NOISE_SCHEDULES)
         _require(1 <= self.steps <= 1000, "diffusion.steps", self.steps, "1..1000")

@@ -2,7 +2,8 @@
 
 A class index k is written as ceil(log2 K) binary digits, each mapped to {-scale, +scale}; the bits are
 diffused as real numbers, q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (DDPM Eq. 4), and
-sampled back with deterministic DDIM steps (Song et al. 2021, Eq. 12 with eta = 0).
+sampled back with deterministic DDIM steps (Song et al. 2021, Eq. 12 with eta = 0) from the expected analog
+bits of the denoiser's softmax, sum_k p_k code_k.
 
 Time convention, as in the rest of ddps: t = 0 is the clean mask, t = T is pure noise.
 """
@@ -12,6 +13,8 @@ import math
 
 import torch
 
+from ddps.diffusion.process import MaskInput, NoiseProcess
+from ddps.diffusion.rng import SampleRNG
 from ddps.diffusion.schedules import alpha_bar as schedule_alpha_bar
 from ddps.errors import ConfigError
 
@@ -23,7 +26,7 @@ def bit_codes(num_classes: int, bits: int, scale: float) -> torch.Tensor:
     return scale * (2.0 * digits.float() - 1.0)
 
 
-class BitDiffusion:
+class BitDiffusion(NoiseProcess):
     """Gaussian diffusion over analog-bit masks (B, bits, H, W); no parameters."""
 
     def __init__(self, num_classes: int, steps: int, schedule: str = "cosine", scale: float = 0.1):
@@ -84,6 +87,10 @@ class BitDiffusion:
             return noise.to(device) if device is not None else noise
         return torch.randn((batch, self.bits, height, width), generator=generator, device=device)
 
+    def draw_noise(self, rng: SampleRNG, h: int, w: int, stream: int) -> torch.Tensor:
+        """eps ~ N(0, I) of one (h, w) draw, for :meth:`prior` or :meth:`q_sample_labels`: (B, bits, h, w)."""
+        return rng.randn((self.bits, h, w), stream)
+
     def ddim_step(self, x_t: torch.Tensor, x0_pred_bits: torch.Tensor, t, s) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) from t to s < t (Song et al. 2021, Eq. 12):
 
@@ -95,3 +102,30 @@ class BitDiffusion:
         assert bool((noise_t > 0).all()), "ddim_step needs t >= 1"
         eps_hat = (x_t - keep_t * x0_pred_bits) / noise_t
         return keep_s * x0_pred_bits + noise_s * eps_hat
+
+    # ----------------------------------------------------------------------------------- the denoiser's side
+
+    @property
+    def mask_input(self) -> MaskInput:
+        """x_t enters the denoiser as ``bits`` real channels (DDPS Table 8)."""
+        return MaskInput("bits", bits=self.bits)
+
+    def q_sample_labels(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) bits(x_0) + sqrt(1 - alpha_bar_t) eps (DDPM Eq. 4) for a class map x0
+        (B, H, W): (B, bits, H, W); ``noise``: eps as in :meth:`q_sample`."""
+        return self.q_sample(self.encode(x0), t, generator=generator, noise=noise)
+
+    def _expected_bits(self, logits: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = sum_k softmax(logits)_k code_k: (B, K, H, W) -> (B, bits, H, W)."""
+        return self.encode_probs(logits.float().softmax(1))
+
+    def free_step(self, logits: torch.Tensor, s: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_s = sqrt(alpha_bar_s) x̂_0 + sqrt(1 - alpha_bar_s) eps (free re-noising of the expected bits)."""
+        return self.q_sample(self._expected_bits(logits), s, generator=generator)
+
+    def posterior_step(self, x_t: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """The deterministic DDIM step (:meth:`ddim_step`) from t to s with the expected bits x̂_0; no draw."""
+        return self.ddim_step(x_t, self._expected_bits(logits), t, s)

@@ -29,6 +29,10 @@ where alpha_bar is the schedule's cumulative keep probability and gamma_bar the 
 For uniform+mask the per-step replace probability beta_t = (1 - alpha_t - gamma_t)/K is >= 0 at every t
 for any schedule exactly when mask_max <= 1 - alpha_bar_T; with the linear schedule gamma_bar_t is linear
 in t from ~9e-6 to mask_max, as in VQ-Diffusion.
+
+The process may diffuse over more states than the denoiser predicts classes (``num_states``; the published
+DDPS checkpoints diffuse over 151 states for ADE20K's 150 classes): the K above is then the number of real
+(non-[MASK]) states, ``num_categories``, and predicted class probabilities give the extra states zero mass.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from ddps.diffusion.process import MaskInput, NoiseProcess
+from ddps.diffusion.rng import SampleRNG
 from ddps.diffusion.schedules import alpha_bar as schedule_alpha_bar
 from ddps.errors import ConfigError, choices
 
@@ -74,20 +80,28 @@ def structured_matrix(keep: torch.Tensor, replace: torch.Tensor, masked: torch.T
     return torch.cat([torch.cat([real, mask_col], dim=2), mask_row], dim=1)  # (N, S, S)
 
 
-class MaskDiffusion:
+class MaskDiffusion(NoiseProcess):
     """Discrete diffusion q(x_t | x_0) = Cat(x_t; onehot(x_0) Q_bar_t) over K classes (+ [MASK]).
 
     t = 0 is the clean mask and t = T pure noise; `t` arguments are long tensors (B,) of per-sample times
     in 0..T, or ints. Masks are long (B, H, W) state maps; distributions are (B, S, H, W) probabilities
     over the S states. Inputs may live on any device; the matrices are rebuilt there from the schedule.
+    ``num_states``: S, by default K (+ 1 for [MASK]); more adds real states no class maps to (module doc).
     """
 
+    supports_vlb = True
+
     def __init__(self, num_classes: int, steps: int, transition: str = "uniform", schedule: str = "linear",
-                 mask_max: float = 0.9):
+                 mask_max: float = 0.9, num_states: int | None = None):
         if transition not in TRANSITIONS:
             raise ConfigError(f"unknown transition {transition!r}; choose from: {choices(TRANSITIONS)}")
         if int(num_classes) < 1:
             raise ConfigError(f"num_classes={num_classes!r} is out of range: >= 1")
+        absorbing = transition != "uniform"
+        fewest = int(num_classes) + absorbing
+        if num_states is not None and int(num_states) < fewest:
+            raise ConfigError(f"num_states={num_states!r} is out of range: >= {fewest} (the classes"
+                              f"{' + [MASK]' if absorbing else ''})")
         alpha_bar = schedule_alpha_bar(schedule, steps)                  # (T + 1,) float64
         if transition == "uniform+mask" and not 0.0 < mask_max <= 1.0 - alpha_bar[-1]:
             raise ConfigError(f"mask_max={mask_max!r} is out of range: in (0, {1.0 - alpha_bar[-1]:.6f}]")
@@ -95,8 +109,9 @@ class MaskDiffusion:
         self.steps = int(steps)
         self.transition = transition
         self.schedule = schedule
-        self.mask_index = None if transition == "uniform" else self.num_classes
-        self.num_states = self.num_classes + (self.mask_index is not None)
+        self.num_states = fewest if num_states is None else int(num_states)
+        self.num_categories = self.num_states - absorbing               # the real states, K in the module doc
+        self.mask_index = self.num_categories if absorbing else None     # [MASK] is the last state
         gamma_bar = cumulative_masked(transition, alpha_bar, mask_max)
         assert np.all(per_step_replace(alpha_bar, gamma_bar) >= -1e-12), "negative replace probability"
         self.alpha_bar = torch.from_numpy(alpha_bar)                     # (T + 1,) float64
@@ -122,8 +137,8 @@ class MaskDiffusion:
         d_unmasked = log_unmasked[t] - log_unmasked[s]
         keep = d_keep.exp()
         masked = -torch.expm1(d_unmasked)                                # 1 - (1-gamma_bar_t)/(1-gamma_bar_s)
-        replace = (-torch.expm1(d_keep) - masked).clamp_min(0) / self.num_classes
-        return structured_matrix(keep, replace, masked, self.num_classes, self.mask_index is not None)
+        replace = (-torch.expm1(d_keep) - masked).clamp_min(0) / self.num_categories
+        return structured_matrix(keep, replace, masked, self.num_categories, self.mask_index is not None)
 
     def transition_between(self, s: int, t: int) -> torch.Tensor:
         """Q_{s->t} = Q_{s+1} Q_{s+2} ... Q_t (identity when s == t): float64 CPU (S, S), cached."""
@@ -159,10 +174,11 @@ class MaskDiffusion:
         return t
 
     def _as_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K or S, H, W) probabilities -> (B, S, H, W), a zero [MASK] channel appended when needed."""
+        """(B, K or S, H, W) probabilities -> (B, S, H, W), zero channels for the states after the classes
+        (the extra states and [MASK]) appended when needed."""
         assert x.dim() == 4, f"probabilities must be (B, S, H, W), got {tuple(x.shape)}"
-        if x.shape[1] == self.num_classes and self.num_states == self.num_classes + 1:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 1))
+        if x.shape[1] == self.num_classes < self.num_states:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.num_states - self.num_classes))
         assert x.shape[1] == self.num_states, f"{x.shape[1]} channels, expected {self.num_states} states"
         return x
 
@@ -250,10 +266,10 @@ class MaskDiffusion:
         """The limit of q(x_T | x_0) as alpha_bar_T -> 0, independent of x_0: float64 (S,).
 
         uniform: 1/K each; mask: all mass on [MASK]; uniform+mask: gamma_bar_T / (1 - alpha_bar_T) on
-        [MASK], the rest spread evenly over the K classes.
+        [MASK], the rest spread evenly over the K real states.
         """
         masked = float(self.gamma_bar[-1] / (1 - self.alpha_bar[-1]))
-        p = torch.full((self.num_states,), (1 - masked) / self.num_classes, dtype=torch.float64)
+        p = torch.full((self.num_states,), (1 - masked) / self.num_categories, dtype=torch.float64)
         if self.mask_index is not None:
             p[self.mask_index] = masked
         return p
@@ -264,6 +280,32 @@ class MaskDiffusion:
         batch, height, width = shape
         p = self.stationary().to(device=device, dtype=torch.float32)
         return self.sample(p.view(1, -1, 1, 1).expand(batch, -1, height, width), generator, noise)
+
+    def draw_noise(self, rng: SampleRNG, h: int, w: int, stream: int) -> torch.Tensor:
+        """The Gumbel-max uniforms u of one (h, w) state-map draw (see :meth:`sample`): (B, S, h, w)."""
+        return rng.rand((self.num_states, h, w), stream)
+
+    # ----------------------------------------------------------------------------------- the denoiser's side
+
+    @property
+    def mask_input(self) -> MaskInput:
+        """x_t enters the denoiser as a state map through Embedding(S, E) (DDPS §3.2)."""
+        return MaskInput("embed", num_states=self.num_states)
+
+    def q_sample_labels(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPS Eq. 2): a class map is a state map here, so this is :meth:`q_sample`."""
+        return self.q_sample(x0, t, generator=generator, noise=noise)
+
+    def free_step(self, logits: torch.Tensor, s: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_s ~ q(x_s | x̂_0), x̂_0 = argmax logits (free re-noising, DDPS Alg. 2): (B, H, W) long."""
+        return self.q_sample(logits.argmax(1), s, generator=generator)
+
+    def posterior_step(self, x_t: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_s ~ q(x_s | x_t, x̂_0), x̂_0 = argmax logits, for s < t (DDPS Eq. 3): (B, H, W) long."""
+        return self.sample(self.posterior(x_t, logits.argmax(1), t, s), generator=generator)
 
     # ----------------------------------------------------------------------------------- loss
 

@@ -2,8 +2,8 @@
 
 The resize codec holds masks at 1/scale of the input (1/4 by default, where the base features live):
 labels go down by nearest sampling at the centre of each scale x scale cell, logits come back up bilinearly
-to the label's size (where the loss and the metrics are computed). The bit codec for Gaussian diffusion
-on analog bits is :class:`ddps.diffusion.bits.BitDiffusion` (``encode`` / ``encode_probs``).
+to the label's size (where the loss and the metrics are computed). The bit codec of Gaussian diffusion
+on analog bits belongs to that noise process (:mod:`ddps.diffusion.bits`, ``encode`` / ``encode_probs``).
 """
 from __future__ import annotations
 

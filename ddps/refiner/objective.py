@@ -4,9 +4,9 @@ Per batch (frozen base features F, ground truth y at the label size, y↓ at the
 1. pick the time: t = T in stage 1 (single step at maximum noise), t ~ U{1..T} in stage 2 / multi-step;
 2. pick what is noised, x0:  ``gt`` y↓ | ``initial`` the base's argmax | ``first`` the denoiser's own first
    prediction, argmax f(F, x_T, T) with x_T ~ q(x_T), computed without gradient;
-3. x_t ~ q(x_t | x0) (Eq. 2), or x_t = √ᾱ·bits(x0) + √(1−ᾱ)·ε for Gaussian bit diffusion;
+3. x_t ~ q(x_t | x0) (Eq. 2) by the process (``q_sample_labels``; for analog bits √ᾱ·bits(x0) + √(1−ᾱ)·ε);
 4. logits = f(F · keep, x_t, t), features zeroed with probability p (condition dropout, for CFG);
-5. loss = CE(upsample(logits), y), the ground truth always; ``hybrid`` adds w · VLB (discrete only).
+5. loss = CE(upsample(logits), y), the ground truth always; ``hybrid`` adds w · VLB (where the process has one).
 Every random draw (t, x_T, the noise, the dropout) is keyed by sample (SampleRNG): the loss of a sample does
 not depend on the batch it is in, so data-parallel workers reproduce single-process training.
 The UNet-as-head baseline (Table 7) is f(F) with no mask input and plain CE.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddps.diffusion.bits import BitDiffusion
+from ddps.diffusion.process import NoiseProcess
 from ddps.diffusion.rng import SampleRNG
 from ddps.refiner.codecs import ResizeCodec
 
@@ -42,16 +42,7 @@ class Batch:
 STREAM_T, STREAM_FIRST, STREAM_NOISE, STREAM_DROP = range(4)
 
 
-def _noise_shape(process, h: int, w: int) -> tuple[int, int, int]:
-    return (process.bits, h, w) if isinstance(process, BitDiffusion) else (process.num_states, h, w)
-
-
-def _draw(process, rng: SampleRNG, h: int, w: int, stream: int) -> torch.Tensor:
-    shape = _noise_shape(process, h, w)
-    return rng.randn(shape, stream) if isinstance(process, BitDiffusion) else rng.rand(shape, stream)
-
-
-def noised_input(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
+def noised_input(denoiser, process: NoiseProcess, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
                  ignore_index: int, rng: SampleRNG):
     """Steps 1-3: (x0 at the mask size, t (B,), x_t) for one batch; every draw keyed by sample."""
     feats = batch.features
@@ -68,19 +59,17 @@ def noised_input(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: 
     elif target == "initial":
         x0 = batch.base_pred
     elif target == "first":
-        x0 = first_prediction(denoiser, process, feats, noise=_draw(process, rng, h, w, STREAM_FIRST))
+        x0 = first_prediction(denoiser, process, feats, noise=process.draw_noise(rng, h, w, STREAM_FIRST))
     else:
         raise ValueError(f"unknown target {target!r}")
-    noise = _draw(process, rng, h, w, STREAM_NOISE).to(feats.device)
-    if isinstance(process, BitDiffusion):
-        x_t = process.q_sample(process.encode(x0), t, noise=noise)        # (B, bits, h, w)
-    else:
-        x_t = process.q_sample(x0, t, noise=noise)                         # (B, h, w)
+    noise = process.draw_noise(rng, h, w, STREAM_NOISE).to(feats.device)
+    x_t = process.q_sample_labels(x0, t, noise=noise)                      # (B, h, w) states or (B, bits, h, w)
     return x0, t, x_t
 
 
 @torch.no_grad()
-def first_prediction(denoiser, process, features: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+def first_prediction(denoiser, process: NoiseProcess, features: torch.Tensor, generator=None,
+                     noise=None) -> torch.Tensor:
     """argmax f(F, x_T, T) with x_T ~ q(x_T): the denoiser's own first guess, without gradient (Alg. 1)."""
     B, _, h, w = features.shape
     x_T = process.prior((B, h, w), generator=generator, device=features.device,
@@ -89,7 +78,7 @@ def first_prediction(denoiser, process, features: torch.Tensor, generator=None, 
     return denoiser(features, x_T, t).argmax(1)
 
 
-def refiner_loss(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
+def refiner_loss(denoiser, process: NoiseProcess, batch: Batch, codec: ResizeCodec, *, stage: int, target: str,
                  rng: SampleRNG, loss: str = "ce", vlb_weight: float = 1.0, cond_dropout: float = 0.0,
                  ignore_index: int = 255) -> tuple[torch.Tensor, dict]:
     """Algorithm 1's loss for one batch; returns (loss, {'ce': ..., 'vlb': ...})."""
@@ -103,7 +92,7 @@ def refiner_loss(denoiser, process, batch: Batch, codec: ResizeCodec, *, stage: 
     ce = label_ce(logits, batch, codec, ignore_index)
     parts = {"ce": float(ce.detach())}
     total = ce
-    if loss == "hybrid" and not isinstance(process, BitDiffusion):
+    if loss == "hybrid" and process.supports_vlb:
         valid = codec.encode(batch.labels) != ignore_index
         gt = torch.where(valid, codec.encode(batch.labels), x0)
         vlb = process.vlb_term(gt, x_t, t, logits.float(), valid=valid).mean()

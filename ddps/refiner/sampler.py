@@ -8,7 +8,8 @@ the replace-only transition). After each call the prediction x̂0 = argmax is re
 - ``posterior``: x_{t_{k+1}} ~ q(x_{t_{k+1}} | x_{t_k}, x̂0)       (exact Bayes over the stride, Eq. 3)
 - ``fresh``:     x_{t_{k+1}} ~ q(x_T), ignoring x̂0                 (the mask-reliance diagnostic's control)
 
-For Gaussian bit diffusion the step is DDIM's (η = 0) from the expected analog bits of softmax(logits).
+The process takes the step (``NoiseProcess.step``); for Gaussian bit diffusion x̂0 is the expected analog
+bits of softmax(logits), and ``posterior`` is DDIM's step (η = 0).
 Classifier-free guidance: ℓ = (s + 1)·ℓ(features) − s·ℓ(zero features), with s = 0 the conditional output.
 The base features are computed once by the caller; every step's logits are returned (the trajectory),
 so one pass gives every step's metrics.
@@ -19,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddps.diffusion.bits import BitDiffusion
-from ddps.diffusion.discrete import MaskDiffusion
-
-RENOISE_MODES = ("free", "posterior", "fresh")
+from ddps.diffusion.process import RENOISE_MODES, NoiseProcess
 
 
 def step_times(train_steps: int, test_steps: int) -> list[int]:
@@ -53,7 +51,7 @@ def guided_logits(denoiser, features, x_t, t, cfg_scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refine(denoiser, process: MaskDiffusion | BitDiffusion, features: torch.Tensor, steps: int,
+def refine(denoiser, process: NoiseProcess, features: torch.Tensor, steps: int,
            renoise: str = "free", cfg_scale: float = 0.0, generator: torch.Generator | None = None,
            start: torch.Tensor | None = None, start_t: int | None = None) -> Trajectory:
     """Run Algorithm 2 on ``features`` (B, C, h, w) and return the trajectory of ``steps`` predictions.
@@ -75,24 +73,6 @@ def refine(denoiser, process: MaskDiffusion | BitDiffusion, features: torch.Tens
         if k + 1 == len(times):
             break
         s = times[k + 1]
-        x = next_state(process, x, logits, t, s, renoise, generator)
+        x = process.step(x, logits, t, s, renoise, generator)
     return Trajectory(times, logits_seen)
 
-
-def next_state(process, x_t: torch.Tensor, logits: torch.Tensor, t: int, s: int, renoise: str,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """The denoiser's input at time s < t, from its prediction at time t."""
-    B, _, h, w = logits.shape
-    if renoise == "fresh":
-        return process.prior((B, h, w), generator=generator, device=logits.device)
-    s_batch = torch.full((B,), s, device=logits.device, dtype=torch.long)
-    t_batch = torch.full((B,), t, device=logits.device, dtype=torch.long)
-    if isinstance(process, BitDiffusion):
-        x0_bits = process.encode_probs(logits.float().softmax(1))  # (B, bits, h, w)
-        if renoise == "free":
-            return process.q_sample(x0_bits, s_batch, generator=generator)
-        return process.ddim_step(x_t, x0_bits, t_batch, s_batch)
-    x0 = logits.argmax(1)  # (B, h, w)
-    if renoise == "free":
-        return process.q_sample(x0, s_batch, generator=generator)
-    return process.sample(process.posterior(x_t, x0, t_batch, s_batch), generator=generator)
