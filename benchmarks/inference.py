@@ -60,21 +60,20 @@ def main() -> None:
     cache = compute_cache(base, val, build_codec(cfg))
     quality = {k: evaluate_refiner(denoiser, process, cache, cfg, num_classes=base.num_classes,
                                    ignore_index=val.ignore_index, steps=k) for k in QUALITY_KS}
-    last = quality[QUALITY_KS[-1]]["steps"][-1]["mIoU"]
-    enough = min(k for k in QUALITY_KS if quality[k]["steps"][-1]["mIoU"] >= last - 0.1)
+    last = quality[QUALITY_KS[-1]].last.mIoU
+    enough = min(k for k in QUALITY_KS if quality[k].last.mIoU >= last - 0.1)
     print(f"torch {torch.__version__}, {args.threads} threads; {path.name} (UNet-{cfg.denoiser.size}, T = "
           f"{cfg.diffusion.steps}) on {cfg.base.arch}-{cfg.base.backbone}; {len(val)} val scenes "
           f"of {tuple(image.shape[-2:])} px\n")
     print("| inference of one image | ms (batch 1) | against the base alone |\n|---|---|---|")
     for k, s in seconds.items():
         print(f"| {'base alone' if k == 0 else f'base + {k} steps'} | {s * 1e3:.1f} | {s / seconds[0]:.2f}x |")
-    base_scores = quality[QUALITY_KS[0]]["initial"]
+    base_scores = quality[QUALITY_KS[0]].base
     print(f"\n| K (test steps) | mIoU | mBIoU | ms per image (batch 1) |\n|---|---|---|---|")
-    print(f"| base | {base_scores['mIoU']:.2f} | {base_scores['mBIoU']:.2f} | {seconds[0] * 1e3:.1f} |")
+    print(f"| base | {base_scores.mIoU:.2f} | {base_scores.mBIoU:.2f} | {seconds[0] * 1e3:.1f} |")
     for k, result in quality.items():
-        s = result["steps"][-1]
         ms = f"{seconds[k] * 1e3:.1f}" if k in seconds else "–"
-        print(f"| {k} | {s['mIoU']:.2f} | {s['mBIoU']:.2f} | {ms} |")
+        print(f"| {k} | {result.last.mIoU:.2f} | {result.last.mBIoU:.2f} | {ms} |")
     print(f"\nsmallest K within 0.1 mIoU of K = {QUALITY_KS[-1]}: **{enough}**")
 
 

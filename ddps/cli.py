@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
     print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset,
-                              all_steps=args.all_steps, split=args.split))
+                              all_steps=args.all_steps, split=args.split, as_json=args.json))
     return 0
 
 
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ev.add_argument("--no-ms", action="store_true", help="skip the multi-scale + flip test (base segmentors)")
     ev.add_argument("--all-steps", action="store_true", help="refiners: metrics after every refinement step")
+    ev.add_argument("--json", action="store_true", help="print every score at full precision as one JSON "
+                                                        "object (per step, per class, mask reliance)")
     ev.add_argument("--split", default="val", help="val (default) | holdout (the data.holdout training images "
                                                    "kept out of every training, for choosing hyper-parameters)")
     ev.set_defaults(func=cmd_eval)

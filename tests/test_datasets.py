@@ -204,7 +204,7 @@ def test_mixed_image_sizes_are_evaluated_in_batches_of_one_size(tmp_path):
     model = create_base("segformer", "mit_b0", 3, feature_channels=16)
     batched = evaluate_base(model, ds, EvalConfig(batch_size=3, scales=(1.0,)))
     single = evaluate_base(model, ds, EvalConfig(batch_size=1, scales=(1.0,)))
-    assert batched["mIoU"] == pytest.approx(single["mIoU"]) and batched["mBIoU"] == pytest.approx(single["mBIoU"])
+    assert batched.mIoU == pytest.approx(single.mIoU) and batched.mBIoU == pytest.approx(single.mBIoU)
 
 
 @pytest.mark.reliability(kind="bad_input", case="unknown split")

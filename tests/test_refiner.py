@@ -220,8 +220,8 @@ def test_reliance_diagnostic_separates_a_mask_reader_from_random_input():
     cache = FeatureCache(torch.zeros(8, C, 4, 4).half(), torch.randn(8, K, 4, 4).half(), labels.to(torch.uint8))
     result = evaluate_refiner(GroundTruthReader(), MaskDiffusion(K, 10), cache, cfg, num_classes=K,
                               ignore_index=255, reliance=True)
-    r = result["reliance"]
-    assert r["oracle"] > 95 and r["random"] < 40 and len(result["steps"]) == 5
+    r = result.reliance
+    assert r.oracle > 95 and r.random < 40 and len(result.steps) == 5
 
 
 @pytest.mark.parametrize("process", [MaskDiffusion(K, 10), MaskDiffusion(K, 10, transition="uniform+mask"),
@@ -264,7 +264,7 @@ def test_residual_denoiser_starts_at_the_base_and_learns_corrections():
     labels = torch.randint(0, K, (8, 16, 16), dtype=torch.uint8)
     cache = FeatureCache(torch.randn(8, C, 4, 4).half(), torch.randn(8, K, 4, 4).half(), labels)
     result = evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255)
-    assert all(step == result["initial"] for step in result["steps"])
+    assert all(step == result.base for step in result.steps)
     batch = conditioning(cache.batch(torch.arange(8)), residual=True)
     assert batch.features.shape == (8, C + K, 4, 4)
     x, t = torch.randint(0, K, (8, 4, 4)), torch.full((8,), 10)
@@ -285,7 +285,6 @@ def test_the_multiscale_test_averages_scales_and_flips_and_an_untrained_residual
     from ddps.config import resolve
     from ddps.data.datasets import ArrayDataset
     from ddps.data.transforms import EvalTransform
-    from ddps.engine.evaluate_refiner import evaluate_refiner_multiscale
     from ddps.refiner.build import build_denoiser, build_process
     from ddps.segmentors import create_base
     cfg = resolve("smoke", None, {"denoiser.residual": True, "eval.scales": [0.75, 1.0, 1.5], "eval.batch_size": 3,
@@ -297,14 +296,16 @@ def test_the_multiscale_test_averages_scales_and_flips_and_an_untrained_residual
     torch.manual_seed(0)
     base = create_base("segformer", "mit_b0", K, feature_channels=C).freeze()
     process = build_process(cfg, K)
-    result = evaluate_refiner_multiscale(build_denoiser(cfg, K, C, process), process, base, dataset, cfg)
+
+    def multiscale(denoiser, process, cfg):
+        return evaluate_refiner(denoiser, process, None, cfg, base=base, dataset=dataset, multiscale=True).multiscale
+    result = multiscale(build_denoiser(cfg, K, C, process), process, cfg)
     assert result["last"] == result["base"]
-    single = evaluate_refiner_multiscale(build_denoiser(cfg, K, C, process), process, base, dataset,
-                                         resolve("smoke", None, {"denoiser.residual": True, "eval.scales": [1.0],
-                                                                 "eval.flip": False, "infer.steps": 2}))
-    assert single["base"]["mIoU"] != result["base"]["mIoU"]  # the copies do change the base's scores
+    single = multiscale(build_denoiser(cfg, K, C, process), process,
+                        resolve("smoke", None, {"denoiser.residual": True, "eval.scales": [1.0], "eval.flip": False,
+                                                "infer.steps": 2}))
+    assert single["base"].mIoU != result["base"].mIoU  # the copies do change the base's scores
     plain = resolve("smoke", None, {"eval.scales": [0.75, 1.0], "infer.steps": 2})
     torch.manual_seed(1)
-    other = evaluate_refiner_multiscale(build_denoiser(plain, K, C, build_process(plain, K)), build_process(plain, K),
-                                        base, dataset, plain)
-    assert other["last"]["mIoU"] != other["base"]["mIoU"]  # a refiner that is not the base scores otherwise
+    other = multiscale(build_denoiser(plain, K, C, build_process(plain, K)), build_process(plain, K), plain)
+    assert other["last"].mIoU != other["base"].mIoU  # a refiner that is not the base scores otherwise

@@ -45,7 +45,7 @@ def test_fit_learns_saves_history_and_is_reused(tmp_path):
     # the checkpoint's model scores what training reported
     model, _ = load_base(path, num_classes=11)
     val = build_dataset(cfg.data, "val")
-    assert evaluate_base(model, val, cfg.eval)["mIoU"] == pytest.approx(payload["metrics"]["val_mIoU"])
+    assert evaluate_base(model, val, cfg.eval).mIoU == pytest.approx(payload["metrics"]["val_mIoU"])
     again = NullReporter()
     assert fit(cfg, again, checkpoint=path) == path and not again.history  # reused, not retrained
 
@@ -95,7 +95,7 @@ def test_evaluate_base_equals_a_plain_loop_over_the_val_set():
             item = val[i]
             acc.update(model.segment(item["image"][None]).argmax(1)[0], item["mask"])
     ours = evaluate_base(model, val, cfg.eval)
-    assert ours["mIoU"] == pytest.approx(acc.compute()["mIoU"])
+    assert ours.mIoU == pytest.approx(acc.compute()["mIoU"])
     from ddps.segmentors.inference import predict_multiscale
     acc = IoUAccumulator(val.num_classes, val.ignore_index)
     with torch.no_grad():
@@ -103,4 +103,4 @@ def test_evaluate_base_equals_a_plain_loop_over_the_val_set():
             item = val[i]
             probs = predict_multiscale(model.segment, item["image"][None], cfg.eval.scales, cfg.eval.flip)
             acc.update(probs.argmax(1)[0], item["mask"])
-    assert evaluate_base(model, val, cfg.eval, multiscale=True)["mIoU"] == pytest.approx(acc.compute()["mIoU"])
+    assert evaluate_base(model, val, cfg.eval, multiscale=True).mIoU == pytest.approx(acc.compute()["mIoU"])

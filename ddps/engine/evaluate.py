@@ -1,5 +1,8 @@
-"""Evaluation of a base segmentor: single-scale and multi-scale + flip mIoU / aAcc / mBIoU."""
+"""Evaluation of a base segmentor: single-scale and multi-scale + flip mIoU / aAcc / mBIoU; the loader and
+the device-and-precision context that every evaluation shares."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -7,9 +10,24 @@ from torch.utils.data import DataLoader, Subset
 
 from ddps.config import EvalConfig
 from ddps.data import SegmentationDataset
+from ddps.engine.record import Scores
+from ddps.errors import ConfigError, choices
 from ddps.metrics import SegMetrics
 from ddps.segmentors import BaseSegmentor
 from ddps.segmentors.inference import predict, predict_multiscale
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision: str = "fp32"):
+    """The context an evaluation's forward passes run in: fp32 as they are, bf16 / fp16 under torch.autocast
+    on ``device``'s type (metrics and probabilities are always computed in float32 from its outputs)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from: {choices(PRECISIONS)}")
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
 
 
 def collate_sizes(items: list[dict]) -> list[dict]:
@@ -30,19 +48,21 @@ def eval_loader(dataset: SegmentationDataset, cfg: EvalConfig) -> DataLoader:
 
 @torch.no_grad()
 def evaluate_base(model: BaseSegmentor, dataset: SegmentationDataset, cfg: EvalConfig,
-                  multiscale: bool = False, device: str | torch.device = "cpu") -> dict:
-    """Metrics over ``dataset`` (its test transform): {'mIoU', 'aAcc', 'IoU', 'mBIoU', 'BIoU'}."""
+                  multiscale: bool = False, device: str | torch.device = "cpu", precision: str = "fp32") -> Scores:
+    """Scores over ``dataset`` (its test transform), single-scale or multi-scale + flip."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(dataset.num_classes, dataset.ignore_index)
     for batch in (b for batches in eval_loader(dataset, cfg) for b in batches):
         x, label = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, h, w)
-        if multiscale:
-            scores = predict_multiscale(model.segment, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop, cfg.stride)
-        else:
-            scores = predict(model.segment, x, cfg.mode, cfg.crop, cfg.stride)
+        with autocast(device, precision):
+            if multiscale:
+                scores = predict_multiscale(model.segment, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop, cfg.stride)
+            else:
+                scores = predict(model.segment, x, cfg.mode, cfg.crop, cfg.stride)
+        scores = scores.float()
         if scores.shape[-2:] != label.shape[-2:]:  # test-time resize: score at the label's resolution
             scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
         metrics.update(scores.argmax(1), label)
     model.train(was_training)
-    return metrics.compute()
+    return Scores.from_metrics(metrics.compute())

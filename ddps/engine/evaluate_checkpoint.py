@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ddps.config import from_flat, parse_set, resolve
 from ddps.data import build_dataset
@@ -18,18 +20,20 @@ from ddps.engine.rows import HEADER, result_row
 from ddps.segmentors import apply_state, create_base, read_state_file
 from ddps.segmentors.checkpoint import base_from_payload, is_checkpoint
 from ddps.refiner.checkpoint import KIND_REFINER, load_refiner
-from ddps.refiner.build import build_codec
-from ddps.engine.features import compute_cache
 from ddps.engine.evaluate_refiner import evaluate_refiner
+from ddps.engine.record import Evaluation
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
-                        preset: str = "cpu", all_steps: bool = False, split: str = "val") -> str:
-    """Evaluate single-scale (and multi-scale + flip) and return the header and the row."""
+                        preset: str = "cpu", all_steps: bool = False, split: str = "val",
+                        as_json: bool = False) -> str:
+    """Evaluate single-scale (and multi-scale + flip) and return the header and the row, or with ``as_json``
+    every score at full precision as one JSON object (Evaluation.to_json, or the base's scores)."""
     overrides = list(overrides)
     payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
     if is_checkpoint(payload) and payload["kind"] == KIND_REFINER:
-        return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split)
+        return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split,
+                                           as_json=as_json)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
         val_set = evaluation_split(cfg, split)
@@ -42,8 +46,10 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
         apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
     ss = evaluate_base(model, val_set, cfg.eval)
     ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
-    row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss["mIoU"],
-                     ms["mIoU"] if ms else None, ss["mBIoU"])
+    if as_json:
+        return json.dumps({"kind": "base", "base": ss.to_json(), "multiscale": ms.to_json() if ms else None})
+    row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss.mIoU,
+                     ms.mIoU if ms else None, ss.mBIoU)
     return f"{HEADER}\n{row}"
 
 
@@ -60,40 +66,54 @@ REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 
 
 
 def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = (), all_steps: bool = False,
-                                split: str = "val", device="cpu") -> str:
+                                split: str = "val", device="cpu", as_json: bool = False) -> str:
     """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
     hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
-    denoiser, process, base, payload = load_refiner(path, use_ema=cfg.infer.ema, payload=payload)
-    val_set = evaluation_split(cfg, split)
-    if val_set.num_classes != base.num_classes:
-        from ddps.errors import CheckpointError
-        raise CheckpointError(f"checkpoint {path} predicts {base.num_classes} classes but {val_set.name} has "
-                              f"{val_set.num_classes}")
-    cache = compute_cache(base, val_set, build_codec(cfg), device=device)
-    head = cfg.denoiser.method == "head"
-    result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val_set.num_classes,
-                              ignore_index=val_set.ignore_index, reliance=not head, device=device, head=head)
-    return refiner_report(result, cfg, base, denoiser, all_steps)
+    result, base, denoiser = evaluate_refiner_file(path, cfg, split=split, payload=payload, device=device)
+    if as_json:
+        return json.dumps(result.to_json())
+    return refiner_report(result, cfg, base, all_steps)
 
 
-def refiner_report(result: dict, cfg, base, denoiser, all_steps: bool = False) -> str:
+def evaluate_refiner_file(path, cfg, *, split: str = "val", payload: dict | None = None, reliance: bool = True,
+                          multiscale: bool = False, examples: Sequence[int] = (), device="cpu",
+                          precision: str = "fp32"):
+    """A refiner checkpoint (its EMA weights when infer.ema) evaluated on ``split`` of its dataset, as
+    evaluate_refiner does, with the #P(M) of base and denoiser: (record, base, denoiser). The dataset must
+    have the classes the checkpoint predicts."""
     from ddps.denoiser import count_params
+    from ddps.errors import CheckpointError
+    denoiser, process, base, _ = load_refiner(path, use_ema=cfg.infer.ema, payload=payload)
+    dataset = evaluation_split(cfg, split)
+    if dataset.num_classes != base.num_classes:
+        raise CheckpointError(f"checkpoint {path} predicts {base.num_classes} classes but {dataset.name} has "
+                              f"{dataset.num_classes}")
+    base, denoiser = base.to(device), denoiser.to(device)
+    result = evaluate_refiner(denoiser, process, None, cfg, reliance=reliance, multiscale=multiscale,
+                              examples=examples, base=base, dataset=dataset, class_names=dataset.class_names,
+                              device=device, precision=precision)
+    params = {"base": base.num_params(), "denoiser": count_params(denoiser)}
+    return replace(result, params=params), base, denoiser
+
+
+def refiner_report(result: Evaluation, cfg, base, all_steps: bool = False) -> str:
     from ddps.engine.rows import ARCH_NAMES, backbone_name
-    initial, first, last = result["initial"], result["steps"][0], result["steps"][-1]
-    method = "UNet head" if cfg.denoiser.method == "head" else f"DDPS ({len(result['steps'])} steps)"
-    params = (base.num_params() + count_params(denoiser)) / 1e6
+    initial, first, last = result.base, result.steps[0], result.last
+    method = "UNet head" if cfg.denoiser.method == "head" else f"DDPS ({len(result.steps)} steps)"
+    params = sum(result.params.values()) / 1e6
     row = (f"| {method} | {ARCH_NAMES.get(base.spec.arch, base.spec.arch)} {backbone_name(base.spec.backbone)} | "
-           f"UNet-{cfg.denoiser.size} | {params:.2f} | {initial['mIoU']:.2f} / {first['mIoU']:.2f} / "
-           f"{last['mIoU']:.2f} | {initial['mBIoU']:.2f} / {first['mBIoU']:.2f} / {last['mBIoU']:.2f} |")
+           f"UNet-{cfg.denoiser.size} | {params:.2f} | {initial.mIoU:.2f} / {first.mIoU:.2f} / "
+           f"{last.mIoU:.2f} | {initial.mBIoU:.2f} / {first.mBIoU:.2f} / {last.mBIoU:.2f} |")
     lines = [REFINER_HEADER, row]
-    if "reliance" in result:
-        r = result["reliance"]
-        lines.append(f"mask reliance (mIoU): (a) own trajectory {r['own']:.2f} | (b) oracle ground truth "
-                     f"re-noised at t={r['oracle_t']} {r['oracle']:.2f} | (c) fresh random mask {r['random']:.2f}")
+    if result.reliance:
+        r = result.reliance
+        lines.append(f"mask reliance (mIoU): (a) own trajectory {r.own:.2f} | (b) oracle ground truth "
+                     f"re-noised at t={r.oracle_t} {r.oracle:.2f} | (c) fresh random mask {r.random:.2f}")
     if all_steps:
         lines += ["", "| step | t | mIoU | mBIoU | aAcc |", "|---|---|---|---|---|",
-                  f"| base | - | {initial['mIoU']:.2f} | {initial['mBIoU']:.2f} | {initial['aAcc']:.2f} |"]
-        for k, (t, scores) in enumerate(zip(result["times"], result["steps"]), 1):
-            lines.append(f"| {k} | {t} | {scores['mIoU']:.2f} | {scores['mBIoU']:.2f} | {scores['aAcc']:.2f} |")
+                  f"| base | - | {initial.mIoU:.2f} | {initial.mBIoU:.2f} | {initial.aAcc:.2f} |"]
+        for k, (t, scores) in enumerate(zip(result.times, result.steps), 1):
+            lines.append(f"| {k} | {t} | {scores.mIoU:.2f} | {scores.mBIoU:.2f} | {scores.aAcc:.2f} |")
     return "\n".join(lines)
+

@@ -1,5 +1,7 @@
-"""Evaluation of a refiner: metrics of the base's own prediction and of every refinement step, in one pass,
-plus the mask-reliance diagnostic.
+"""Evaluation of a refiner: one function, :func:`evaluate_refiner`, gives the typed record (engine/record.py)
+that ``ddps eval``, the pipeline, the sweep's cells and the held-out checks during training all use — the
+base's own prediction and every refinement step in one pass, and on request the mask-reliance diagnostic,
+the multi-scale + flip test and a few fixed images' refinements (strips and probabilities).
 
 Mask reliance (does the denoiser read its mask input at all?), last-step mIoU when the denoiser is fed
 (a) its own trajectory (normal inference), (b) the ground truth re-noised at a small t (an oracle mask,
@@ -10,9 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch.nn.functional as F
+
 from ddps.config import Config
 from ddps.diffusion.bits import BitDiffusion
-from ddps.engine.features import FeatureCache, conditioning
+from ddps.engine.evaluate import autocast, eval_loader
+from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning
+from ddps.engine.record import Evaluation, Example, Reliance, Scores
 from ddps.metrics import SegMetrics
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.sampler import refine
@@ -30,83 +40,102 @@ def oracle_input(process, batch, codec: ResizeCodec, t: int, ignore_index: int, 
 
 
 @torch.no_grad()
-def evaluate_refiner(denoiser, process, cache: FeatureCache, cfg: Config, *, num_classes: int,
-                     ignore_index: int, steps: int | None = None, renoise: str | None = None,
-                     cfg_scale: float | None = None, reliance: bool = False, device="cpu",
-                     batch_size: int | None = None, head: bool = False) -> dict:
-    """{'initial': scores, 'steps': [scores per step], 'times': [...], 'reliance': {...}} over ``cache``.
+def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config, *, num_classes: int | None = None,
+                     ignore_index: int | None = None, steps: int | None = None, reliance: bool = False, multiscale: bool = False,
+                     examples: Sequence[int] = (), base=None, dataset=None, class_names: Sequence[str] = (),
+                     device="cpu", precision: str = "fp32", batch_size: int | None = None,
+                     head: bool | None = None) -> Evaluation:
+    """Evaluate ``denoiser`` on a split whose frozen-base features are ``cache``; the record of it.
 
-    Scores are SegMetrics.compute() dicts (mIoU, aAcc, IoU, mBIoU, BIoU) at the label resolution. ``head``:
-    the UNet-as-head baseline, one call without a mask.
+    ``cache`` None: computed here, by the ``base`` over ``dataset`` (whose classes and ignore index are then
+    the defaults of ``num_classes`` and ``ignore_index``). ``steps``: test steps (default infer.steps); ``reliance``: the mask-reliance diagnostic; ``multiscale``:
+    the multi-scale + flip test and ``examples``: these images' refinements — both run the ``base`` over
+    ``dataset`` (the split's images). Forward passes run on ``device`` in ``precision`` (fp32 | bf16 | fp16);
+    scores are computed in float32 at the label resolution. ``head``: the UNet-as-head baseline, one call
+    without a mask (default: what cfg.denoiser.method says).
     """
-    ic = cfg.infer
-    steps = steps or ic.steps
-    renoise = renoise or ic.renoise
-    cfg_scale = ic.cfg_scale if cfg_scale is None else cfg_scale
-    codec = ResizeCodec(cfg.denoiser.mask_scale)
-    batch_size = batch_size or cfg.eval.batch_size
-    generator = torch.Generator().manual_seed(ic.seed)
+    head = cfg.denoiser.method == "head" if head is None else head
+    if (cache is None or multiscale or examples) and (base is None or dataset is None):
+        raise ValueError("without a feature cache, and for the multi-scale test and the examples, "
+                         "evaluate_refiner needs the base and the dataset")
+    if cache is None:
+        cache = compute_cache(base, dataset, ResizeCodec(cfg.denoiser.mask_scale), device=device)
+    num_classes = dataset.num_classes if num_classes is None else num_classes
+    ignore_index = dataset.ignore_index if ignore_index is None else ignore_index
     was_training = denoiser.training
     denoiser.eval()
+    with autocast(device, precision):
+        scores = _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps or cfg.infer.steps,
+                               reliance and not head, head, device, batch_size or cfg.eval.batch_size)
+        ms = _multiscale(denoiser, process, base, dataset, cfg, head, device) if multiscale else None
+        shown = _examples(denoiser, process, base, dataset, [i for i in examples if i < len(dataset)], cfg, head,
+                          device)
+    denoiser.train(was_training)
+    return Evaluation(**scores, multiscale=ms, examples=shown, class_names=tuple(class_names))
+
+
+def _trajectory(denoiser, process, features, cfg: Config, steps: int, head: bool, generator,
+                renoise: str | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Every step's logits (B, K, h, w) and times; the UNet head: its one call at t = 0."""
+    if head:
+        return [denoiser(features)], [0]
+    traj = refine(denoiser, process, features, steps, renoise or cfg.infer.renoise, cfg.infer.cfg_scale, generator)
+    return traj.logits, traj.times
+
+
+def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps, reliance, head, device,
+                  batch_size) -> dict:
+    """The base, every step and (with ``reliance``) the diagnostic over the cache, in one pass."""
+    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    generator = torch.Generator().manual_seed(cfg.infer.seed)
     initial = SegMetrics(num_classes, ignore_index)
     per_step: list[SegMetrics] = []
     extra = {name: SegMetrics(num_classes, ignore_index) for name in (("oracle", "random") if reliance else ())}
     times: list[int] = []
     limit = len(cache) if not cfg.eval.max_images else min(len(cache), cfg.eval.max_images)
-    oracle_t = ic.oracle_t or max(1, process.steps // 10)
+    oracle_t = cfg.infer.oracle_t or max(1, process.steps // 10)
     for start in range(0, limit, batch_size):
         batch = conditioning(cache.batch(torch.arange(start, min(start + batch_size, limit)), device),
                              cfg.denoiser.residual)
         size = batch.labels.shape[-2:]
         initial.update(codec.decode(batch.base_logits, size).argmax(1), batch.labels)
-        if head:
-            trajectory_logits, times = [denoiser(batch.features)], [0]
-        else:
-            traj = refine(denoiser, process, batch.features, steps, renoise, cfg_scale, generator)
-            trajectory_logits, times = traj.logits, traj.times
+        trajectory, times = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator)
         if not per_step:
-            per_step = [SegMetrics(num_classes, ignore_index) for _ in trajectory_logits]
-        for metrics, logits in zip(per_step, trajectory_logits):
+            per_step = [SegMetrics(num_classes, ignore_index) for _ in trajectory]
+        for metrics, logits in zip(per_step, trajectory):
             metrics.update(codec.decode(logits, size).argmax(1), batch.labels)
-        if reliance and not head:
+        if reliance:
             x = oracle_input(process, batch, codec, oracle_t, ignore_index, generator)
             t = torch.full((len(x),), oracle_t, dtype=torch.long, device=x.device)
             extra["oracle"].update(codec.decode(denoiser(batch.features, x, t), size).argmax(1), batch.labels)
-            fresh = refine(denoiser, process, batch.features, steps, "fresh", cfg_scale, generator)
-            extra["random"].update(codec.decode(fresh.final, size).argmax(1), batch.labels)
-    denoiser.train(was_training)
-    result = {"initial": initial.compute(), "steps": [m.compute() for m in per_step], "times": times,
-              "images": limit}
-    if reliance and not head:
-        result["reliance"] = {"own": result["steps"][-1]["mIoU"], "oracle": extra["oracle"].compute()["mIoU"],
-                              "random": extra["random"].compute()["mIoU"], "oracle_t": oracle_t}
-    return result
+            fresh, _ = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator, renoise="fresh")
+            extra["random"].update(codec.decode(fresh[-1], size).argmax(1), batch.labels)
+    step_scores = tuple(Scores.from_metrics(m.compute()) for m in per_step)
+    found = None
+    if reliance:
+        found = Reliance(step_scores[-1].mIoU, extra["oracle"].compute()["mIoU"], extra["random"].compute()["mIoU"],
+                         oracle_t)
+    return {"images": limit, "base": Scores.from_metrics(initial.compute()), "steps": step_scores,
+            "times": tuple(times), "reliance": found}
 
 
-@torch.no_grad()
-def trajectory_examples(denoiser, process, base, dataset, indices, cfg: Config, device="cpu") -> list[dict]:
-    """For a few fixed images: the raw image, ground truth, base mask and the mask after every step, plus the
-    base's and every step's class probabilities (what the report's strips and probability files show)."""
-    from ddps.engine.features import base_batch, conditioning
+def _examples(denoiser, process, base, dataset, indices: list[int], cfg: Config, head: bool,
+              device) -> tuple[Example, ...]:
+    """These images through the base and every refinement step: class probabilities at the label size."""
     codec = ResizeCodec(cfg.denoiser.mask_scale)
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     out = []
-    for i in indices:
-        rgb, label, _ = dataset.read(i)
-        item = dataset[i]
+    for index in indices:
+        rgb, label, _ = dataset.read(index)
+        item = dataset[index]
         batch = conditioning(base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device),
                                         codec), cfg.denoiser.residual)
         size = item["mask"].shape[-2:]
-        base_probs = codec.decode(batch.base_logits, size).softmax(1)[0]
-        if cfg.denoiser.method == "head":
-            steps = [denoiser(batch.features)]
-        else:
-            steps = refine(denoiser, process, batch.features, cfg.infer.steps, cfg.infer.renoise,
-                           cfg.infer.cfg_scale, generator).logits
-        step_probs = [codec.decode(l, size).softmax(1)[0] for l in steps]
-        out.append({"index": i, "image": rgb, "label": label, "base_probs": base_probs.cpu().numpy(),
-                    "step_probs": [p.cpu().numpy() for p in step_probs]})
-    return out
+        trajectory, _ = _trajectory(denoiser, process, batch.features, cfg, cfg.infer.steps, head, generator)
+        probs = [codec.decode(logits.float(), size).softmax(1)[0].cpu().numpy()
+                 for logits in (batch.base_logits, *trajectory)]
+        out.append(Example(index, rgb, label, probs[0], tuple(probs[1:])))
+    return tuple(out)
 
 
 def _scaled_size(x: torch.Tensor, scale: float, multiple: int) -> tuple[int, int]:
@@ -114,24 +143,16 @@ def _scaled_size(x: torch.Tensor, scale: float, multiple: int) -> tuple[int, int
     return tuple(max(multiple, int(round(side * scale / multiple)) * multiple) for side in x.shape[-2:])
 
 
-@torch.no_grad()
-def evaluate_refiner_multiscale(denoiser, process, base, dataset, cfg: Config, *, head: bool = False,
-                                device="cpu") -> dict:
+def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, device) -> dict[str, Scores]:
     """The multi-scale + flip test of base and refiner (the 'ms' column of Tables 1, 2 and 4): at each of
     ``eval.scales`` (and its mirror image when ``eval.flip``) the base runs and the refiner refines from its
     features; the class probabilities of the base and of the last step are averaged over the copies at the
-    label resolution, then scored. {'base': scores, 'last': scores} (SegMetrics.compute() dicts)."""
-    import torch.nn.functional as F
-
-    from ddps.engine.evaluate import eval_loader
-    from ddps.engine.features import base_batch
+    label resolution, then scored."""
     codec = ResizeCodec(cfg.denoiser.mask_scale)
     multiple = 4 * cfg.denoiser.mask_scale  # the UNet halves the mask twice
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     scores = {"base": SegMetrics(dataset.num_classes, dataset.ignore_index),
               "last": SegMetrics(dataset.num_classes, dataset.ignore_index)}
-    was_training = denoiser.training
-    denoiser.eval()
     for batch in (b for batches in eval_loader(dataset, cfg.eval) for b in batches):
         x, label = batch["image"].to(device), batch["mask"].to(device)
         size = label.shape[-2:]
@@ -142,11 +163,7 @@ def evaluate_refiner_multiscale(denoiser, process, base, dataset, cfg: Config, *
             for flipped in ((False, True) if cfg.eval.flip else (False,)):
                 xi = xs.flip(-1) if flipped else xs
                 b = conditioning(base_batch(base, xi, None, codec), cfg.denoiser.residual)
-                if head:
-                    last = denoiser(b.features)
-                else:
-                    last = refine(denoiser, process, b.features, cfg.infer.steps, cfg.infer.renoise,
-                                  cfg.infer.cfg_scale, generator).logits[-1]
+                last = _trajectory(denoiser, process, b.features, cfg, cfg.infer.steps, head, generator)[0][-1]
                 for name, logits in (("base", b.base_logits), ("last", last)):
                     logits = logits.flip(-1) if flipped else logits
                     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
@@ -154,5 +171,27 @@ def evaluate_refiner_multiscale(denoiser, process, base, dataset, cfg: Config, *
                 copies += 1
         for name in scores:
             scores[name].update((probs[name] / copies).argmax(1), label)
-    denoiser.train(was_training)
-    return {name: m.compute() for name, m in scores.items()}
+    return {name: Scores.from_metrics(m.compute()) for name, m in scores.items()}
+
+
+def save_examples(evaluation: Evaluation, folder: Path) -> list[tuple[Path, str | None]]:
+    """The record's examples as files in ``folder``: a refinement strip per image (ground truth, base, each
+    step; ignore pixels black) and the first image's probabilities (float16 .npz). [(file, artifact folder)]."""
+    from PIL import Image
+
+    from ddps.engine.refine_images import palette, strip
+    if not evaluation.examples:
+        return []
+    num_classes = evaluation.examples[0].base_probs.shape[0]
+    colours, written = palette(num_classes), []
+    for ex in evaluation.examples:
+        masks = [ex.label, ex.base_probs.argmax(0)] + [p.argmax(0) for p in ex.step_probs]
+        masks = [np.where(m >= num_classes, 0, m) for m in masks]
+        path = folder / f"strip-{ex.index}.png"
+        Image.fromarray(strip(ex.image, masks, colours)).save(path)
+        written.append((path, "strips"))
+    first = evaluation.examples[0]
+    path = folder / "probabilities.npz"
+    np.savez_compressed(path, image=first.image, label=first.label, class_names=np.array(evaluation.class_names),
+                        base=first.base_probs.astype(np.float16), steps=np.stack(first.step_probs).astype(np.float16))
+    return written + [(path, None)]

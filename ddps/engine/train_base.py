@@ -177,8 +177,8 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
             window_start, window_images = time.perf_counter(), 0
         if worker.is_main and (step % tc.eval_every == 0 or step == tc.iters):
             scores = evaluate_base(model, val_set, cfg.eval, device=device)
-            history.append({"iter": step, "mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"]})
-            reporter.log({f"{split}_mIoU": scores["mIoU"], f"{split}_mBIoU": scores["mBIoU"]}, step)
+            history.append({"iter": step, "mIoU": scores.mIoU, "mBIoU": scores.mBIoU})
+            reporter.log({f"{split}_mIoU": scores.mIoU, f"{split}_mBIoU": scores.mBIoU}, step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointer and step % checkpointer.every == 0 and step < tc.iters:
             checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -200,59 +200,32 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     device = worker.device
     iters = stage_iters(cfg, stage)
     reporter = reporter or ConsoleReporter(stage, iters)
-    seed_everything(tc.seed + {"stage1": 0, "stage2": 1}.get(stage, 2))
-    codec = build_codec(cfg)
-    process = build_process(cfg, data.num_classes)
-    denoiser = build_denoiser(cfg, data.num_classes, base.feature_channels, process).to(device)
-    if init_state is not None:
-        denoiser.load_state_dict(init_state)
-    trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
-    order = GlobalOrder(train_size(data), tc.batch_size, tc.seed + 11, worker.rank, worker.world_size)
-    worker.local_batch(tc.batch_size, "train.batch_size")
-    history: list[dict] = []
-    start = 0
-    state = checkpointer.latest() if checkpointer else None
-    if state is not None:  # resume: weights, EMA, optimiser, data position, RNG, iteration
-        denoiser.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema:
-            ema.state = state["ema"]
-        order.seek(state["position"])
-        set_rng_state(state["rng"])
-        history, start = list(state["history"]), int(state["iter"])
-        reporter.info(f"{stage}: resuming at iteration {start} from the last checkpoint")
-    model = worker.wrap(denoiser) if worker.wrap else denoiser
+    # ---- model, optimiser, EMA, data order (or the state a restarted run resumes from) --------------
+    run = _StageRun.build(cfg, stage, base, data, worker, init_state)
+    if run.resume(checkpointer.latest() if checkpointer else None):
+        reporter.info(f"{stage}: resuming at iteration {run.start} from the last checkpoint")
+    model = worker.wrap(run.denoiser) if worker.wrap else run.denoiser
     rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
-    stream = batches(data, base, codec, order, device, residual=cfg.denoiser.residual)
+    stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
-    if start == 0:
-        reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {denoiser.unet_params() / 1e6:.2f}M params, "
-                      f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s), T={process.steps}, "
-                      f"target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
+    if run.start == 0:
+        reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
+                      f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s), "
+                      f"T={run.process.steps}, target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
 
+    # ---- the loop --------------------------------------------------------------------------------------
     window_start, window_images = time.perf_counter(), 0
-    denoiser.train()
-    for it in range(start, iters):
-        for group in optimizer.param_groups:
+    run.denoiser.train()
+    for it in range(run.start, iters):
+        for group in run.optimizer.param_groups:
             group["lr"] = refiner_lr(it, tc)
-        batch = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        for part in batch.split(tc.accumulate):
-            with autocast:
-                if stage == "head":
-                    loss, parts = head_loss(model, part, codec, data.ignore_index)
-                else:
-                    loss, parts = refiner_loss(
-                        model, process, part, codec, stage=1 if stage == "stage1" else 2, target=tc.target,
-                        rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
-                        cond_dropout=tc.cond_dropout, ignore_index=data.ignore_index)
-            (loss / tc.accumulate).backward()
-        optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, parts = _accumulate(model, run, next(stream), cfg, stage, rng_seed, data.ignore_index, device,
+                                  autocast)
+        run.optimizer.step()
         step = it + 1
-        if ema:
-            ema.update(denoiser, step)
+        if run.ema:
+            run.ema.update(run.denoiser, step)
         window_images += tc.batch_size
         if step % tc.log_every == 0 or step == iters:
             elapsed = time.perf_counter() - window_start
@@ -260,29 +233,97 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
                           "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
         if worker.is_main and (step % tc.eval_every == 0 or step == iters):
-            scores = _evaluate(cfg, stage, denoiser, ema, process, data, device)
-            history.append({"iter": step, **scores})
+            scores = _evaluate(cfg, stage, run, data, device)
+            run.history.append({"iter": step, **scores})
             reporter.log({f"{data.select_name}_{k}": v for k, v in scores.items()}, step)
             window_start = time.perf_counter()
         if checkpointer and step % checkpointer.every == 0 and step < iters:
-            checkpointer.save({"iter": step, "model": denoiser.state_dict(), "optimizer": optimizer.state_dict(),
-                               "ema": ema.state if ema else None, "position": order.position,
-                               "rng": rng_state(), "history": history}, step)
+            checkpointer.save(run.state(step), step)
 
-    metrics = {"select_split": data.select_name, **(history[-1] if history else {})}
-    return _save(path if worker.is_main else None, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
+    # ---- checkpoint ------------------------------------------------------------------------------------
+    metrics = {"select_split": data.select_name, **(run.history[-1] if run.history else {})}
+    return _save(path if worker.is_main else None, cfg, stage, run.denoiser, run.ema, base_payload, metrics,
+                 run.history, data)
 
 
-def _evaluate(cfg, stage, denoiser, ema, process, data: RefinerData, device) -> dict:
-    model = denoiser
-    if ema:
-        model = copy.deepcopy(denoiser)
-        model.load_state_dict(ema.state)
+@dataclass
+class _StageRun:
+    """What one optimiser run holds: the denoiser, its optimiser and EMA, the data order, the history of
+    held-out checks and the iteration it starts at."""
+    codec: object
+    process: object
+    denoiser: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    order: GlobalOrder
+    history: list
+    start: int = 0
+
+    @classmethod
+    def build(cls, cfg: Config, stage: str, base, data: RefinerData, worker: Worker,
+              init_state: dict | None) -> "_StageRun":
+        tc = cfg.train
+        seed_everything(tc.seed + {"stage1": 0, "stage2": 1}.get(stage, 2))
+        codec = build_codec(cfg)
+        process = build_process(cfg, data.num_classes)
+        denoiser = build_denoiser(cfg, data.num_classes, base.feature_channels, process).to(worker.device)
+        if init_state is not None:
+            denoiser.load_state_dict(init_state)
+        trainable = [p for p in denoiser.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
+        order = GlobalOrder(train_size(data), tc.batch_size, tc.seed + 11, worker.rank, worker.world_size)
+        worker.local_batch(tc.batch_size, "train.batch_size")
+        return cls(codec, process, denoiser, optimizer, ema, order, [])
+
+    def resume(self, state: dict | None) -> bool:
+        """Weights, EMA, optimiser, data position, RNG and iteration from a saved state, if there is one."""
+        if state is None:
+            return False
+        self.denoiser.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.state = state["ema"]
+        self.order.seek(state["position"])
+        set_rng_state(state["rng"])
+        self.history, self.start = list(state["history"]), int(state["iter"])
+        return True
+
+    def state(self, step: int) -> dict:
+        """The training state after ``step`` iterations, as :meth:`resume` reads it."""
+        return {"iter": step, "model": self.denoiser.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state if self.ema else None, "position": self.order.position,
+                "rng": rng_state(), "history": self.history}
+
+
+def _accumulate(model, run: _StageRun, batch, cfg: Config, stage: str, rng_seed: int, ignore_index: int,
+                device, autocast) -> tuple[torch.Tensor, dict]:
+    """Forward (under ``autocast``) and backward over the batch's train.accumulate micro-batches; the last
+    one's loss and parts."""
+    tc = cfg.train
+    for part in batch.split(tc.accumulate):
+        with autocast:
+            if stage == "head":
+                loss, parts = head_loss(model, part, run.codec, ignore_index)
+            else:
+                loss, parts = refiner_loss(
+                    model, run.process, part, run.codec, stage=1 if stage == "stage1" else 2, target=tc.target,
+                    rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
+                    cond_dropout=tc.cond_dropout, ignore_index=ignore_index)
+        (loss / tc.accumulate).backward()
+    return loss, parts
+
+
+def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, device) -> dict:
+    """A held-out check: the EMA weights (when kept) on the selection split; stage 1 at one step."""
+    model = run.denoiser
+    if run.ema:
+        model = copy.deepcopy(run.denoiser)
+        model.load_state_dict(run.ema.state)
     steps = 1 if stage == "stage1" else cfg.infer.steps
-    result = evaluate_refiner(model, process, data.select, cfg, num_classes=data.num_classes,
+    result = evaluate_refiner(model, run.process, data.select, cfg, num_classes=data.num_classes,
                               ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head")
-    return {"mIoU_base": result["initial"]["mIoU"], "mIoU_step1": result["steps"][0]["mIoU"],
-            "mIoU_last": result["steps"][-1]["mIoU"], "mBIoU_last": result["steps"][-1]["mBIoU"]}
+    return result.checks()
 
 
 def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data) -> dict:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import yaml
 
+from ddps import names
 from ddps.config import Config, content_hash, to_flat
 from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
@@ -128,88 +128,58 @@ class Pipeline:
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
-                 log_model: bool = True, name: str = "eval") -> dict:
-        """Per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU per step,
-        the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner itself.
+                 log_model: bool = True, name: str = names.STEP_EVAL) -> dict:
+        """Evaluate the refiner (the engine's one evaluation) and log its record: per-step metrics as MLflow
+        history (step 0 = the base's own prediction), per-class IoU per step, the mask-reliance diagnostic,
+        strips and probabilities of fixed val images, the refiner itself; the summary, which it returns.
 
         A sweep's cell passes its own tags (``cell``: table, row, column, its training run); the pipeline's
         parent then keeps no ``step.eval`` link (a sweep has many)."""
-        from ddps.denoiser import count_params
-        from ddps.engine.evaluate_checkpoint import evaluation_split
-        from ddps.engine.evaluate_refiner import evaluate_refiner, trajectory_examples
-        from ddps.engine.features import compute_cache
-        from ddps.engine.refine_images import palette, strip
-        from ddps.refiner.build import build_codec
-        from ddps.refiner.checkpoint import load_refiner
-        key = {"ddps.step": "eval", "ddps.content_hash": digest}
+        key = {names.STEP: names.STEP_EVAL, names.CONTENT_HASH: digest}
         done = self.tracker.find_run(self.experiment_id, key)
         if done:
             self.log(f"[{name}] reusing MLflow run {done}")
             if cell is None:
-                self.tracker.set_tags(self.parent, {"step.eval": done})
-            return json.loads(self.tracker.client.get_run(done).data.tags.get("ddps.summary", "{}"))
-        cfg = self.cfg
+                self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: done})
+            return json.loads(self.tracker.client.get_run(done).data.tags.get(names.SUMMARY, "{}"))
         run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **(cell or {}), **key},
                                         parent=self.parent)
         if cell is None:
-            self.tracker.set_tags(self.parent, {"step.eval": run_id})
+            self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: run_id})
         try:
-            self.tracker.log_params(run_id, to_flat(cfg))
-            denoiser, process, base, payload = load_refiner(refiner_path, use_ema=cfg.infer.ema)
-            self.tracker.log_metrics(run_id, {"params_base_M": base.num_params() / 1e6,  # the tables' #P(M)
-                                              "params_denoiser_M": count_params(denoiser) / 1e6}, step=0)
-            val = evaluation_split(cfg, "val")
-            cache = compute_cache(base, val, build_codec(cfg))
-            head = cfg.denoiser.method == "head"
-            result = evaluate_refiner(denoiser, process, cache, cfg, num_classes=val.num_classes,
-                                      ignore_index=val.ignore_index, reliance=reliance and not head, head=head)
-            names = val.class_names
-            for k, scores in enumerate([result["initial"]] + result["steps"]):
-                metrics = {"mIoU": scores["mIoU"], "mBIoU": scores["mBIoU"], "aAcc": scores["aAcc"]}
-                metrics.update({f"IoU.{n}": v for n, v in zip(names, scores["IoU"])})
-                self.tracker.log_metrics(run_id, metrics, step=k)
-            if "reliance" in result:
-                r = result["reliance"]
-                self.tracker.log_metrics(run_id, {f"reliance_{k}": r[k] for k in ("own", "oracle", "random")}, 0)
-            multiscale = {}
-            if cfg.eval.multiscale:  # base at step 0, the refiner's last step at step K, as the ss history
-                from ddps.engine.evaluate_refiner import evaluate_refiner_multiscale
-                ms = evaluate_refiner_multiscale(denoiser, process, base, val, cfg, head=head)
-                for k, name in ((0, "base"), (len(result["steps"]), "last")):
-                    self.tracker.log_metrics(run_id, {"ms_mIoU": ms[name]["mIoU"], "ms_mBIoU": ms[name]["mBIoU"]}, k)
-                multiscale = {"base_ms_mIoU": ms["base"]["mIoU"], "last_ms_mIoU": ms["last"]["mIoU"]}
-            summary = {"base_mIoU": result["initial"]["mIoU"], "base_mBIoU": result["initial"]["mBIoU"],
-                       "step1_mIoU": result["steps"][0]["mIoU"], "step1_mBIoU": result["steps"][0]["mBIoU"],
-                       "last_mIoU": result["steps"][-1]["mIoU"], "last_mBIoU": result["steps"][-1]["mBIoU"],
-                       "steps": len(result["steps"]), **multiscale,
-                       **{f"reliance_{k}": v for k, v in result.get("reliance", {}).items()}}
-            self.tracker.set_tags(run_id, {"ddps.summary": json.dumps(summary)})
-            with tempfile.TemporaryDirectory() as folder:
-                folder = Path(folder)
-                (folder / "config.yaml").write_text(yaml.safe_dump(  # as the params: no secret-looking name
-                    {k: v for k, v in to_flat(cfg).items() if not is_secret(k)}, sort_keys=True))
-                self.tracker.log_artifact(run_id, folder / "config.yaml")
-                colours = palette(val.num_classes)
-                examples = trajectory_examples(denoiser, process, base, val,
-                                               [i for i in STRIP_IMAGES if i < len(val)], cfg)
-                for ex in examples:
-                    masks = [ex["label"], ex["base_probs"].argmax(0)] + [p.argmax(0) for p in ex["step_probs"]]
-                    masks = [np.where(m >= val.num_classes, 0, m) for m in masks]  # ignore pixels shown black
-                    from PIL import Image
-                    Image.fromarray(strip(ex["image"], masks, colours)).save(folder / f"strip-{ex['index']}.png")
-                    self.tracker.log_artifact(run_id, folder / f"strip-{ex['index']}.png", "strips")
-                first = examples[0]
-                np.savez_compressed(folder / "probabilities.npz", image=first["image"], label=first["label"],
-                                    class_names=np.array(val.class_names),
-                                    base=first["base_probs"].astype(np.float16),
-                                    steps=np.stack(first["step_probs"]).astype(np.float16))
-                self.tracker.log_artifact(run_id, folder / "probabilities.npz")
+            self.tracker.log_params(run_id, to_flat(self.cfg))
+            summary = self._log_evaluation(run_id, refiner_path, reliance)
             if log_model:
                 self.tracker.log_artifact(run_id, refiner_path, "model")
                 uri = f"runs:/{run_id}/model/{refiner_path.name}"
-                self.tracker.set_tags(run_id if cell else self.parent, {"refiner_uri": uri})
+                self.tracker.set_tags(run_id if cell else self.parent, {names.REFINER_URI: uri})
             self.tracker.end_run(run_id, "FINISHED")
         except BaseException:
             self.tracker.end_run(run_id, "FAILED")
             raise
+        return summary
+
+    def _log_evaluation(self, run_id: str, refiner_path: Path, reliance: bool) -> dict:
+        """The engine's evaluation record of the refiner on val, logged to ``run_id``; its summary."""
+        from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
+        from ddps.engine.evaluate_refiner import save_examples
+        cfg = self.cfg
+        result, _, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
+                                             examples=STRIP_IMAGES)
+        self.tracker.log_metrics(run_id, {names.PARAMS_BASE: result.params["base"] / 1e6,  # the tables' #P(M)
+                                          names.PARAMS_DENOISER: result.params["denoiser"] / 1e6}, step=0)
+        for k, metrics in result.history():
+            self.tracker.log_metrics(run_id, metrics, step=k)
+        if result.reliance:
+            r = result.reliance
+            self.tracker.log_metrics(run_id, {names.RELIANCE + k: getattr(r, k) for k in ("own", "oracle", "random")}, 0)
+        summary = result.summary()
+        self.tracker.set_tags(run_id, {names.SUMMARY: json.dumps(summary)})
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            (folder / "config.yaml").write_text(yaml.safe_dump(  # as the params: no secret-looking name
+                {k: v for k, v in to_flat(cfg).items() if not is_secret(k)}, sort_keys=True))
+            self.tracker.log_artifact(run_id, folder / "config.yaml")
+            for path, artifact_folder in save_examples(result, folder):
+                self.tracker.log_artifact(run_id, path, artifact_folder)
         return summary

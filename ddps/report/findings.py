@@ -11,6 +11,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from ddps import names
 from ddps.report.runs import Cell, Table
 from ddps.report.tables import num
 
@@ -76,7 +77,7 @@ def findings(tables: dict[str, Table]) -> list[Outcome]:
     n = noise(tables)
     t = tables.get
     out: list[Outcome] = []
-    last = "last_mIoU"
+    last = names.LAST_MIOU
     if t("table3a"):
         out.append(_compare("table3a", "Replace-only transitions beat mask-only and replace+mask",
                             ("replace-only", _pick(t("table3a"), transition="replace-only"), last),
@@ -88,7 +89,7 @@ def findings(tables: dict[str, Table]) -> list[Outcome]:
                             [(v, _pick(b, target=v), last) for v in ("ground truth", "initial prediction")], n))
         gt = _pick(b, target="ground truth")
         out.append(_compare("table3b", "With the ground-truth target, more steps degrade the mask",
-                            ("ground truth, step 1", gt, "step1_mIoU"), [("its last step", gt, last)], n))
+                            ("ground truth, step 1", gt, names.STEP1_MIOU), [("its last step", gt, last)], n))
     if t("table3c"):
         c = t("table3c")
         out.append(_compare("table3c", "Free re-noising beats the posterior (both without CFG)",

@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ddps import names
+
 
 @dataclass
 class Cell:
@@ -60,7 +62,7 @@ class Table:
         axes = self.rows + self.columns
         index = {a: {v: i for i, v in enumerate(self.labels(a))} for a in axes}
         return sorted(self.cells, key=lambda c: (tuple(index[a].get(c.coords.get(a), -1) for a in axes),
-                                                 c.tags.get("ddps.content_hash", c.run_id)))
+                                                 c.tags.get(names.CONTENT_HASH, c.run_id)))
 
 
 def _natural(label: str):
@@ -87,38 +89,38 @@ def _newest_first(df):
 def load_table(tracker, name: str, evaluations: set[str] | None = None) -> Table | None:
     """The table of experiment ``name`` (only these evaluations' content hashes, if given); None if it has
     no FINISHED evaluation run."""
-    evals = tracker.search([name], {"ddps.step": "eval"})
+    evals = tracker.search([name], {names.STEP: names.STEP_EVAL})
     if not evals.empty and evaluations is not None:
-        evals = evals[evals["tags.ddps.content_hash"].isin(evaluations)]
+        evals = evals[evals["tags." + names.CONTENT_HASH].isin(evaluations)]
     if evals.empty:
         return None
-    evals = _newest_first(evals).drop_duplicates("tags.ddps.content_hash", keep="first")  # one per cell
+    evals = _newest_first(evals).drop_duplicates("tags." + names.CONTENT_HASH, keep="first")  # one per cell
     everything = tracker.search([name])
-    parents = tracker.search([name], {"ddps.step": "sweep"}, status=None)
+    parents = tracker.search([name], {names.STEP: names.STEP_SWEEP}, status=None)
     title, rows, columns, order, parent = name, [], [], {}, None
     if not parents.empty:
         top = _newest_first(parents).iloc[0]
         parent = top["run_id"]
-        title = _tag(top, "ddps.title", name)
-        rows = [a for a in _tag(top, "ddps.rows").split(",") if a]
-        columns = [a for a in _tag(top, "ddps.columns").split(",") if a]
-        order = json.loads(_tag(top, "ddps.order", "{}"))
+        title = _tag(top, names.TITLE, name)
+        rows = [a for a in _tag(top, names.ROWS).split(",") if a]
+        columns = [a for a in _tag(top, names.COLUMNS).split(",") if a]
+        order = json.loads(_tag(top, names.ORDER, "{}"))
     else:  # a pipeline's experiment: its evaluation runs, one row each, newest last
-        pipelines = tracker.search([name], {"ddps.step": "pipeline"}, status=None)
+        pipelines = tracker.search([name], {names.STEP: names.STEP_PIPELINE}, status=None)
         parent = _newest_first(pipelines).iloc[0]["run_id"] if not pipelines.empty else None
         rows = ["run"]
     cells = []
     for _, row in evals.iterrows():
         tags = {c[len("tags."):]: str(row[c]) for c in evals.columns
                 if c.startswith("tags.") and isinstance(row[c], str)}
-        found = {k[len("axis."):]: v for k, v in tags.items() if k.startswith("axis.")}
+        found = {k[len(names.AXIS):]: v for k, v in tags.items() if k.startswith(names.AXIS)}
         axes = [a for a in rows + columns if a in found] + sorted(set(found) - set(rows + columns))
         coords = {a: found[a] for a in axes}  # the table's axis order, whatever order MLflow returns tags in
         if rows == ["run"]:
             coords = {"run": f"{tags.get('base', '?')} + {tags.get('denoiser', '?')} "
-                             f"({tags.get('ddps.content_hash', '')[:8]})"}
-        cells.append(Cell(row["run_id"], coords, json.loads(tags.get("ddps.summary", "{}")), tags,
-                          _metric(row, "params_base_M"), _metric(row, "params_denoiser_M")))
+                             f"({tags.get(names.CONTENT_HASH, '')[:8]})"}
+        cells.append(Cell(row["run_id"], coords, json.loads(tags.get(names.SUMMARY, "{}")), tags,
+                          _metric(row, names.PARAMS_BASE), _metric(row, names.PARAMS_DENOISER)))
     if rows == ["run"]:
         starts = dict(zip(evals["run_id"], evals["start_time"]))
         order = {"run": [c.coords["run"] for c in sorted(cells, key=lambda c: (starts[c.run_id], c.run_id))]}

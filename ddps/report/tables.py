@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from ddps import names
 from ddps.report.runs import Cell, Table
 
 DASH = "–"
@@ -51,11 +52,11 @@ def bases(table: Table) -> list[str]:
     rows = []
     for c in table.sorted_cells():
         backbone = " / ".join(_coords(c, table.rows))
-        base_ss, base_ms = c.get("base_mIoU"), c.get("base_ms_mIoU")
-        rows.append(["base", backbone, num(c.params_base), f"{num(base_ss)} / {num(base_ms)}", num(c.get("base_mBIoU"))])
+        base_ss, base_ms = c.get(names.BASE_MIOU), c.get(names.BASE_MS_MIOU)
+        rows.append(["base", backbone, num(c.params_base), f"{num(base_ss)} / {num(base_ms)}", num(c.get(names.BASE_MBIOU))])
         rows.append([f"+ DDPS ({c.steps} steps)", backbone, num(c.params_base + c.params_denoiser),
-                     f"{delta(c.get('last_mIoU'), base_ss)} / {delta(c.get('last_ms_mIoU'), base_ms)}",
-                     delta(c.get("last_mBIoU"), c.get("base_mBIoU"))])
+                     f"{delta(c.get(names.LAST_MIOU), base_ss)} / {delta(c.get(names.LAST_MS_MIOU), base_ms)}",
+                     delta(c.get(names.LAST_MBIOU), c.get(names.BASE_MBIOU))])
     return _md(["Method", "Backbone", "#P(M)", "mIoU (ss/ms)", "mBIoU"], rows)
 
 
@@ -64,9 +65,9 @@ def steps(table: Table) -> list[str]:
     cells = table.sorted_cells()
     axes = table.rows + table.columns
     last = last_name(cells)
-    rows = [_coords(c, axes) + [delta(c.get("step1_mIoU"), c.get("base_mIoU")),
-                                       delta(c.get("last_mIoU"), c.get("base_mIoU")),
-                                       delta(c.get("last_mBIoU"), c.get("base_mBIoU"))] for c in cells]
+    rows = [_coords(c, axes) + [delta(c.get(names.STEP1_MIOU), c.get(names.BASE_MIOU)),
+                                       delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU)),
+                                       delta(c.get(names.LAST_MBIOU), c.get(names.BASE_MBIOU))] for c in cells]
     return _md(axes + ["1st step", last, f"mBIoU ({last})"], rows) + ["", base_line(cells)]
 
 
@@ -81,7 +82,7 @@ def matrix(table: Table) -> list[str]:
         line = [" / ".join(rk)]
         for ck in col_keys:
             c = table.find(**dict(zip(row_axes, rk)), **dict(zip(col_axes, ck)))
-            line.append(DASH if c is None else delta(c.get("last_mIoU"), c.get("base_mIoU")))
+            line.append(DASH if c is None else delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU)))
         rows.append(line)
     return _md(header, rows) + ["", base_line(table.cells)]
 
@@ -89,8 +90,8 @@ def matrix(table: Table) -> list[str]:
 def trajectory(table: Table) -> list[str]:
     """Table 3f: mIoU of the initial prediction, after the 1st step and after the last, per base."""
     cells = table.sorted_cells()
-    rows = [_coords(c, table.rows) + [num(c.get("base_mIoU")), delta(c.get("step1_mIoU"), c.get("base_mIoU")),
-                                             delta(c.get("last_mIoU"), c.get("base_mIoU"))] for c in cells]
+    rows = [_coords(c, table.rows) + [num(c.get(names.BASE_MIOU)), delta(c.get(names.STEP1_MIOU), c.get(names.BASE_MIOU)),
+                                             delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU))] for c in cells]
     return _md(table.rows + ["initial", "1st step", last_name(cells)], rows)
 
 
@@ -102,7 +103,7 @@ def denoisers(table: Table) -> list[str]:
     for rk in row_keys:
         found = [table.find(**dict(zip(table.rows, rk)), **dict(zip(table.columns, ck))) for ck in col_keys]
         params = next((c.params_denoiser for c in found if c is not None), math.nan)
-        rows.append([" / ".join(rk), num(params)] + [DASH if c is None else delta(c.get("last_mIoU"), c.get("base_mIoU"))
+        rows.append([" / ".join(rk), num(params)] + [DASH if c is None else delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU))
                                                       for c in found])
     return _md(header, rows) + ["", base_line(table.cells)]
 
@@ -111,9 +112,9 @@ def methods(table: Table) -> list[str]:
     """Table 7: the base, the UNet as a decode head, DDPS — #P(M), mIoU, mBIoU of the last step."""
     cells = table.sorted_cells()
     first = cells[0]
-    rows = [["base segmentor", num(first.params_base), num(first.get("base_mIoU")), num(first.get("base_mBIoU"))]]
+    rows = [["base segmentor", num(first.params_base), num(first.get(names.BASE_MIOU)), num(first.get(names.BASE_MBIOU))]]
     rows += [[" / ".join(_coords(c, table.rows + table.columns)), num(c.params_base + c.params_denoiser),
-              delta(c.get("last_mIoU"), c.get("base_mIoU")), delta(c.get("last_mBIoU"), c.get("base_mBIoU"))]
+              delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU)), delta(c.get(names.LAST_MBIOU), c.get(names.BASE_MBIOU))]
              for c in cells]
     return _md(["Method", "#P(M)", "mIoU", "mBIoU"], rows)
 
@@ -121,11 +122,11 @@ def methods(table: Table) -> list[str]:
 def seeds(table: Table) -> list[str]:
     """The seed-to-seed noise: last-step mIoU and mBIoU per training seed, their mean and standard deviation."""
     cells = table.sorted_cells()
-    rows = [_coords(c, table.rows) + [delta(c.get("last_mIoU"), c.get("base_mIoU")),
-                                             delta(c.get("last_mBIoU"), c.get("base_mBIoU"))] for c in cells]
+    rows = [_coords(c, table.rows) + [delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU)),
+                                             delta(c.get(names.LAST_MBIOU), c.get(names.BASE_MBIOU))] for c in cells]
     if len(cells) >= 2:
         rows.append(["mean ± std"] + [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
-                                      for v in ([c.get("last_mIoU") for c in cells], [c.get("last_mBIoU") for c in cells])])
+                                      for v in ([c.get(names.LAST_MIOU) for c in cells], [c.get(names.LAST_MBIOU) for c in cells])])
     return _md(table.rows + ["mIoU", "mBIoU"], rows)
 
 
@@ -136,17 +137,17 @@ def pipeline(table: Table) -> list[str]:
     cells = table.sorted_cells()
     for c in cells:
         total = num(c.params_base + c.params_denoiser)
-        rows = [[f"base ({c.tags.get('base', '?')})", num(c.params_base), num(c.get("base_mIoU")), num(c.get("base_mBIoU"))],
-                ["DDPS step 1", total, delta(c.get("step1_mIoU"), c.get("base_mIoU")),
-                 delta(c.get("step1_mBIoU"), c.get("base_mBIoU"))],
-                [f"DDPS step {c.steps} (last)", total, delta(c.get("last_mIoU"), c.get("base_mIoU")),
-                 delta(c.get("last_mBIoU"), c.get("base_mBIoU"))]]
+        rows = [[f"base ({c.tags.get('base', '?')})", num(c.params_base), num(c.get(names.BASE_MIOU)), num(c.get(names.BASE_MBIOU))],
+                ["DDPS step 1", total, delta(c.get(names.STEP1_MIOU), c.get(names.BASE_MIOU)),
+                 delta(c.get(names.STEP1_MBIOU), c.get(names.BASE_MBIOU))],
+                [f"DDPS step {c.steps} (last)", total, delta(c.get(names.LAST_MIOU), c.get(names.BASE_MIOU)),
+                 delta(c.get(names.LAST_MBIOU), c.get(names.BASE_MBIOU))]]
         if len(cells) > 1:
             lines += [f"## {c.coords['run']}", ""]
         lines += _md(["Method", "#P(M)", "mIoU", "mBIoU"], rows) + [""]
-        if not math.isnan(c.get("reliance_own")):
-            lines += [f"Mask reliance (last-step mIoU): own trajectory {num(c.get('reliance_own'))} | oracle ground "
-                      f"truth {num(c.get('reliance_oracle'))} | random mask {num(c.get('reliance_random'))}", ""]
+        if not math.isnan(c.get(names.RELIANCE_OWN)):
+            lines += [f"Mask reliance (last-step mIoU): own trajectory {num(c.get(names.RELIANCE_OWN))} | oracle ground "
+                      f"truth {num(c.get(names.RELIANCE_ORACLE))} | random mask {num(c.get(names.RELIANCE_RANDOM))}", ""]
     return lines
 
 
@@ -172,7 +173,7 @@ def _keys(table: Table, axes: list[str]) -> list[tuple[str, ...]]:
 
 
 def base_line(cells: list[Cell]) -> str:
-    bases = {(c.get("base_mIoU"), c.get("base_mBIoU")) for c in cells}
+    bases = {(c.get(names.BASE_MIOU), c.get(names.BASE_MBIOU)) for c in cells}
     if len(bases) == 1:
         miou, mbiou = bases.pop()
         return (f"Base segmentor (step 0): {num(miou)} mIoU, {num(mbiou)} mBIoU; in parentheses, the change "

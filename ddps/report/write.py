@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddps import names as keys
 from ddps.errors import DDPSError
 from ddps.paths import is_safe_name, safe_name
 from ddps.report import figures as figs
@@ -43,7 +44,7 @@ def table_order(name: str):
 
 
 def experiments_with_evaluations(tracker) -> list[str]:
-    names = [n for n in tracker.experiment_names() if not tracker.search([n], {"ddps.step": "eval"}).empty]
+    names = [n for n in tracker.experiment_names() if not tracker.search([n], {keys.STEP: keys.STEP_EVAL}).empty]
     return sorted(names, key=table_order)
 
 
@@ -106,15 +107,15 @@ def render_index(tables: dict[str, Table]) -> str:
     outcomes = findings(tables)
     if outcomes:
         lines += ["", "## The paper's findings, on our numbers", ""] + render_findings(outcomes, noise(tables))
-    reliance = [(t, c) for t in tables.values() for c in t.sorted_cells() if not math.isnan(c.get("reliance_own"))]
+    reliance = [(t, c) for t in tables.values() for c in t.sorted_cells() if not math.isnan(c.get(keys.RELIANCE_OWN))]
     if reliance:
         lines += ["", "## Mask reliance of each DDPS model", "",
                   "Last-step mIoU when the denoiser is fed its own trajectory, the ground truth re-noised at a "
                   "small t (oracle), or a fresh random mask at every step. Oracle well above own: the trajectory "
                   "is where the prior loses; own ≈ random: the denoiser barely reads its mask.", "",
                   "| table | cell | own | oracle | random |", "|---|---|---|---|---|"]
-        lines += [f"| {t.name} | {cell_name(c)} | {num(c.get('reliance_own'))} | {num(c.get('reliance_oracle'))} | "
-                  f"{num(c.get('reliance_random'))} |" for t, c in reliance]
+        lines += [f"| {t.name} | {cell_name(c)} | {num(c.get(keys.RELIANCE_OWN))} | {num(c.get(keys.RELIANCE_ORACLE))} | "
+                  f"{num(c.get(keys.RELIANCE_RANDOM))} |" for t, c in reliance]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -155,7 +156,7 @@ def export_parquet(tracker, names: list[str], folder: Path) -> list[Path]:
         runs = tracker.search([name], status=None)
         path = folder / f"{name}.parquet"
         runs.to_parquet(path, index=False)
-        evals = runs[runs["tags.ddps.step"] == "eval"] if "tags.ddps.step" in runs else runs.iloc[0:0]
+        evals = runs[runs["tags." + keys.STEP] == keys.STEP_EVAL] if "tags." + keys.STEP in runs else runs.iloc[0:0]
         steps = [{"run_id": r, "metric": m, "step": s, "value": v}
                  for r in evals["run_id"] for m in ("mIoU", "mBIoU") for s, v in tracker.history(r, m)]
         steps_path = folder / f"{name}-steps.parquet"
