@@ -57,13 +57,14 @@ class Pipeline:
     log: Callable[[str], None] = print
     pid_dir: str | None = None
     tune: bool = False  # inside a Ray Tune trial (a sweep): trainings report their iterations to it
+    parent: str | None = None  # the run its step runs nest under (a sweep's); run() starts its own
+    extra_tags: dict = field(default_factory=dict)  # on every run it starts, beside run_tags (a sweep's, a table's)
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
         self.experiment_name = safe_name(self.experiment or f"ddps-{self.cfg.data.dataset}", "MLflow experiment")
         self.experiment_id = self.tracker.experiment(self.experiment_name)
-        self.tags = run_tags(self.cfg)
-        self.parent: str | None = None
+        self.tags = {**run_tags(self.cfg), **self.extra_tags}
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> str:
@@ -78,7 +79,7 @@ class Pipeline:
         run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **key}, parent=self.parent)
         self.tracker.log_params(run_id, to_flat(self.cfg))
         self.tracker.set_tags(self.parent, {f"step.{name}": run_id})
-        try:
+        with self.tracker.ending(run_id):
             if path.exists():
                 self.log(f"[{name}] checkpoint {path} exists: logging it, not retraining")
             else:
@@ -89,10 +90,6 @@ class Pipeline:
             metrics = read_checkpoint(path).get("metrics", {})
             self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()
                                               if isinstance(v, (int, float))}, step=0)
-            self.tracker.end_run(run_id, "FINISHED")
-        except BaseException:
-            self.tracker.end_run(run_id, "FAILED")
-            raise
         return run_id
 
     def _train_config(self, run_id: str, label: str, iters: int, out: Path, **extra) -> dict:
@@ -123,16 +120,11 @@ class Pipeline:
         self.parent = self.tracker.start_run(self.experiment_id, f"pipeline-{digest[:8]}",
                                              {**self.tags, "ddps.step": "pipeline", "ddps.content_hash": digest})
         self.tracker.log_params(self.parent, to_flat(cfg))
-        try:
+        with self.tracker.ending(self.parent):
             chain = chain_of(cfg)
             for i in range(len(chain)):
                 self.train(chain, i)
-            summary = self.evaluate(chain[-1].path, eval_hash(cfg, chain))
-            self.tracker.end_run(self.parent, "FINISHED")
-        except BaseException:
-            self.tracker.end_run(self.parent, "FAILED")
-            raise
-        return summary
+            return self.evaluate(chain[-1].path, eval_hash(cfg, chain))
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
