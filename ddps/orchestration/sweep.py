@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ddps import names
 from ddps.config import from_flat, to_flat
 from ddps.errors import DDPSError
 from ddps.orchestration.estimates import cell_seconds, trial_seconds
@@ -89,11 +90,11 @@ def sweep_hash(p: Plan) -> str:
 def cell_tags(p: Plan, cell: Cell) -> dict[str, str]:
     """Where a cell sits in its printed table: the labels of its row axes and of its column axes."""
     exp = p.experiment
-    return {"ddps.table": exp.name,
-            "ddps.row": " / ".join(cell.coords[a] for a in exp.rows),
-            "ddps.column": " / ".join(cell.coords[a] for a in exp.columns),
-            "ddps.cell": ", ".join(f"{k}={v}" for k, v in cell.coords.items()),
-            **{f"axis.{k}": v for k, v in cell.coords.items()}}
+    return {names.TABLE: exp.name,
+            names.ROW: " / ".join(cell.coords[a] for a in exp.rows),
+            names.COLUMN: " / ".join(cell.coords[a] for a in exp.columns),
+            names.CELL: ", ".join(f"{k}={v}" for k, v in cell.coords.items()),
+            **{names.AXIS + k: v for k, v in cell.coords.items()}}
 
 
 def _label(cell: Cell) -> str:
@@ -123,7 +124,7 @@ def pending(p: Plan, tracker: Tracker, experiment_id: str) -> Pending:
             if t.hash in seen:
                 continue
             seen.add(t.hash)
-            if not (t.path.exists() and tracker.find_run(everywhere, {"ddps.step": t.step, "ddps.content_hash": t.hash})):
+            if not (t.path.exists() and tracker.find_run(everywhere, {names.STEP: t.step, names.CONTENT_HASH: t.hash})):
                 waves[i].append((t, cell))
     finished = finished_evaluations(tracker, experiment_id)
     return Pending(waves, [c for c in p.cells if c.eval_hash not in finished])
@@ -131,7 +132,7 @@ def pending(p: Plan, tracker: Tracker, experiment_id: str) -> Pending:
 
 def finished_evaluations(tracker: Tracker, experiment_id: str) -> set[str]:
     """The content hashes of the cells of this experiment with a FINISHED evaluation run (one query)."""
-    return {r.data.tags.get("ddps.content_hash") for r in tracker.runs(experiment_id, {"ddps.step": "eval"})
+    return {r.data.tags.get(names.CONTENT_HASH) for r in tracker.runs(experiment_id, {names.STEP: names.STEP_EVAL})
             if r.info.status == "FINISHED"}
 
 
@@ -163,7 +164,7 @@ def _trial(config: dict) -> None:
     job: Job = config["trial"]["job"]
     context, cfg = job.context, from_flat(job.cfg)
     pipeline = Pipeline(cfg, context.cluster, tracking_uri=context.tracking_uri, experiment=context.table, tune=True,
-                        parent=context.parent, extra_tags={"ddps.sweep": context.sweep, "ddps.table": context.table})
+                        parent=context.parent, extra_tags={names.SWEEP: context.sweep, names.TABLE: context.table})
     chain = chain_of(cfg)
     if job.kind == "train":
         tune.report({"run_id": pipeline.train(chain, job.index)})
@@ -171,10 +172,10 @@ def _trial(config: dict) -> None:
     torch.set_num_threads(max(1, int(context.eval_cpus)))
     last = chain[-1]
     training_run = pipeline.tracker.find_run(pipeline.tracker.experiment_ids(),
-                                             {"ddps.step": last.step, "ddps.content_hash": last.hash}) or ""
-    summary = pipeline.evaluate(last.path, eval_hash(cfg, chain), cell={**job.tags, "ddps.training_run": training_run},
+                                             {names.STEP: last.step, names.CONTENT_HASH: last.hash}) or ""
+    summary = pipeline.evaluate(last.path, eval_hash(cfg, chain), cell={**job.tags, names.TRAINING_RUN: training_run},
                                 reliance=job.reliance, log_model=job.reliance, name=job.label)
-    tune.report({"last_mIoU": summary.get("last_mIoU", math.nan)})
+    tune.report({names.LAST_MIOU: summary.get(names.LAST_MIOU, math.nan)})
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class Sweep:
             self.log(f"[sweep {name}] all {len(p.cells)} cells of preset {p.preset} are finished in MLflow "
                      f"experiment {name}: nothing to run")
             return todo, None
-        stale = tracker.mark_stale(self.experiment_id, {"ddps.sweep": self.hash})
+        stale = tracker.mark_stale(self.experiment_id, {names.SWEEP: self.hash})
         if stale:
             self.log(f"[sweep {name}] marked {stale} run(s) left RUNNING by an earlier driver as KILLED")
         return todo, SweepContext(self.cluster, tracker.uri, name, self._parent(), self.hash, self.resources()[2],
@@ -232,8 +233,8 @@ class Sweep:
     def _parent(self) -> str:
         """The sweep's parent run: the one an earlier driver of the same sweep started, else a new one."""
         p, tracker = self.plan, self.tracker
-        tags = {"ddps.step": "sweep", "ddps.sweep": self.hash}
-        order = {"ddps.order": json.dumps(p.axis_order)}  # the printed table's row and column order
+        tags = {names.STEP: names.STEP_SWEEP, names.SWEEP: self.hash}
+        order = {names.ORDER: json.dumps(p.axis_order)}  # the printed table's row and column order
         runs = tracker.runs(self.experiment_id, tags)
         if runs:
             run_id = runs[0].info.run_id
@@ -243,10 +244,10 @@ class Sweep:
         from ddps.orchestration.pipeline import run_tags
         cfg = p.cells[0].cfg
         run_id = tracker.start_run(self.experiment_id, f"sweep-{p.experiment.name}-{p.preset}-{self.hash[:8]}",
-                                   {**run_tags(cfg), **tags, "ddps.table": p.experiment.name,
-                                    "ddps.title": p.experiment.title, "ddps.cells": len(p.cells),
-                                    "ddps.rows": ",".join(p.experiment.rows),
-                                    "ddps.columns": ",".join(p.experiment.columns), **order})
+                                   {**run_tags(cfg), **tags, names.TABLE: p.experiment.name,
+                                    names.TITLE: p.experiment.title, names.CELLS: len(p.cells),
+                                    names.ROWS: ",".join(p.experiment.rows),
+                                    names.COLUMNS: ",".join(p.experiment.columns), **order})
         tracker.log_params(run_id, {"sweep.experiment_file": str(p.experiment.path), "sweep.preset": p.preset,
                                     "sweep.cells": len(p.cells), "sweep.trainings": len(p.trainings),
                                     "sweep.naive_trainings": p.naive_trainings})
