@@ -5,7 +5,7 @@
 Base segmentors: one AdamW step of the segmentation loss at the table's crop (batch 32); denoisers: one
 stage-2 step of the DDPS loss on cached features (batch 32, `residual` on, as the `cpu` preset). Rows are
 interleaved and repeated (a shared machine's speed drifts): compare the ratios, which the sweep planner's
-time estimates use (``ddps/orchestration/plan.py``: BASE_RATIO, DENOISER_RATIO).
+time estimates use (``ddps/orchestration/estimates.py``: BASE_RATIO, DENOISER_RATIO).
 """
 from __future__ import annotations
 

@@ -149,7 +149,8 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
 def cmd_sweep(args) -> int:
     from ddps.data.datasets import check_dataset
     from ddps.errors import ConfigError
-    from ddps.orchestration.plan import describe, experiment_files, load_experiment, plan
+    from ddps.orchestration.estimates import describe
+    from ddps.orchestration.plan import experiment_files, load_experiment, plan
     if args.all == bool(args.experiments):
         raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
     files = experiment_files() if args.all else args.experiments

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from ddps.errors import ConfigError
-from ddps.orchestration.plan import cells_of, describe, load_experiment, plan
+from ddps.orchestration.estimates import describe
+from ddps.orchestration.plan import cells_of, load_experiment, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

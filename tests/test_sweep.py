@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from ddps.engine import train_base
-from ddps.orchestration.plan import describe, load_experiment, plan
+from ddps.orchestration.estimates import describe
+from ddps.orchestration.plan import load_experiment, plan
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.sweep import Sweep, finished_cells
 from ddps.paths import cache_dir
@@ -100,15 +101,18 @@ def test_a_2x2_grid_trains_twice_evaluates_four_cells_and_a_rerun_adds_nothing(r
 def test_the_progress_eta_scales_what_is_left_by_how_the_estimate_held(monkeypatch):
     """Estimates 600 s + 600 s; the first job takes 1,200 s (2x its estimate): 1,200 s left. Halfway
     through the second, 600 s. A job that took no time (a reused checkpoint) does not zero the ETA."""
-    from ddps.orchestration import sweep
+    from ddps.orchestration import progress as shown
+    from ddps.orchestration.estimates import START_S
+    from ddps.orchestration.sweep import Job, SweepContext
     clock = [0.0]
-    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(shown.time, "monotonic", lambda: clock[0])
     lines = []
-    progress = sweep.Progress("t", jobs=3, cells_total=1, cells_done=0, log=lines.append)
-    first, second = ({"label": n, "kind": "train", "seconds": 600.0, "iters": 100} for n in "ab")
-    reused = {"label": "r", "kind": "train", "seconds": sweep.START_S, "iters": 10}
+    progress = shown.Progress("t", jobs=3, cells_total=1, cells_done=0, log=lines.append)
+    context = SweepContext(Cluster(), "sqlite:///mlflow.db", "t", parent="", sweep="", eval_cpus=1.0)
+    first, second = (Job("train", context, {}, n, seconds=600.0, iters=100) for n in "ab")
+    reused = Job("train", context, {}, "r", seconds=START_S, iters=10)
     for job in (reused, first, second):
-        progress.add(job["seconds"])
+        progress.add(job.seconds)
     progress.started(reused)
     progress.finished(reused, True)
     assert lines[-1].endswith("0 min elapsed, ETA 20 min")  # 1,200 s of estimate, no measured scale yet

@@ -18,7 +18,6 @@ import yaml
 
 from ddps import names
 from ddps.config import Config, content_hash, to_flat
-from ddps.engine.reporter import ConsoleReporter
 from ddps.orchestration import ray_train
 from ddps.orchestration.plan import EVAL_SECTIONS, Training, chain_of, eval_hash
 from ddps.orchestration.ray_train import Cluster
@@ -57,28 +56,29 @@ class Pipeline:
     log: Callable[[str], None] = print
     pid_dir: str | None = None
     tune: bool = False  # inside a Ray Tune trial (a sweep): trainings report their iterations to it
+    parent: str | None = None  # the run its step runs nest under (a sweep's); run() starts its own
+    extra_tags: dict = field(default_factory=dict)  # on every run it starts, beside run_tags (a sweep's, a table's)
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
         self.experiment_name = safe_name(self.experiment or f"ddps-{self.cfg.data.dataset}", "MLflow experiment")
         self.experiment_id = self.tracker.experiment(self.experiment_name)
-        self.tags = run_tags(self.cfg)
-        self.parent: str | None = None
+        self.tags = {**run_tags(self.cfg), **self.extra_tags}
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> str:
         """Train (unless its checkpoint exists) and log (unless a FINISHED run of this hash exists in any
         experiment: a model trained by another table or pipeline is reused, not retrained) one step; its run id."""
-        key = {"ddps.step": name, "ddps.content_hash": digest}
+        key = {names.STEP: name, names.CONTENT_HASH: digest}
         done = self.tracker.find_run(self.tracker.experiment_ids(), key)
         if path.exists() and done:
             self.log(f"[{name}] reusing {path} and MLflow run {done}")
-            self.tracker.set_tags(self.parent, {f"step.{name}": done})
+            self.tracker.set_tags(self.parent, {names.STEP_LINK + name: done})
             return done
         run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **key}, parent=self.parent)
         self.tracker.log_params(run_id, to_flat(self.cfg))
-        self.tracker.set_tags(self.parent, {f"step.{name}": run_id})
-        try:
+        self.tracker.set_tags(self.parent, {names.STEP_LINK + name: run_id})
+        with self.tracker.ending(run_id):
             if path.exists():
                 self.log(f"[{name}] checkpoint {path} exists: logging it, not retraining")
             else:
@@ -89,10 +89,6 @@ class Pipeline:
             metrics = read_checkpoint(path).get("metrics", {})
             self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()
                                               if isinstance(v, (int, float))}, step=0)
-            self.tracker.end_run(run_id, "FINISHED")
-        except BaseException:
-            self.tracker.end_run(run_id, "FAILED")
-            raise
         return run_id
 
     def _train_config(self, run_id: str, label: str, iters: int, out: Path, **extra) -> dict:
@@ -116,23 +112,18 @@ class Pipeline:
     # ---- the whole pipeline -----------------------------------------------------------------------
     def run(self) -> dict:
         cfg, digest = self.cfg, pipeline_hash(self.cfg)
-        self.tags["ddps.pipeline"] = digest
-        stale = self.tracker.mark_stale(self.experiment_id, {"ddps.pipeline": digest})
+        self.tags[names.PIPELINE] = digest
+        stale = self.tracker.mark_stale(self.experiment_id, {names.PIPELINE: digest})
         if stale:
             self.log(f"marked {stale} run(s) left RUNNING by an earlier driver as KILLED")
         self.parent = self.tracker.start_run(self.experiment_id, f"pipeline-{digest[:8]}",
-                                             {**self.tags, "ddps.step": "pipeline", "ddps.content_hash": digest})
+                                             {**self.tags, names.STEP: names.STEP_PIPELINE, names.CONTENT_HASH: digest})
         self.tracker.log_params(self.parent, to_flat(cfg))
-        try:
+        with self.tracker.ending(self.parent):
             chain = chain_of(cfg)
             for i in range(len(chain)):
                 self.train(chain, i)
-            summary = self.evaluate(chain[-1].path, eval_hash(cfg, chain))
-            self.tracker.end_run(self.parent, "FINISHED")
-        except BaseException:
-            self.tracker.end_run(self.parent, "FAILED")
-            raise
-        return summary
+            return self.evaluate(chain[-1].path, eval_hash(cfg, chain))
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
@@ -154,17 +145,13 @@ class Pipeline:
                                         parent=self.parent)
         if cell is None:
             self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: run_id})
-        try:
+        with self.tracker.ending(run_id):
             self.tracker.log_params(run_id, to_flat(self.cfg))
             summary = self._log_evaluation(run_id, refiner_path, reliance)
             if log_model:
                 self.tracker.log_artifact(run_id, refiner_path, "model")
                 uri = f"runs:/{run_id}/model/{refiner_path.name}"
                 self.tracker.set_tags(run_id if cell else self.parent, {names.REFINER_URI: uri})
-            self.tracker.end_run(run_id, "FINISHED")
-        except BaseException:
-            self.tracker.end_run(run_id, "FAILED")
-            raise
         return summary
 
     def _log_evaluation(self, run_id: str, refiner_path: Path, reliance: bool) -> dict:

@@ -18,13 +18,15 @@ table's rows and columns, the cells that are valid, and its presets::
 stage 2 (or base -> head), each addressed by its content hash. Cells that differ only in what no training
 reads (test steps, re-noising, CFG scale) share every training; cells that share a base or a stage 1 share
 those. A *training* is one optimiser run (one stage of one model); the *naive* plan runs the whole chain for
-every cell. Nothing here imports Ray or MLflow: the sweep runs what the plan lists.
+every cell. Nothing here imports Ray or MLflow: the sweep (``sweep.py``) runs what the plan lists, and the
+dry run (``estimates.py``) prints what it costs.
 """
 from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +40,6 @@ EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # w
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
            "!=": operator.ne}
 REQUIRE = re.compile(r"^\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*([\w.]+)\s*$")
-# For the dry run's estimate only, on this 2-core machine: images/s of the cpu preset's models on 2 Ray Train
-# workers (README), times the speed of other models relative to them (benchmarks/sweep_rates.py, 2 threads;
-# crops scale as (64 / crop) ** 1.5 there); unmeasured models count as the cpu preset's.
-RATE = {"base": 170.0, "stage1": 99.0, "stage2": 99.0, "multistep": 99.0, "head": 99.0}
-BASE_RATIO = {("deeplabv3plus", "mobilenet_v2"): 0.52, ("deeplabv3plus", "resnet18"): 0.58,
-              ("deeplabv3plus", "resnet50"): 0.26, ("segformer", "mit_b1"): 0.51}
-DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}
-START_S = 25.0  # starting and stopping a TorchTrainer (worker processes, imports, mapping the feature cache)
-EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
-EVAL_START_S = 20.0
-ESTIMATED_PRESETS = ("smoke", "cpu")
 
 
 @dataclass(frozen=True)
@@ -83,18 +74,15 @@ class Training:
     iters: int
     batch_size: int
     path: Path  # its content-addressed checkpoint: when it exists, the training is done
-    speed: float = 1.0  # relative to the cpu preset's model of this step (BASE_RATIO, DENOISER_RATIO)
-
-    @property
-    def seconds(self) -> float:
-        return START_S + self.iters * self.batch_size / (RATE[self.step] * self.speed)
+    model: str  # what it trains: the base's arch-backbone, or the denoiser's size
+    crop: int  # the side of its training crops
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cell:
     coords: dict[str, str]
     cfg: Config
-    chain: list[Training]
+    chain: tuple[Training, ...]
     eval_hash: str
     reliance: bool = False  # the one cell of its model that also runs the mask-reliance diagnostic
 
@@ -102,18 +90,8 @@ class Cell:
     def images(self) -> int:
         return min(self.cfg.data.val_scenes, self.cfg.eval.max_images or self.cfg.data.val_scenes)
 
-    @property
-    def eval_seconds(self) -> float:
-        cfg = self.cfg
-        calls = 1 if cfg.denoiser.method == "head" else cfg.infer.steps * (3 if self.reliance else 1)
-        if cfg.eval.multiscale:  # every scale (and its mirror image) refined once more
-            calls += (1 if cfg.denoiser.method == "head" else cfg.infer.steps) * len(cfg.eval.scales) * (
-                2 if cfg.eval.flip else 1)
-        calls *= 2 if cfg.infer.cfg_scale > 0 else 1  # guidance: a conditional and an unconditional call
-        return EVAL_START_S + self.images * calls / EVAL_CALLS_PER_S / _pixels(cfg)
 
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     experiment: Experiment
     preset: str
@@ -140,6 +118,16 @@ class Plan:
     @property
     def to_train(self) -> list[Training]:
         return [t for t in self.trainings if not t.path.exists()]
+
+    @property
+    def axis_order(self) -> dict[str, list[str]]:
+        """Each axis's labels in the experiment file's order (the report prints rows and columns so)."""
+        order: dict[str, list[str]] = {}
+        for cell in self.cells:
+            for axis, label in cell.coords.items():
+                if label not in order.setdefault(axis, []):
+                    order[axis].append(label)
+        return order
 
 
 # ---- reading an experiment ------------------------------------------------------------------------
@@ -242,25 +230,19 @@ def _valid(flat: dict, require: tuple[str, ...]) -> bool:
     return True
 
 
-def _pixels(cfg: Config) -> float:
-    """How much slower than at the cpu preset's 64-pixel crops (measured: ~ the 1.5th power of the side)."""
-    return (cfg.data.crop / 64) ** 1.5
-
-
 def chain_of(cfg: Config) -> list[Training]:
     """The trainings one cell needs, each with its content hash: base, then the refiner's stages."""
     base_h = train_base.base_hash(cfg)
-    base_speed = BASE_RATIO.get((cfg.base.arch, cfg.base.backbone), 1.0) / _pixels(cfg)
     chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
-                      train_base.default_checkpoint(cfg), base_speed)]
-    speed = DENOISER_RATIO.get(cfg.denoiser.size, 1.0) / _pixels(cfg)
+                      train_base.default_checkpoint(cfg), f"{cfg.base.arch}-{cfg.base.backbone}", cfg.data.crop)]
     for stage in train_refiner.stages_of(cfg):
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
-                              cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h), speed))
+                              cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h),
+                              cfg.denoiser.size, cfg.data.crop))
     return chain
 
 
-def eval_hash(cfg: Config, chain: list[Training]) -> str:
+def eval_hash(cfg: Config, chain: Sequence[Training]) -> str:
     """An evaluation is addressed by what it reads plus the last training of its chain."""
     return content_hash(cfg, EVAL_SECTIONS, [chain[-1].hash])
 
@@ -288,71 +270,19 @@ def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> 
             continue
         cfg = resolve(preset, None, {**shared, **cell_overrides})
         chain = chain_of(cfg)
-        cells.append(Cell(coords, cfg, chain, eval_hash(cfg, chain)))
-    _choose_reliance_cells(cells, defaults)
-    return Plan(experiment, preset, cells, invalid)
+        cells.append(Cell(coords, cfg, tuple(chain), eval_hash(cfg, chain)))
+    return Plan(experiment, preset, _with_reliance(cells, defaults), invalid)
 
 
-def _choose_reliance_cells(cells: list[Cell], common: Config) -> None:
-    """One cell per trained DDPS model runs the mask-reliance diagnostic (three trajectories, 3x the cost):
-    the first whose inference settings are the experiment's defaults, else the model's first cell."""
-    by_model: dict[str, list[Cell]] = {}
-    for cell in cells:
+def _with_reliance(cells: list[Cell], common: Config) -> list[Cell]:
+    """The cells, one per trained DDPS model running the mask-reliance diagnostic (three trajectories, 3x the
+    cost): the first whose inference settings are the experiment's defaults, else the model's first cell."""
+    by_model: dict[str, list[int]] = {}
+    for i, cell in enumerate(cells):
         if cell.cfg.denoiser.method != "head":
-            by_model.setdefault(cell.chain[-1].hash, []).append(cell)
+            by_model.setdefault(cell.chain[-1].hash, []).append(i)
+    chosen = set()
     for group in by_model.values():
-        default = [c for c in group if c.cfg.infer == common.infer]
-        (default or group)[0].reliance = True
-
-
-def _evaluations(total: int, left: int) -> str:
-    return str(total) if left == total else f"{total} ({total - left} finished)"
-
-
-def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> str:
-    """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, and the estimated
-    time alone (every training it needs that is not trained yet, every evaluation not finished yet) and in
-    this order (after the tables above it have trained what they share with it). ``finished``: per
-    experiment name, the evaluation hashes of its cells with a FINISHED run in MLflow."""
-    finished = finished or {}
-    lines = ["| experiment | preset | cells | trainings planned | naive | planned / naive | already trained | "
-             "evaluations | estimated time alone | in this order |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def estimate(seconds: float, preset: str) -> str:  # the rates are this machine's, for its presets only
-        return duration(seconds) if preset in ESTIMATED_PRESETS else "-"
-    earlier: set[str] = set()
-    total, unfinished_in_all = 0.0, 0
-    for p in plans:
-        steps = {}
-        for t in p.trainings:
-            steps[t.step] = steps.get(t.step, 0) + 1
-        detail = ", ".join(f"{n} {s}" for s, n in steps.items())
-        finished_here = finished.get(p.experiment.name, set())
-        unfinished = {c.eval_hash: c.eval_seconds for c in p.cells if c.eval_hash not in finished_here}
-        evals = sum(unfinished.values())
-        unfinished_in_all += len(unfinished)
-        alone = evals + sum(t.seconds for t in p.to_train)
-        in_order = evals + sum(t.seconds for t in p.to_train if t.hash not in earlier)
-        earlier |= {t.hash for t in p.trainings}
-        total += in_order
-        lines.append(f"| {p.experiment.name} | {p.preset} | {len(p.cells)} | {len(p.trainings)} ({detail}) | "
-                     f"{p.naive_trainings} | {len(p.trainings) / p.naive_trainings:.1%} | "
-                     f"{len(p.trainings) - len(p.to_train)} | {_evaluations(p.evaluations, len(unfinished))} | "
-                     f"{estimate(alone, p.preset)} | {estimate(in_order, p.preset)} |")
-    if len(plans) > 1:
-        unique = {t.hash: t for p in plans for t in p.trainings}
-        naive = sum(p.naive_trainings for p in plans)
-        done = sum(t.path.exists() for t in unique.values())
-        evaluations = sum(p.evaluations for p in plans)
-        lines.append(f"| all (each training once) | | {sum(len(p.cells) for p in plans)} | {len(unique)} | {naive} | "
-                     f"{len(unique) / naive:.1%} | {done} | {_evaluations(evaluations, unfinished_in_all)} | | "
-                     f"{estimate(total, plans[0].preset)} |")
-    if plans and plans[0].preset not in ESTIMATED_PRESETS:
-        lines.append(f"\n(no time estimate for preset {plans[0].preset}: the rates are measured on this machine "
-                     f"for {', '.join(ESTIMATED_PRESETS)})")
-    return "\n".join(lines)
-
-
-def duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+        default = [i for i in group if cells[i].cfg.infer == common.infer]
+        chosen.add((default or group)[0])
+    return [replace(cell, reliance=True) if i in chosen else cell for i, cell in enumerate(cells)]

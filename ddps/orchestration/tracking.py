@@ -168,6 +168,19 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    @contextlib.contextmanager
+    def ending(self, *run_ids: str):
+        """Ends these runs FINISHED when the block completes, FAILED when anything escapes it (an interrupt
+        too), then lets that go on."""
+        try:
+            yield
+            for run_id in run_ids:
+                self.end_run(run_id, "FINISHED")
+        except BaseException:
+            for run_id in run_ids:
+                self.end_run(run_id, "FAILED")
+            raise
+
     def mark_stale(self, experiment_id: str, tags: dict, status: str = "KILLED") -> int:
         """Runs with these tags left RUNNING by a driver that died: marked KILLED. Returns how many."""
         stale = self.client.search_runs([experiment_id], _filter(tags, "RUNNING"), max_results=1000)
