@@ -33,6 +33,7 @@ STEP_SWEEP = "sweep"
 # ---- metrics of an evaluation run -----------------------------------------------------------------
 # per-step history (MLflow step 0 = the base's own prediction, k = after refinement step k)
 MIOU, MBIOU, AACC = "mIoU", "mBIoU", "aAcc"
+SCORES = (MIOU, MBIOU)              # the two scores the tables and figures report
 CLASS_IOU = "IoU."                  # prefix: IoU.<class name>
 MS_MIOU, MS_MBIOU = "ms_mIoU", "ms_mBIoU"  # multi-scale + flip, at step 0 (base) and the last step
 PARAMS_BASE = "params_base_M"       # #P(M) of the tables
@@ -57,5 +58,11 @@ RELIANCE_OWN, RELIANCE_ORACLE, RELIANCE_RANDOM, RELIANCE_ORACLE_T = (
     RELIANCE + k for k in ("own", "oracle", "random", "oracle_t"))
 SUMMARY_KEYS = (BASE_MIOU, BASE_MBIOU, STEP1_MIOU, STEP1_MBIOU, LAST_MIOU, LAST_MBIOU, STEPS, BASE_MS_MIOU,
                 LAST_MS_MIOU, RELIANCE_OWN, RELIANCE_ORACLE, RELIANCE_RANDOM, RELIANCE_ORACLE_T)
+# ---- artifacts of an evaluation run ---------------------------------------------------------------
+ARTIFACT_CONFIG = "config.yaml"               # the resolved config, as its params
+ARTIFACT_STRIPS = "strips"                    # folder: strip-<image index>.png, image | truth | base | steps
+ARTIFACT_PROBABILITIES = "probabilities.npz"  # the first strip image's class probabilities, base and steps
+ARTIFACT_MODEL = "model"                      # folder: the refiner checkpoint (REFINER_URI points at it)
+
 # what the held-out checks during a refiner's training report (as <split>_<key>) and keep in its checkpoint
 CHECK_KEYS = (BASE_MIOU, STEP1_MIOU, LAST_MIOU, LAST_MBIOU)

@@ -62,8 +62,8 @@ def evaluation_split(cfg, split: str):
     return build_dataset(cfg.data, split)
 
 
-REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 / last) | mBIoU (base / step 1 / last) |\n"
-                  "|---|---|---|---|---|---|")
+REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 / last) "
+                  "| mBIoU (base / step 1 / last) |\n|---|---|---|---|---|---|")
 
 
 def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = (), all_steps: bool = False,

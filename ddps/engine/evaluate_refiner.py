@@ -10,14 +10,14 @@ the "prior" is then only a decode head on the features.
 """
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
+from ddps import names
 from ddps.config import Config
 from ddps.diffusion.process import NoiseProcess
 from ddps.engine.evaluate import autocast, eval_loader
@@ -39,28 +39,33 @@ def oracle_input(process: NoiseProcess, batch, codec: ResizeCodec, t: int, ignor
 
 
 @torch.no_grad()
-def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config, *, num_classes: int | None = None,
-                     ignore_index: int | None = None, steps: int | None = None, reliance: bool = False, multiscale: bool = False,
-                     examples: Sequence[int] = (), base=None, dataset=None, class_names: Sequence[str] = (),
-                     device="cpu", precision: str = "fp32", batch_size: int | None = None,
-                     head: bool | None = None) -> Evaluation:
+def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config, *,
+                     num_classes: int | None = None, ignore_index: int | None = None, steps: int | None = None,
+                     reliance: bool = False, multiscale: bool = False, examples: Sequence[int] = (), base=None,
+                     dataset=None, class_names: Sequence[str] | None = None, device="cpu", precision: str = "fp32",
+                     batch_size: int | None = None, head: bool | None = None) -> Evaluation:
     """Evaluate ``denoiser`` on a split whose frozen-base features are ``cache``; the record of it.
 
-    ``cache`` None: computed here, by the ``base`` over ``dataset`` (whose classes and ignore index are then
-    the defaults of ``num_classes`` and ``ignore_index``). ``steps``: test steps (default infer.steps); ``reliance``: the mask-reliance diagnostic; ``multiscale``:
+    ``cache`` None: computed here, by the ``base`` over ``dataset``. The ``dataset``'s classes, ignore index
+    and class names are the defaults of ``num_classes``, ``ignore_index`` and ``class_names``.
+    ``steps``: test steps (default infer.steps); ``reliance``: the mask-reliance diagnostic; ``multiscale``:
     the multi-scale + flip test and ``examples``: these images' refinements — both run the ``base`` over
     ``dataset`` (the split's images). Forward passes run on ``device`` in ``precision`` (fp32 | bf16 | fp16);
     scores are computed in float32 at the label resolution. ``head``: the UNet-as-head baseline, one call
     without a mask (default: what cfg.denoiser.method says).
     """
     head = cfg.denoiser.method == "head" if head is None else head
-    if (cache is None or multiscale or examples) and (base is None or dataset is None):
+    if (cache is None or multiscale or examples) and (base is None or dataset is None):  # images to run
         raise ValueError("without a feature cache, and for the multi-scale test and the examples, "
                          "evaluate_refiner needs the base and the dataset")
     if cache is None:
         cache = compute_cache(base, dataset, ResizeCodec(cfg.denoiser.mask_scale), device=device)
+    if dataset is None and (num_classes is None or ignore_index is None):
+        raise ValueError("evaluate_refiner needs num_classes and ignore_index, or the dataset")
     num_classes = dataset.num_classes if num_classes is None else num_classes
     ignore_index = dataset.ignore_index if ignore_index is None else ignore_index
+    if class_names is None:
+        class_names = dataset.class_names if dataset is not None else ()
     was_training = denoiser.training
     denoiser.eval()
     with autocast(device, precision):
@@ -97,18 +102,19 @@ def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, step
         batch = conditioning(cache.batch(torch.arange(start, min(start + batch_size, limit)), device),
                              cfg.denoiser.residual)
         size = batch.labels.shape[-2:]
-        initial.update(codec.decode(batch.base_logits, size).argmax(1), batch.labels)
+        initial.update(codec.decode(batch.base_logits.float(), size).argmax(1), batch.labels)
         trajectory, times = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator)
         if not per_step:
             per_step = [SegMetrics(num_classes, ignore_index) for _ in trajectory]
         for metrics, logits in zip(per_step, trajectory):
-            metrics.update(codec.decode(logits, size).argmax(1), batch.labels)
+            metrics.update(codec.decode(logits.float(), size).argmax(1), batch.labels)
         if reliance:
             x = oracle_input(process, batch, codec, oracle_t, ignore_index, generator)
             t = torch.full((len(x),), oracle_t, dtype=torch.long, device=x.device)
-            extra["oracle"].update(codec.decode(denoiser(batch.features, x, t), size).argmax(1), batch.labels)
+            oracle = denoiser(batch.features, x, t).float()
+            extra["oracle"].update(codec.decode(oracle, size).argmax(1), batch.labels)
             fresh, _ = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator, renoise="fresh")
-            extra["random"].update(codec.decode(fresh[-1], size).argmax(1), batch.labels)
+            extra["random"].update(codec.decode(fresh[-1].float(), size).argmax(1), batch.labels)
     step_scores = tuple(Scores.from_metrics(m.compute()) for m in per_step)
     found = None
     if reliance:
@@ -188,9 +194,9 @@ def save_examples(evaluation: Evaluation, folder: Path) -> list[tuple[Path, str 
         masks = [np.where(m >= num_classes, 0, m) for m in masks]
         path = folder / f"strip-{ex.index}.png"
         Image.fromarray(strip(ex.image, masks, colours)).save(path)
-        written.append((path, "strips"))
+        written.append((path, names.ARTIFACT_STRIPS))
     first = evaluation.examples[0]
-    path = folder / "probabilities.npz"
+    path = folder / names.ARTIFACT_PROBABILITIES
     np.savez_compressed(path, image=first.image, label=first.label, class_names=np.array(evaluation.class_names),
                         base=first.base_probs.astype(np.float16), steps=np.stack(first.step_probs).astype(np.float16))
     return written + [(path, None)]

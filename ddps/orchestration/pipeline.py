@@ -149,8 +149,8 @@ class Pipeline:
             self.tracker.log_params(run_id, to_flat(self.cfg))
             summary = self._log_evaluation(run_id, refiner_path, reliance)
             if log_model:
-                self.tracker.log_artifact(run_id, refiner_path, "model")
-                uri = f"runs:/{run_id}/model/{refiner_path.name}"
+                self.tracker.log_artifact(run_id, refiner_path, names.ARTIFACT_MODEL)
+                uri = f"runs:/{run_id}/{names.ARTIFACT_MODEL}/{refiner_path.name}"
                 self.tracker.set_tags(run_id if cell else self.parent, {names.REFINER_URI: uri})
         return summary
 
@@ -167,14 +167,15 @@ class Pipeline:
             self.tracker.log_metrics(run_id, metrics, step=k)
         if result.reliance:
             r = result.reliance
-            self.tracker.log_metrics(run_id, {names.RELIANCE + k: getattr(r, k) for k in ("own", "oracle", "random")}, 0)
+            self.tracker.log_metrics(run_id, {names.RELIANCE_OWN: r.own, names.RELIANCE_ORACLE: r.oracle,
+                                              names.RELIANCE_RANDOM: r.random}, step=0)
         summary = result.summary()
         self.tracker.set_tags(run_id, {names.SUMMARY: json.dumps(summary)})
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            (folder / "config.yaml").write_text(yaml.safe_dump(  # as the params: no secret-looking name
+            (folder / names.ARTIFACT_CONFIG).write_text(yaml.safe_dump(  # as the params: no secret-looking name
                 {k: v for k, v in to_flat(cfg).items() if not is_secret(k)}, sort_keys=True))
-            self.tracker.log_artifact(run_id, folder / "config.yaml")
+            self.tracker.log_artifact(run_id, folder / names.ARTIFACT_CONFIG)
             for path, artifact_folder in save_examples(result, folder):
                 self.tracker.log_artifact(run_id, path, artifact_folder)
         return summary

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddps import names
 from ddps.report.runs import Cell, Table
 
 STRIPS_PER_CELL = 2
@@ -40,10 +41,10 @@ def steps_figure(tracker, table: Table, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for cell in table.sorted_cells():
-        for ax, metric in zip(axes, ("mIoU", "mBIoU")):
+        for ax, metric in zip(axes, names.SCORES):
             history = tracker.history(cell.run_id, metric)
             ax.plot([s for s, _ in history], [v for _, v in history], marker=".", label=cell_name(cell))
-    for ax, metric in zip(axes, ("mIoU", "mBIoU")):
+    for ax, metric in zip(axes, names.SCORES):
         ax.set_xlabel("refinement step (0 = base segmentor)")
         ax.set_ylabel(f"val {metric}")
         ax.grid(alpha=0.3)
@@ -57,12 +58,12 @@ def steps_figure(tracker, table: Table, path: Path) -> Path:
 
 def class_changes(tracker, cell: Cell) -> dict[str, float]:
     """Per-class IoU, last step minus the base (step 0), from the run's IoU.<class> histories."""
-    keys = sorted(k for k in tracker.metric_keys(cell.run_id) if k.startswith("IoU."))
+    keys = sorted(k for k in tracker.metric_keys(cell.run_id) if k.startswith(names.CLASS_IOU))
     out = {}
     for key in keys:
         history = tracker.history(cell.run_id, key)
         if history:
-            out[key[len("IoU."):]] = history[-1][1] - history[0][1]
+            out[key[len(names.CLASS_IOU):]] = history[-1][1] - history[0][1]
     return out
 
 
@@ -117,10 +118,11 @@ def cell_figures(tracker, table: Table, cell: Cell, folder: Path) -> list[Path]:
     paths = [classes_figure(tracker, table, cell, folder / f"{stem}-classes.png")]
     artifacts = tracker.list_artifacts(cell.run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        if "probabilities.npz" in artifacts:
-            npz = tracker.download(f"runs:/{cell.run_id}/probabilities.npz", tmp)
+        if names.ARTIFACT_PROBABILITIES in artifacts:
+            npz = tracker.download(f"runs:/{cell.run_id}/{names.ARTIFACT_PROBABILITIES}", tmp)
             paths.append(logits_figure(npz, table, cell, folder / f"{stem}-logits.png"))
-        strips = tracker.list_artifacts(cell.run_id, "strips") if "strips" in artifacts else []
+        strips = (tracker.list_artifacts(cell.run_id, names.ARTIFACT_STRIPS) if names.ARTIFACT_STRIPS in artifacts
+                  else [])
         for i, name in enumerate(strips[:STRIPS_PER_CELL]):
             local = tracker.download(f"runs:/{cell.run_id}/{name}", tmp)
             paths.append(Path(shutil.copyfile(local, folder / f"{stem}-strip-{i}.png")))

@@ -38,8 +38,9 @@ def noise(tables: dict[str, Table]) -> dict[str, float]:
     """Sample standard deviation of the seeds experiment's last-step mIoU and mBIoU (NaN if < 2 seeds)."""
     cells = tables["seeds"].cells if "seeds" in tables else []
     out = {}
-    for metric in ("mIoU", "mBIoU"):
-        values = [c.get(f"last_{metric}") for c in cells if not math.isnan(c.get(f"last_{metric}"))]
+    for metric in names.SCORES:
+        key = names.summary_key(names.LAST, metric)
+        values = [c.get(key) for c in cells if not math.isnan(c.get(key))]
         out[metric] = statistics.stdev(values) if len(values) >= 2 else math.nan
     return out
 
@@ -60,7 +61,7 @@ def _pick(table: Table | None, **coords) -> Cell | None:
 def _compare(table: str, claim: str, a: tuple[str, Cell | None, str], bs: list[tuple[str, Cell | None, str]],
              noises: dict[str, float]) -> Outcome:
     """a / each b: (name, cell, summary key). B is the best of bs."""
-    metric = "mBIoU" if a[2].endswith("mBIoU") else "mIoU"
+    metric = names.MBIOU if a[2].endswith(names.MBIOU) else names.MIOU
     value = lambda c, key: math.nan if c is None else c.get(key)  # noqa: E731
     va = value(a[1], a[2])
     vbs = [value(c, key) for _, c, key in bs]
@@ -133,9 +134,10 @@ def findings(tables: dict[str, Table]) -> list[Outcome]:
         one = t("table1")
         for cell in one.sorted_cells():
             name = " / ".join(cell.coords.get(a, "") for a in one.rows)
-            for metric in ("mIoU", "mBIoU"):
+            for metric in names.SCORES:
                 out.append(_compare("table1", f"DDPS improves its base, {metric} ({name})",
-                                    ("DDPS", cell, f"last_{metric}"), [("base", cell, f"base_{metric}")], n))
+                                    ("DDPS", cell, names.summary_key(names.LAST, metric)),
+                                    [("base", cell, names.summary_key(names.BASE, metric))], n))
     return out
 
 

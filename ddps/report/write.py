@@ -158,7 +158,7 @@ def export_parquet(tracker, names: list[str], folder: Path) -> list[Path]:
         runs.to_parquet(path, index=False)
         evals = runs[runs["tags." + keys.STEP] == keys.STEP_EVAL] if "tags." + keys.STEP in runs else runs.iloc[0:0]
         steps = [{"run_id": r, "metric": m, "step": s, "value": v}
-                 for r in evals["run_id"] for m in ("mIoU", "mBIoU") for s, v in tracker.history(r, m)]
+                 for r in evals["run_id"] for m in keys.SCORES for s, v in tracker.history(r, m)]
         steps_path = folder / f"{name}-steps.parquet"
         pd.DataFrame(steps, columns=["run_id", "metric", "step", "value"]).to_parquet(steps_path, index=False)
         paths += [path, steps_path]
