@@ -309,3 +309,25 @@ def test_the_multiscale_test_averages_scales_and_flips_and_an_untrained_residual
     torch.manual_seed(1)
     other = multiscale(build_denoiser(plain, K, C, build_process(plain, K)), build_process(plain, K), plain)
     assert other["last"].mIoU != other["base"].mIoU  # a refiner that is not the base scores otherwise
+
+
+def test_evaluation_runs_its_forward_passes_in_the_precision_it_is_given():
+    """precision=bf16: the denoiser's convolutions produce bf16 activations (torch.autocast on the device),
+    the scores are still computed; an unknown precision is a one-line error naming the choices."""
+    from ddps.refiner.build import build_denoiser
+    cfg = resolve("smoke", overrides={"diffusion.steps": 10, "infer.steps": 2})
+    process = MaskDiffusion(K, 10)
+    torch.manual_seed(0)
+    net = build_denoiser(cfg, K, C, process)
+    cache = FeatureCache(torch.randn(8, C, 4, 4).half(), torch.randn(8, K, 4, 4).half(),
+                         torch.randint(0, K, (8, 16, 16), dtype=torch.uint8))
+    seen = []
+    hook = net.classifier.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    full = evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255)
+    half = evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255, precision="bf16")
+    hook.remove()
+    assert set(seen[:2]) == {torch.float32} and set(seen[2:]) == {torch.bfloat16} and len(seen) == 4
+    assert full.base == half.base  # the base's cached logits are scored as they are
+    assert all(0 <= s.mIoU <= 100 for s in half.steps) and len(half.steps) == 2
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; choose from: bf16, fp16, fp32"):
+        evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255, precision="fp8")
