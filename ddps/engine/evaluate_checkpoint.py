@@ -71,7 +71,7 @@ def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = 
     """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
     hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
-    result, base, denoiser = evaluate_refiner_file(path, cfg, split=split, payload=payload, device=device)
+    result, base = evaluate_refiner_file(path, cfg, split=split, payload=payload, device=device)
     if as_json:
         return json.dumps(result.to_json())
     return refiner_report(result, cfg, base, all_steps)
@@ -81,7 +81,7 @@ def evaluate_refiner_file(path, cfg, *, split: str = "val", payload: dict | None
                           multiscale: bool = False, examples: Sequence[int] = (), device="cpu",
                           precision: str = "fp32"):
     """A refiner checkpoint (its EMA weights when infer.ema) evaluated on ``split`` of its dataset, as
-    evaluate_refiner does, with the #P(M) of base and denoiser: (record, base, denoiser). The dataset must
+    evaluate_refiner does, with the #P(M) of base and denoiser: (record, base). The dataset must
     have the classes the checkpoint predicts."""
     from ddps.denoiser import count_params
     from ddps.errors import CheckpointError
@@ -92,10 +92,9 @@ def evaluate_refiner_file(path, cfg, *, split: str = "val", payload: dict | None
                               f"{dataset.num_classes}")
     base, denoiser = base.to(device), denoiser.to(device)
     result = evaluate_refiner(denoiser, process, None, cfg, reliance=reliance, multiscale=multiscale,
-                              examples=examples, base=base, dataset=dataset, class_names=dataset.class_names,
-                              device=device, precision=precision)
+                              examples=examples, base=base, dataset=dataset, device=device, precision=precision)
     params = {"base": base.num_params(), "denoiser": count_params(denoiser)}
-    return replace(result, params=params), base, denoiser
+    return replace(result, params=params), base
 
 
 def refiner_report(result: Evaluation, cfg, base, all_steps: bool = False) -> str:

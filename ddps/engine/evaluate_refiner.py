@@ -24,6 +24,7 @@ from ddps.engine.evaluate import autocast, eval_loader
 from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning
 from ddps.engine.record import Evaluation, Example, Reliance, Scores
 from ddps.metrics import SegMetrics
+from ddps.refiner.build import build_codec
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.sampler import refine
 
@@ -59,7 +60,7 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config,
         raise ValueError("without a feature cache, and for the multi-scale test and the examples, "
                          "evaluate_refiner needs the base and the dataset")
     if cache is None:
-        cache = compute_cache(base, dataset, ResizeCodec(cfg.denoiser.mask_scale), device=device)
+        cache = compute_cache(base, dataset, build_codec(cfg), device=device)
     if dataset is None and (num_classes is None or ignore_index is None):
         raise ValueError("evaluate_refiner needs num_classes and ignore_index, or the dataset")
     num_classes = dataset.num_classes if num_classes is None else num_classes
@@ -90,7 +91,7 @@ def _trajectory(denoiser, process, features, cfg: Config, steps: int, head: bool
 def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps, reliance, head, device,
                   batch_size) -> dict:
     """The base, every step and (with ``reliance``) the diagnostic over the cache, in one pass."""
-    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    codec = build_codec(cfg)
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     initial = SegMetrics(num_classes, ignore_index)
     per_step: list[SegMetrics] = []
@@ -127,7 +128,7 @@ def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, step
 def _examples(denoiser, process, base, dataset, indices: list[int], cfg: Config, head: bool,
               device) -> tuple[Example, ...]:
     """These images through the base and every refinement step: class probabilities at the label size."""
-    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    codec = build_codec(cfg)
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     out = []
     for index in indices:
@@ -153,7 +154,7 @@ def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, devic
     ``eval.scales`` (and its mirror image when ``eval.flip``) the base runs and the refiner refines from its
     features; the class probabilities of the base and of the last step are averaged over the copies at the
     label resolution, then scored."""
-    codec = ResizeCodec(cfg.denoiser.mask_scale)
+    codec = build_codec(cfg)
     multiple = 4 * cfg.denoiser.mask_scale  # the UNet halves the mask twice
     generator = torch.Generator().manual_seed(cfg.infer.seed)
     scores = {"base": SegMetrics(dataset.num_classes, dataset.ignore_index),

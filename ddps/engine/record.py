@@ -92,7 +92,8 @@ class Evaluation:
         return {k: summary[k] for k in names.CHECK_KEYS}
 
     def history(self) -> list[tuple[int, dict[str, float]]]:
-        """Per-step MLflow metrics: (0, the base's) then (k, step k's), each with the per-class IoU."""
+        """The run's MLflow metrics by step: (0, the base's) then (k, step k's), each with the per-class IoU;
+        the multi-scale scores at 0 and K; at 0 also the #P(M) and the reliance diagnostic."""
         out = []
         for k, scores in enumerate((self.base, *self.steps)):
             metrics = {names.MIOU: scores.mIoU, names.MBIOU: scores.mBIoU, names.AACC: scores.aAcc}
@@ -101,6 +102,13 @@ class Evaluation:
                 ms = self.multiscale["base" if k == 0 else "last"]
                 metrics.update({names.MS_MIOU: ms.mIoU, names.MS_MBIOU: ms.mBIoU})
             out.append((k, metrics))
+        if self.params:  # the tables' #P(M)
+            out[0][1].update({names.PARAMS_BASE: self.params["base"] / 1e6,
+                              names.PARAMS_DENOISER: self.params["denoiser"] / 1e6})
+        if self.reliance:
+            r = self.reliance
+            out[0][1].update({names.RELIANCE_OWN: r.own, names.RELIANCE_ORACLE: r.oracle,
+                              names.RELIANCE_RANDOM: r.random})
         return out
 
     def to_json(self) -> dict:

@@ -159,16 +159,10 @@ class Pipeline:
         from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
         from ddps.engine.evaluate_refiner import save_examples
         cfg = self.cfg
-        result, _, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
-                                             examples=STRIP_IMAGES)
-        self.tracker.log_metrics(run_id, {names.PARAMS_BASE: result.params["base"] / 1e6,  # the tables' #P(M)
-                                          names.PARAMS_DENOISER: result.params["denoiser"] / 1e6}, step=0)
+        result, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
+                                          examples=STRIP_IMAGES)
         for k, metrics in result.history():
             self.tracker.log_metrics(run_id, metrics, step=k)
-        if result.reliance:
-            r = result.reliance
-            self.tracker.log_metrics(run_id, {names.RELIANCE_OWN: r.own, names.RELIANCE_ORACLE: r.oracle,
-                                              names.RELIANCE_RANDOM: r.random}, step=0)
         summary = result.summary()
         self.tracker.set_tags(run_id, {names.SUMMARY: json.dumps(summary)})
         with tempfile.TemporaryDirectory() as folder:
