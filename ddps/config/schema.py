@@ -72,7 +72,11 @@ class BaseConfig:
     arch: str = "segformer"        # segformer | deeplabv3plus
     backbone: str = "mit_b0"       # mit_b0..mit_b5 | mobilenet_v2, resnet18, resnet50, resnet101
     feature_channels: int = 256    # width of the feature map before the classifier (what DDPS conditions on)
-    encoder_weights: str = ""      # '' = random init; else a local state-dict file for the encoder
+    encoder_weights: str = ""      # '' = random init | imagenet (smp's published ImageNet weights, by name) |
+                                   # a local state-dict file for the encoder
+    pretrained: str = ""           # a published whole base instead of training one: an smp-hub name
+                                   # (smp-hub/segformer-b2-512x512-ade-160k), a local save_pretrained folder,
+                                   # or an MMSegmentation checkpoint file (.pth); the base step then imports it
 
     def __post_init__(self):
         check_base_names(self.arch, self.backbone)
@@ -139,6 +143,8 @@ TARGETS = ("gt", "initial", "first")
 LOSSES = ("ce", "hybrid")
 STAGE_PLANS = ("two-stage", "multi-step")
 RENOISE = ("free", "posterior")
+TIME_INPUTS = ("t", "T-t")
+STEP_LISTS = ("even", "official")
 
 
 def _choose(key: str, value: str, valid) -> None:
@@ -157,9 +163,14 @@ class DenoiserConfig:
     mask_scale: int = 4             # masks live at 1/mask_scale of the input (resize codec; features are at 1/4)
     residual: bool = False          # ours, not the paper's: the base's logits join the input and are added to the
                                     # output (classifier zero-initialised), so the refiner starts at the base
+    out_dim: int = 0                # the UNet's output width before the classifier; 0 = its base width (dim)
+    time_input: str = "t"           # what the UNet's time embedding sees: t (ours: 0 clean .. T noise) |
+                                    # T-t (the official DDPS checkpoints: 0 = pure noise)
 
     def __post_init__(self):
         _choose("denoiser.method", self.method, METHODS)
+        _choose("denoiser.time_input", self.time_input, TIME_INPUTS)
+        _require(self.out_dim >= 0, "denoiser.out_dim", self.out_dim, ">= 0 (0 = the UNet's dim)")
         _choose("denoiser.size", self.size, DENOISER_SIZES)
         _require(self.embed_dim >= 1, "denoiser.embed_dim", self.embed_dim, ">= 1")
         _require(0 <= self.dropout < 1, "denoiser.dropout", self.dropout, "in [0, 1)")
@@ -175,6 +186,8 @@ class DiffusionConfig:
     schedule: str = "linear"        # linear | cosine
     steps: int = 20                 # T, the train steps
     bit_scale: float = 0.1          # analog-bit input scaling (bits)
+    ignore_state: bool = False      # the official DDPS layout: the ignore region is a diffusion state and a logit
+                                    # (state 0; class c is state c + 1: 151 states for ADE20K's 150 classes)
 
     def __post_init__(self):
         _choose("diffusion.kind", self.kind, PROCESSES)
@@ -245,11 +258,14 @@ class InferConfig:
     cfg_scale: float = 0.0          # classifier-free guidance s: (s + 1) l_cond - s l_uncond
     oracle_t: int = 0               # mask-reliance diagnostic: t of the re-noised ground truth (0 = max(1, T // 10))
     ema: bool = True                # the EMA weights when the checkpoint has them; False: the raw weights (Table 6)
+    times: str = "even"             # the step list: even (t = T, T - T/K, ..., T/K: K calls) | official (the
+                                    # official code's: the same, then a last call at t = 1: K + 1 calls)
     seed: int = 0
 
     def __post_init__(self):
         _require(self.steps >= 1, "infer.steps", self.steps, ">= 1")
         _choose("infer.renoise", self.renoise, RENOISE)
+        _choose("infer.times", self.times, STEP_LISTS)
         _require(self.cfg_scale >= 0, "infer.cfg_scale", self.cfg_scale, ">= 0")
         _require(self.oracle_t >= 0, "infer.oracle_t", self.oracle_t, ">= 0")
 
