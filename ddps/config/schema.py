@@ -287,6 +287,9 @@ class Config:
                  f"<= diffusion.steps ({self.diffusion.steps}): test steps cannot exceed train steps")
         _require(self.infer.oracle_t <= self.diffusion.steps, "infer.oracle_t", self.infer.oracle_t,
                  f"<= diffusion.steps ({self.diffusion.steps})")
+        _require(not self.diffusion.ignore_state or (self.diffusion.kind == "discrete" and not self.denoiser.residual),
+                 "diffusion.ignore_state", self.diffusion.ignore_state,
+                 "only with diffusion.kind=discrete and without denoiser.residual (the official checkpoints' layout)")
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "preset"}

@@ -33,7 +33,7 @@ def oracle_input(process: NoiseProcess, batch, codec: ResizeCodec, t: int, ignor
                  generator=None) -> torch.Tensor:
     """The ground truth at the mask size (ignore pixels: the base's guess), re-noised to time t."""
     gt = codec.encode(batch.labels)
-    gt = torch.where(gt == ignore_index, batch.base_pred, gt)
+    gt = codec.states(torch.where(gt == ignore_index, batch.base_pred, gt))
     B = gt.shape[0]
     t_batch = torch.full((B,), t, dtype=torch.long, device=gt.device)
     return process.q_sample_labels(gt, t_batch, generator=generator)
@@ -79,13 +79,15 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config,
     return Evaluation(**scores, multiscale=ms, examples=shown, class_names=tuple(class_names))
 
 
-def _trajectory(denoiser, process, features, cfg: Config, steps: int, head: bool, generator,
+def class_trajectory(denoiser, process, features, cfg: Config, steps: int, head: bool, generator,
                 renoise: str | None = None) -> tuple[list[torch.Tensor], list[int]]:
-    """Every step's logits (B, K, h, w) and times; the UNet head: its one call at t = 0."""
+    """Every step's class logits (B, K, h, w) and times; the UNet head: its one call at t = 0."""
+    classes = build_codec(cfg).classes
     if head:
-        return [denoiser(features)], [0]
-    traj = refine(denoiser, process, features, steps, renoise or cfg.infer.renoise, cfg.infer.cfg_scale, generator)
-    return traj.logits, traj.times
+        return [classes(denoiser(features))], [0]
+    traj = refine(denoiser, process, features, steps, renoise or cfg.infer.renoise, cfg.infer.cfg_scale, generator,
+                  times=cfg.infer.times)
+    return [classes(logits) for logits in traj.logits], traj.times
 
 
 def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps, reliance, head, device,
@@ -104,7 +106,7 @@ def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, step
                              cfg.denoiser.residual)
         size = batch.labels.shape[-2:]
         initial.update(codec.decode(batch.base_logits.float(), size).argmax(1), batch.labels)
-        trajectory, times = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator)
+        trajectory, times = class_trajectory(denoiser, process, batch.features, cfg, steps, head, generator)
         if not per_step:
             per_step = [SegMetrics(num_classes, ignore_index) for _ in trajectory]
         for metrics, logits in zip(per_step, trajectory):
@@ -112,9 +114,9 @@ def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, step
         if reliance:
             x = oracle_input(process, batch, codec, oracle_t, ignore_index, generator)
             t = torch.full((len(x),), oracle_t, dtype=torch.long, device=x.device)
-            oracle = denoiser(batch.features, x, t).float()
+            oracle = codec.classes(denoiser(batch.features, x, t)).float()
             extra["oracle"].update(codec.decode(oracle, size).argmax(1), batch.labels)
-            fresh, _ = _trajectory(denoiser, process, batch.features, cfg, steps, head, generator, renoise="fresh")
+            fresh, _ = class_trajectory(denoiser, process, batch.features, cfg, steps, head, generator, renoise="fresh")
             extra["random"].update(codec.decode(fresh[-1].float(), size).argmax(1), batch.labels)
     step_scores = tuple(Scores.from_metrics(m.compute()) for m in per_step)
     found = None
@@ -137,7 +139,7 @@ def _examples(denoiser, process, base, dataset, indices: list[int], cfg: Config,
         batch = conditioning(base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device),
                                         codec), cfg.denoiser.residual)
         size = item["mask"].shape[-2:]
-        trajectory, _ = _trajectory(denoiser, process, batch.features, cfg, cfg.infer.steps, head, generator)
+        trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, cfg.infer.steps, head, generator)
         probs = [codec.decode(logits.float(), size).softmax(1)[0].cpu().numpy()
                  for logits in (batch.base_logits, *trajectory)]
         out.append(Example(index, rgb, label, probs[0], tuple(probs[1:])))
@@ -169,7 +171,7 @@ def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, devic
             for flipped in ((False, True) if cfg.eval.flip else (False,)):
                 xi = xs.flip(-1) if flipped else xs
                 b = conditioning(base_batch(base, xi, None, codec), cfg.denoiser.residual)
-                last = _trajectory(denoiser, process, b.features, cfg, cfg.infer.steps, head, generator)[0][-1]
+                last = class_trajectory(denoiser, process, b.features, cfg, cfg.infer.steps, head, generator)[0][-1]
                 for name, logits in (("base", b.base_logits), ("last", last)):
                     logits = logits.flip(-1) if flipped else logits
                     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)

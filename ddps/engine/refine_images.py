@@ -14,10 +14,10 @@ from PIL import Image
 from ddps.config import from_flat
 from ddps.data.datasets import read_image
 from ddps.data.transforms import EvalTransform
+from ddps.engine.evaluate_refiner import class_trajectory
 from ddps.engine.features import base_batch, conditioning
 from ddps.refiner.build import build_codec
 from ddps.refiner.checkpoint import load_refiner
-from ddps.refiner.sampler import refine
 from ddps.segmentors.checkpoint import read_checkpoint
 
 
@@ -67,12 +67,9 @@ def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | P
         batch = conditioning(base_batch(base, x[None].to(device), torch.zeros(1, *label_size, dtype=torch.long), codec),
                              cfg.denoiser.residual)
         base_mask = codec.decode(batch.base_logits, label_size).argmax(1)[0].cpu().numpy()
-        if cfg.denoiser.method == "head":
-            masks = [codec.decode(denoiser(batch.features), label_size).argmax(1)[0].cpu().numpy()]
-        else:
-            traj = refine(denoiser, process, batch.features, steps or cfg.infer.steps, cfg.infer.renoise,
-                          cfg.infer.cfg_scale, generator)
-            masks = [codec.decode(l, label_size).argmax(1)[0].cpu().numpy() for l in traj.logits]
+        trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, steps or cfg.infer.steps,
+                                         cfg.denoiser.method == "head", generator)
+        masks = [codec.decode(logits, label_size).argmax(1)[0].cpu().numpy() for logits in trajectory]
         mask_png = Image.fromarray(masks[-1].astype(np.uint8), mode="P")
         mask_png.putpalette(colours.reshape(-1).tolist())
         mask_path, strip_path = out / f"{path.stem}.png", out / f"{path.stem}-strip.png"

@@ -25,7 +25,7 @@ from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_r
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.engine.train_base import seed_everything
 from ddps.diffusion.rng import SampleRNG
-from ddps.errors import CheckpointError, DataError
+from ddps.errors import CheckpointError, ConfigError, DataError
 from ddps.paths import cache_dir
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.checkpoint import refiner_payload
@@ -196,6 +196,9 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     keyed by sample, so the weights follow single-process training. ``checkpointer``: the training state
     every ``checkpointer.every`` iterations, and where a restarted run resumes.
     """
+    if cfg.diffusion.ignore_state:
+        raise ConfigError("diffusion.ignore_state is the official checkpoints' layout, for evaluating and refining "
+                          "with imported models (ddps import official); training with it is not supported")
     tc = cfg.train
     worker = worker or Worker()
     device = worker.device

@@ -6,6 +6,9 @@ the official code, or trainable), the analog bits of the Gaussian variant (Table
 dropout zeroes the features of chosen samples, which trains the unconditional branch that classifier-free
 guidance needs (official code: the mask embedding stays, the features are zeroed).
 
+``time_input`` "T-t" feeds the UNet's time embedding T − t instead of t (the official checkpoints count time
+the other way: 0 is pure noise); ``out_dim`` sets the UNet's output width when it differs from its base width.
+
 ``residual`` (ours, not the paper's): the conditioning's last ``num_classes`` channels are the frozen base's
 logits; the network's output is added to them and its classifier starts at zero, so an untrained refiner
 predicts exactly what the base predicts and training learns corrections. Condition dropout and the
@@ -19,15 +22,19 @@ from torch import nn
 from ddps.denoiser import UNET_SIZES, create_unet
 
 MASK_INPUTS = ("embed", "bits", "none")
+TIME_INPUTS = ("t", "T-t")  # ddps.config.schema.TIME_INPUTS
 
 
 class MaskDenoiser(nn.Module):
     def __init__(self, *, feature_channels: int, num_classes: int, size: str, mask_input: str = "embed",
                  num_states: int | None = None, bits: int = 0, embed_dim: int = 16,
-                 embed_trainable: bool = False, dropout: float = 0.1, residual: bool = False):
+                 embed_trainable: bool = False, dropout: float = 0.1, residual: bool = False, out_dim: int = 0,
+                 time_input: str = "t", steps: int | None = None):
         super().__init__()
         assert mask_input in MASK_INPUTS, mask_input
+        assert time_input in TIME_INPUTS and (time_input == "t" or steps), (time_input, steps)
         self.mask_input, self.num_classes, self.residual = mask_input, num_classes, residual
+        self.time_input, self.steps = time_input, steps
         extra = 0
         if mask_input == "embed":
             self.embed = nn.Embedding(num_states or num_classes, embed_dim)
@@ -36,7 +43,7 @@ class MaskDenoiser(nn.Module):
         elif mask_input == "bits":
             assert bits >= 1, bits
             extra = bits
-        out_channels = UNET_SIZES[size]["dim"]
+        out_channels = out_dim or UNET_SIZES[size]["dim"]
         self.unet = create_unet(size, feature_channels + extra, out_channels=out_channels)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Conv2d(out_channels, num_classes, 1)
@@ -61,6 +68,8 @@ class MaskDenoiser(nn.Module):
             parts.append(x_t.to(features.dtype))
         if t is None:
             t = torch.zeros(B, device=features.device)
+        if self.time_input == "T-t":
+            t = self.steps - t  # the official time index: 0 = pure noise (t = T), T - 1 = almost clean (t = 1)
         h = self.unet(torch.cat(parts, 1), t.float())
         logits = self.classifier(self.dropout(h))
         return logits + features[:, -self.num_classes:] if self.residual else logits

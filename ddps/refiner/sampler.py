@@ -8,6 +8,9 @@ the replace-only transition). After each call the prediction x̂0 = argmax is re
 - ``posterior``: x_{t_{k+1}} ~ q(x_{t_{k+1}} | x_{t_k}, x̂0)       (exact Bayes over the stride, Eq. 3)
 - ``fresh``:     x_{t_{k+1}} ~ q(x_T), ignoring x̂0                 (the mask-reliance diagnostic's control)
 
+``times`` "official" is the official code's step list: the same K calls, then one more at t = 1 (their
+index i = T − 1, the almost clean step they always append), K + 1 calls when K < T.
+
 The process takes the step (``NoiseProcess.step``); for Gaussian bit diffusion x̂0 is the expected analog
 bits of softmax(logits), and ``posterior`` is DDIM's step (η = 0).
 Classifier-free guidance: ℓ = (s + 1)·ℓ(features) − s·ℓ(zero features), with s = 0 the conditional output.
@@ -23,12 +26,19 @@ import torch
 from ddps.diffusion.process import RENOISE_MODES, NoiseProcess
 
 
-def step_times(train_steps: int, test_steps: int) -> list[int]:
-    """t_k = T − k·(T // K), k = 0 … K−1: the times at which the denoiser is called."""
+STEP_LISTS = ("even", "official")  # ddps.config.schema.STEP_LISTS
+
+
+def step_times(train_steps: int, test_steps: int, times: str = "even") -> list[int]:
+    """t_k = T − k·(T // K), k = 0 … K−1: the times at which the denoiser is called; ``official``: then t = 1
+    unless the list already ends there (the official code's list i = 0, Δ, …, plus T − 1, with i = T − t)."""
     if not 1 <= test_steps <= train_steps:
         raise ValueError(f"test steps {test_steps} must be in 1..{train_steps} (the train steps)")
+    if times not in STEP_LISTS:
+        raise ValueError(f"unknown step list {times!r}; choose from: {', '.join(STEP_LISTS)}")
     stride = train_steps // test_steps
-    return [train_steps - k * stride for k in range(test_steps)]
+    out = [train_steps - k * stride for k in range(test_steps)]
+    return out + [1] if times == "official" and out[-1] != 1 else out
 
 
 @dataclass
@@ -53,26 +63,27 @@ def guided_logits(denoiser, features, x_t, t, cfg_scale: float) -> torch.Tensor:
 @torch.no_grad()
 def refine(denoiser, process: NoiseProcess, features: torch.Tensor, steps: int,
            renoise: str = "free", cfg_scale: float = 0.0, generator: torch.Generator | None = None,
-           start: torch.Tensor | None = None, start_t: int | None = None) -> Trajectory:
+           start: torch.Tensor | None = None, start_t: int | None = None, times: str = "even") -> Trajectory:
     """Run Algorithm 2 on ``features`` (B, C, h, w) and return the trajectory of ``steps`` predictions.
 
     ``start``/``start_t``: begin from a given noisy mask at time ``start_t`` instead of q(x_T) (used by the
-    oracle of the mask-reliance diagnostic); the stride then spans ``start_t``.
+    oracle of the mask-reliance diagnostic); the stride then spans ``start_t``. ``times``: the step list
+    (:func:`step_times`).
     """
     if renoise not in RENOISE_MODES:
         raise ValueError(f"unknown re-noising {renoise!r}; choose from: {', '.join(RENOISE_MODES)}")
     B, _, h, w = features.shape
     top = process.steps if start_t is None else start_t
-    times = step_times(top, min(steps, top))
+    calls = step_times(top, min(steps, top), times)
     x = process.prior((B, h, w), generator=generator, device=features.device) if start is None else start
     logits_seen = []
-    for k, t in enumerate(times):
+    for k, t in enumerate(calls):
         t_batch = torch.full((B,), t, device=features.device, dtype=torch.long)
         logits = guided_logits(denoiser, features, x, t_batch, cfg_scale)  # (B, K, h, w)
         logits_seen.append(logits)
-        if k + 1 == len(times):
+        if k + 1 == len(calls):
             break
-        s = times[k + 1]
+        s = calls[k + 1]
         x = process.step(x, logits, t, s, renoise, generator)
-    return Trajectory(times, logits_seen)
+    return Trajectory(calls, logits_seen)
 
