@@ -118,6 +118,12 @@ def cmd_refine(args) -> int:
     return 0
 
 
+def cmd_import_official(args) -> int:
+    from ddps.refiner.official import import_official
+    import_official(args.checkpoint, args.base, args.out, dataset=args.dataset)
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     run_pipeline(_resolve(args), _cluster(args), args.tracking_uri, args.mlflow_experiment)
     return 0
@@ -264,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--tracking-uri", help="for runs:/ checkpoints (default: $MLFLOW_TRACKING_URI, else the "
                                            "embedded store in $DDPS_HOME)")
     rf.set_defaults(func=cmd_refine)
+
+    im = sub.add_parser("import", help="import published models as ddps checkpoints").add_subparsers(
+        dest="import_command", required=True)
+    off = im.add_parser("official", help="an official DDPS checkpoint (Hugging Face Hub aaronb/DDPS-all) -> a ddps "
+                                         "base checkpoint + a refiner checkpoint")
+    off.add_argument("checkpoint", help="the official .pth file (an mmcv checkpoint)")
+    off.add_argument("--base", help="the MMSegmentation SegFormer checkpoint the DDPS model was trained on (its "
+                                    "classifier is not in the DDPS file)")
+    off.add_argument("--out", required=True, help="folder for <name>-base.pt and <name>-refiner.pt")
+    off.add_argument("--dataset", choices=("ade20k", "cityscapes"),
+                     help="default: from the number of diffusion states (151: ADE20K, 20: Cityscapes)")
+    off.set_defaults(func=cmd_import_official)
 
     pl = sub.add_parser("pipeline", help="base -> stage 1 -> stage 2 -> evaluation on Ray Train, tracked in MLflow")
     pl.add_argument("experiment", nargs="?", help="experiment YAML (same as --config)")

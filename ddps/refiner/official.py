@@ -180,6 +180,11 @@ def base_state(state: dict, base_file_state: dict) -> tuple[dict, int]:
     return {**ours, **{k: v for k, v in base_file_state.items() if k.startswith(HEAD + "conv_seg.")}}, differ
 
 
+# the official ADE20K test is whole-image (its config); Cityscapes: MMSeg's SegFormer test, 1024 windows (inferred)
+EVAL_MODES = {"ade20k": {"eval.mode": "whole"},
+              "cityscapes": {"eval.mode": "slide", "eval.crop": 1024, "eval.stride": 768}}
+
+
 def refiner_overrides(layout: OfficialLayout, backbone: str) -> dict:
     """The flat config of an imported model, over the ``paper`` preset: the official conventions (a)–(e)."""
     data = {"data.dataset": layout.dataset, "data.reduce_zero_label": layout.dataset == "ade20k"}
@@ -189,8 +194,7 @@ def refiner_overrides(layout: OfficialLayout, backbone: str) -> dict:
         **data,
         "base.arch": "mmseg-segformer", "base.backbone": backbone, "base.feature_channels": layout.feature_channels,
         "base.encoder_weights": "", "base.pretrained": "",
-        "eval.mode": "whole" if layout.dataset == "ade20k" else "slide", "eval.crop": 512 if layout.dataset == "ade20k"
-        else 1024, "eval.stride": 341 if layout.dataset == "ade20k" else 768,
+        **EVAL_MODES[layout.dataset],
         "denoiser.method": "ddps", "denoiser.size": layout.unet_size, "denoiser.out_dim": layout.out_dim,
         "denoiser.embed_dim": layout.embed_dim, "denoiser.embed_trainable": False, "denoiser.dropout": 0.1,
         "denoiser.mask_scale": 4, "denoiser.residual": False, "denoiser.time_input": "T-t",
@@ -220,13 +224,14 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     from ddps.segmentors.mmseg import base_from_mmseg
 
     path, out = Path(path), Path(out)
+    if base_file is None:
+        raise CheckpointError(f"an official DDPS checkpoint holds no classifier for its base (decode_head.conv_seg "
+                              f"is not saved with the DDPS head): pass --base with the MMSegmentation SegFormer "
+                              f"checkpoint it was trained on (MMSegmentation's model zoo, e.g. SegFormer mit-b2 "
+                              f"512x512 160k ADE20K)")
     state = _state_dict(read_foreign_checkpoint(path, "official DDPS checkpoint"), path)
     plain, raw = split_ema(state)
     layout = official_layout(plain, str(path), dataset)
-    if base_file is None:
-        raise CheckpointError(f"{path} holds no classifier for its base (decode_head.conv_seg is not saved with "
-                              f"the DDPS head): pass --base with the MMSegmentation SegFormer checkpoint it was "
-                              f"trained on (MMSegmentation's model zoo, e.g. SegFormer mit-b2 512x512 160k ADE20K)")
     base_file = Path(base_file)
     base_file_state = _state_dict(read_foreign_checkpoint(base_file, "MMSegmentation base checkpoint"), base_file)
     if HEAD + "conv_seg.weight" not in base_file_state:
