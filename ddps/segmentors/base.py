@@ -4,8 +4,8 @@
 at 1/4 of the input resolution: this feature map is what the DDPS denoiser conditions on (paper §3.1).
 For SegFormer it is the all-MLP decoder's fused map; for DeepLabV3+ the decoder's output after the
 low-level fusion; for ``mmseg-segformer`` (MMSeg's SegFormer head on smp's MiT encoder, with MMSeg's module
-names: :mod:`ddps.segmentors.mmseg`) the head's ``fusion_conv`` output. The smp segmentation head is split: its 1x1 conv is the classifier; its x4 upsampling
-is done by :meth:`BaseSegmentor.segment`.
+names: :mod:`ddps.segmentors.mmseg`) the head's ``fusion_conv`` output. The smp segmentation head is split:
+its 1x1 conv is the classifier; its x4 upsampling is done by :meth:`BaseSegmentor.segment`.
 """
 from __future__ import annotations
 
