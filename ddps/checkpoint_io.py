@@ -6,14 +6,18 @@ final name; with ``checksum`` a sidecar ``<name>.sha256`` holds the sha256 of it
 function, :func:`read_state_file` (``torch.load(weights_only=True)``: only tensors and plain Python values,
 never arbitrary pickles), raising a one-line CheckpointError; :func:`read_checked` is its policy for
 training states, where a damaged file is skipped (None) so that the one before it can be used.
+:func:`read_foreign_checkpoint` reads other tools' files (mmcv / MMSeg) as weights-only, allowing numpy's
+scalar and array reconstructors that their ``meta`` holds and refusing any other global by name.
 
-Core layer: torch and ddps.errors only, never ray or mlflow.
+Core layer: torch, numpy and ddps.errors only, never ray or mlflow.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -86,6 +90,49 @@ def read_state_file(path: str | Path, what: str, require_checksum: bool = False)
         raise
     except Exception as e:
         raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: {reason(e)})") from None
+
+
+def _numpy_globals() -> list:
+    """The numpy reconstructors an mmcv checkpoint's ``meta`` needs (numpy scalars such as an
+    ``np.float64`` learning rate, small arrays, their dtypes), also under numpy 1.x's names
+    (``numpy.core.multiarray.*``): nothing that runs code, and no object arrays (``ObjectDType`` is left out)."""
+    import numpy as np
+    multiarray = getattr(np, "_core", None)
+    multiarray = multiarray.multiarray if multiarray is not None else np.core.multiarray
+    scalar, rebuild = multiarray.scalar, multiarray._reconstruct
+    dtypes = [getattr(np.dtypes, name) for name in dir(getattr(np, "dtypes", None))
+              if name.endswith("DType") and name not in ("ObjectDType", "VoidDType", "StringDType")]
+    return [scalar, rebuild, np.dtype, np.ndarray, *dtypes,
+            (scalar, "numpy.core.multiarray.scalar"), (rebuild, "numpy.core.multiarray._reconstruct"),
+            (scalar, "numpy._core.multiarray.scalar"), (rebuild, "numpy._core.multiarray._reconstruct")]
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)|got <class '([^']+)'>")
+
+
+def read_foreign_checkpoint(path: str | Path, what: str) -> dict:
+    """A checkpoint from elsewhere (mmcv / MMSeg: ``{"meta": …, "state_dict": …}``, sometimes ``optimizer``)
+    read weights-only: ``torch.load(weights_only=True)`` with numpy's scalar, dtype and array reconstructors
+    allowed and nothing else. A pickle that needs any other global (a foreign class, a function) is refused
+    with one CheckpointError naming it; a missing or truncated file is one line as in :func:`read_state_file`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _UNSAFE_GLOBAL.search(str(e))
+        if not found:
+            raise CheckpointError(f"{what} {path} is unreadable (UnpicklingError: {reason(e)})") from None
+        name = found.group(1) or found.group(2)
+        raise CheckpointError(f"{what} {path} needs {name}, which is not a tensor, plain value or numpy "
+                              f"scalar or array: refused (weights-only loading)") from None
+    except Exception as e:
+        raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: {reason(e)})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(payload).__name__}, not a dict of weights")
+    return payload
 
 
 def read_checked(path: Path):

@@ -47,7 +47,7 @@ def test_flat_round_trip_and_hash_depends_only_on_chosen_sections():
     ("train_base.min_lr=1.0", r"train_base.min_lr=1.0 is out of range: 0 <= min_lr <= lr"),
     ("eval.max_images=-3", r"eval.max_images=-3 is out of range"),
     ("base.backbone=mit_b9", r"unknown backbone 'mit_b9' for segformer; choose from: mit_b0"),
-    ("base.arch=unet", r"unknown base architecture 'unet'; choose from: deeplabv3plus, segformer"),
+    ("base.arch=unet", r"unknown base architecture 'unet'; choose from: deeplabv3plus, mmseg-segformer, segformer"),
     ("data.max_scale=3.0", r"data.min_scale/max_scale=\(0.9, 3.0\) is out of range"),
 ])
 def test_bad_values_give_one_line_errors(item, match):

@@ -41,7 +41,7 @@ def test_freeze_stops_gradients_and_holds_batchnorm_statistics():
 
 @pytest.mark.reliability(kind="bad_input", case="unknown architecture or backbone")
 def test_unknown_architecture_and_backbone_list_the_choices():
-    with pytest.raises(ConfigError, match=r"unknown base architecture 'unet'; choose from: deeplabv3plus, segformer"):
+    with pytest.raises(ConfigError, match=r"unknown base architecture 'unet'; choose from: deeplabv3plus, mmseg-segformer, segformer"):
         create_base("unet", "mit_b0", 3)
     with pytest.raises(ConfigError, match=r"unknown backbone 'mit_b9' for segformer; choose from: mit_b0, .*mit_b5"):
         create_base("segformer", "mit_b9", 3)

@@ -7,6 +7,7 @@ DATASET_NAMES = ("fashion-scenes", "ade20k", "cityscapes", "folder")
 BACKBONES = {
     "segformer": ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"),
     "deeplabv3plus": ("mobilenet_v2", "resnet18", "resnet50", "resnet101"),
+    "mmseg-segformer": ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"),  # MMSeg's layout
 }
 
 

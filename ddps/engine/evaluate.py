@@ -57,9 +57,10 @@ def evaluate_base(model: BaseSegmentor, dataset: SegmentationDataset, cfg: EvalC
         x, label = batch["image"].to(device), batch["mask"].to(device)  # (B, 3, H, W), (B, h, w)
         with autocast(device, precision):
             if multiscale:
-                scores = predict_multiscale(model.segment, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop, cfg.stride)
+                scores = predict_multiscale(model.segment, x, cfg.scales, cfg.flip, cfg.mode, cfg.crop, cfg.stride,
+                                            model.pad_multiple)
             else:
-                scores = predict(model.segment, x, cfg.mode, cfg.crop, cfg.stride)
+                scores = predict(model.segment, x, cfg.mode, cfg.crop, cfg.stride, model.pad_multiple)
         scores = scores.float()
         if scores.shape[-2:] != label.shape[-2:]:  # test-time resize: score at the label's resolution
             scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)

@@ -35,7 +35,7 @@ def base_batch(base: BaseSegmentor, images: torch.Tensor, labels: torch.Tensor, 
                keys: torch.Tensor | None = None) -> Batch:
     """Features and argmax of the frozen base at the mask size, for images (B, 3, H, W) with labels (B, H, W)."""
     H, W = images.shape[-2:]
-    out = base(pad(images))
+    out = base(pad(images, base.pad_multiple))  # 32 for the smp bases, 16 for mmseg-segformer
     h4, w4 = -(-H // 4), -(-W // 4)
     features, logits = out.features[..., :h4, :w4], out.logits[..., :h4, :w4]  # (B, C, H/4, W/4)
     size = codec.mask_size(H, W)

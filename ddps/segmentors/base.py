@@ -3,8 +3,9 @@
 ``BaseSegmentor(x)`` returns the class logits and the feature map just before the final classifier, both
 at 1/4 of the input resolution: this feature map is what the DDPS denoiser conditions on (paper §3.1).
 For SegFormer it is the all-MLP decoder's fused map; for DeepLabV3+ the decoder's output after the
-low-level fusion. The smp segmentation head is split: its 1x1 conv is the classifier; its x4 upsampling
-is done by :meth:`BaseSegmentor.segment`.
+low-level fusion; for ``mmseg-segformer`` (MMSeg's SegFormer head on smp's MiT encoder, with MMSeg's module
+names: :mod:`ddps.segmentors.mmseg`) the head's ``fusion_conv`` output. The smp segmentation head is split:
+its 1x1 conv is the classifier; its x4 upsampling is done by :meth:`BaseSegmentor.segment`.
 """
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ from torch import nn
 from ddps.checkpoint_io import read_state_file
 from ddps.config.choices import BACKBONES, check_base_names
 from ddps.errors import CheckpointError
+from ddps.segmentors.mmseg import PAD_MULTIPLE as MMSEG_PAD_MULTIPLE, MMSegSegformer
 
-ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus}
+# each builds a model of smp's shape (encoder, decoder, segmentation_head); mmseg-segformer is MMSeg's
+# SegFormer head on smp's MiT encoder, with MMSeg's module names (ddps.segmentors.mmseg)
+ARCHITECTURES = {"segformer": smp.Segformer, "deeplabv3plus": smp.DeepLabV3Plus, "mmseg-segformer": MMSegSegformer}
 assert set(ARCHITECTURES) == set(BACKBONES)
 # the keyword smp uses for the width of each architecture's decoder output (= the feature channels)
-_CHANNELS_KWARG = {"segformer": "decoder_segmentation_channels", "deeplabv3plus": "decoder_channels"}
+_CHANNELS_KWARG = {"segformer": "decoder_segmentation_channels", "deeplabv3plus": "decoder_channels",
+                   "mmseg-segformer": "channels"}
 OUTPUT_STRIDE = 4
-PAD_MULTIPLE = 32  # every backbone above downsamples by 32: inputs are padded to a multiple of it
+PAD_MULTIPLE = 32  # the smp backbones downsample by 32: inputs are padded to a multiple of it
+PAD_MULTIPLES = {"mmseg-segformer": MMSEG_PAD_MULTIPLE}  # MMSeg's SegFormer pads test images to 16
 
 
 class SegmentorOutput(NamedTuple):
@@ -70,10 +76,16 @@ class BaseSegmentor(nn.Module):
     def feature_channels(self) -> int:
         return self.spec.feature_channels
 
+    @property
+    def pad_multiple(self) -> int:
+        """What each input side must be a multiple of (segmentors.inference.pad pads to it)."""
+        return PAD_MULTIPLES.get(self.spec.arch, PAD_MULTIPLE)
+
     def forward(self, x: torch.Tensor) -> SegmentorOutput:
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(x.shape)}"
-        assert x.shape[2] % PAD_MULTIPLE == 0 and x.shape[3] % PAD_MULTIPLE == 0, \
-            f"input {tuple(x.shape[2:])} must be a multiple of {PAD_MULTIPLE}; see segmentors.inference.pad"
+        m = self.pad_multiple
+        assert x.shape[2] % m == 0 and x.shape[3] % m == 0, \
+            f"input {tuple(x.shape[2:])} must be a multiple of {m}; see segmentors.inference.pad"
         features = self.decoder(self.encoder(x))  # (B, C, H/4, W/4)
         return SegmentorOutput(self.classifier(features), features)
 
