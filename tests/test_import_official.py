@@ -3,10 +3,24 @@ written in the tests from their layout (tests/official_reference.py), at their t
 their step list."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from messages import one_line
+from mmseg_reference import EncoderDecoder, mmcv_file, randomize
 from official_reference import Head
+from ddps.config import from_flat
+from ddps.data.classes import ADE20K
+from ddps.refiner.checkpoint import load_refiner
+from ddps.segmentors.inference import pad
 from ddps.config import resolve
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.official import OfficialLayout, denoiser_state, refiner_overrides, split_ema, unet_key
@@ -21,6 +35,10 @@ LAYOUTS = {
     "cityscapes-b0 (inferred)": (128, 256, (1, 1, 1), 20, 16, 20),
     "cityscapes-b2 (inferred)": (256, 256, (1, 1, 1), 20, 16, 100),
 }
+
+
+class Foreign:
+    """A class an mmcv meta must not bring in."""
 
 
 def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -125,3 +143,96 @@ def test_the_codec_scores_the_classes_and_the_process_diffuses_every_state():
     assert codec.classes(logits).shape[1] == 3 and float(codec.classes(logits)[0, 0, 0, 0]) == 1.0
     assert torch.equal(codec.states(torch.tensor([[[0, 2]]])), torch.tensor([[[1, 3]]]))
     assert build_process(cfg, 150).num_classes == 151
+
+
+# ---- a whole official file: written in the published layout, imported by the CLI, evaluated ----------------
+
+def write_official_ade20k_b2(folder: Path) -> tuple[Path, Path, object, Head]:
+    """The published ADE20K SegFormer-B2 layout: an mmcv checkpoint (meta with numpy values, state_dict with the
+    MMSeg backbone and head convs, the DDPS head, the EMA hook's ema_* copies, optimizer) and MMSeg's base
+    checkpoint it was trained on (with its classifier)."""
+    base = randomize(EncoderDecoder("mit_b2", channels=256, num_classes=150), seed=2).eval()
+    head = official_head("ade20k-b2 (official config)", seed=3)
+    frozen = {k: v for k, v in base.state_dict().items() if not k.startswith("decode_head.conv_seg.")}
+    plain = {**frozen, **{"decode_head." + k: v for k, v in head.state_dict().items()}}
+    # saved at an evaluation interval: EMA weights under the plain keys, the raw ones in ema_* (+ 0.01 here)
+    raw = {"ema_" + k.replace(".", "_"): (v + 0.01 if k.startswith("decode_head.unet.") else v.clone())
+           for k, v in plain.items()}
+    meta = {"CLASSES": ("background",) + ADE20K, "iter": np.int64(144000), "hook_msgs": {"best_score": np.float64(0.4973)},
+            "mmcv_version": "1.7.0", "env_info": "..."}
+    ddps_file = folder / "best_mIoU_iter_144000.pth"
+    torch.save({"meta": meta, "state_dict": {**plain, **raw}, "optimizer": {"state": {}, "param_groups": []}},
+               ddps_file)
+    base_file = mmcv_file(folder / "segformer_mit-b2_512x512_160k_ade20k.pth", base.state_dict())
+    return ddps_file, base_file, base, head
+
+
+def write_ade20k_folder(root: Path, n: int = 2, size: int = 64) -> Path:
+    g = np.random.default_rng(0)
+    for split in ("validation",):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(g.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"ADE_val_{i:08d}.jpg")
+            label = np.zeros((size, size), np.uint8)          # 0: "other", ignored (reduce_zero_label)
+            label[: size // 2] = 1 + i                          # wall / building
+            label[size // 2:, : size // 2] = 3                  # sky
+            Image.fromarray(label).save(root / "annotations" / split / f"ADE_val_{i:08d}.png")
+    return root
+
+
+def ddps_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddps", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=900)
+
+
+def test_an_official_ade20k_b2_file_imports_and_evaluates_as_the_reference(tmp_path):
+    ddps_file, base_file, ref_base, head = write_official_ade20k_b2(tmp_path)
+    out = ddps_cli("import", "official", ddps_file, "--base", base_file, "--out", tmp_path / "imported")
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    assert "ade20k, SegFormer mit_b2 base, UNet-M (out 256), T = 100, 151 states, EMA + raw weights" in out.stdout
+    refiner_file = tmp_path / "imported" / "best_mIoU_iter_144000-refiner.pt"
+    assert (tmp_path / "imported" / "best_mIoU_iter_144000-base.pt").is_file() and refiner_file.is_file()
+
+    # the imported base and denoiser against the references, on one image of the folder's size
+    denoiser, process, base, payload = load_refiner(refiner_file)
+    cfg = from_flat(payload["config"])
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        features, logits = ref_base(x)
+        ours = base(pad(x, base.pad_multiple))
+        torch.testing.assert_close(ours.features, features, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.logits, logits, rtol=1e-4, atol=1e-4)
+        mask = torch.randint(0, 151, (1, 16, 16), generator=torch.Generator().manual_seed(5))
+        for i in (0, 45, 99):                                  # their time index; the EMA weights by default
+            reference = head.call(features, mask, i)
+            got = denoiser(features, mask, torch.full((1,), cfg.diffusion.steps - i))
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        raw_denoiser = load_refiner(refiner_file, use_ema=False)[0]  # the ema_* copies: the raw weights
+        assert torch.equal(raw_denoiser.unet.init_conv.weight, head.unet.init_conv.weight + 0.01)
+
+    data = write_ade20k_folder(tmp_path / "ADEChallengeData2016")
+    out = ddps_cli("eval", refiner_file, "--json", "--set", f"data.root={data}", "--set", "data.test_resize=0")
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    record = json.loads(out.stdout)
+    assert record["images"] == 2 and len(record["steps"]) == 21 and record["steps"][-1]["t"] == 1
+    assert all(0 <= s["mIoU"] <= 100 for s in [record["base"], *record["steps"]])
+
+
+def test_a_foreign_class_in_the_meta_and_a_deeplab_head_are_refused_in_one_line(tmp_path):
+    torch.save({"meta": {"obj": Foreign()}, "state_dict": {}}, tmp_path / "foreign.pth")
+    out = ddps_cli("import", "official", tmp_path / "foreign.pth", "--base", tmp_path / "foreign.pth",
+                   "--out", tmp_path / "o")
+    assert out.returncode == 2 and one_line(out.stderr.strip()) and "Foreign" in out.stderr and "refused" in out.stderr
+    head = official_head("cityscapes-b0 (inferred)")
+    deeplab = {"backbone.stem.0.weight": torch.zeros(32, 3, 3, 3), "decode_head.image_pool.1.conv.weight":
+               torch.zeros(512, 2048, 1, 1), **{"decode_head." + k: v for k, v in head.state_dict().items()}}
+    torch.save({"meta": {}, "state_dict": deeplab}, tmp_path / "deeplab.pth")
+    out = ddps_cli("import", "official", tmp_path / "deeplab.pth", "--base", tmp_path / "deeplab.pth",
+                   "--out", tmp_path / "o")
+    assert out.returncode == 2 and one_line(out.stderr.strip()) and "not public" in out.stderr
+    out = ddps_cli("import", "official", tmp_path / "deeplab.pth", "--out", tmp_path / "o")
+    assert out.returncode == 2 and one_line(out.stderr.strip()) and "--base" in out.stderr
