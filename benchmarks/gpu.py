@@ -11,7 +11,8 @@ on a bare machine with the project's dependencies. Weights are random (speed doe
   changes every image); images/s, model FLOPs per image (torch.utils.flop_counter), achieved TFLOP/s and
   MFU against the GPU's dense bf16 peak (--peak-tflops, H200 SXM: 989) and against the bf16 matmul rate
   measured here;
-- inference: one 512 x 512 image, base alone and base + K refinement steps (K = 2, 20), in ms.
+- inference: one 512 x 512 image, base alone and base + K refinement steps (K = 2, 20; K denoiser calls on the
+  even step list, not the `paper` preset's official list of K + 1: steps.LATENCY_STEP_LIST), in ms.
 Prints Markdown; finishes in well under 4 minutes on one H200.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 from ddps.config import resolve  # noqa: E402
 from ddps.refiner.build import build_denoiser, build_process  # noqa: E402
 from ddps.segmentors import create_base  # noqa: E402
-from steps import latency, matmul_flops_per_s, refiner_step, step_flops, timed  # noqa: E402
+from steps import LATENCY_STEP_LIST, latency, matmul_flops_per_s, refiner_step, step_flops, timed  # noqa: E402
 
 CLASSES = 150  # ADE20K
 
@@ -87,7 +88,8 @@ def main() -> None:
     denoiser = build_denoiser(cfg, CLASSES, segmentor.feature_channels, process).to(device)
     image = torch.randn(1, 3, args.crop, args.crop, device=device)
     seconds = latency(segmentor, denoiser, process, cfg, image, (2, 20), calls=10, autocast=bf16)
-    print(f"\n| inference, one {args.crop}^2 image | ms | against the base |\n|---|---|---|")
+    print(f"\n| inference, one {args.crop}^2 image (T = {cfg.diffusion.steps}; K steps on the {LATENCY_STEP_LIST} "
+          f"step list: K denoiser calls) | ms | against the base |\n|---|---|---|")
     for k, s in seconds.items():
         label = "base alone" if k == 0 else f"base + {k} refinement steps"
         print(f"| {label} | {s * 1e3:.1f} | {s / seconds[0]:.2f}x |")

@@ -8,6 +8,10 @@ DDPS_HOME; `ddps sweep experiments/seeds.yaml --preset cpu` trains it) on the fa
   the base + K steps, K = 1, 2, 5, 20;
 - mIoU and mBIoU against K = 1, 2, 5, 10, 20 on the first --images val scenes (stride sampling: K of the T
   = 20 trained steps), and the smallest K within 0.1 mIoU of K = 20.
+K is the number of test steps on a step list, which the output names: the even list calls the denoiser K
+times (t = T, T - T/K, ..., T/K); the official code's list (infer.times=official) adds a last call at t = 1.
+The quality table's list is read from the evaluation's own call times; the latency rows use the sampler's
+even list (benchmarks/steps.py, LATENCY_STEP_LIST). The cpu model's reported numbers used the even list.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from ddps.engine.evaluate_refiner import evaluate_refiner  # noqa: E402
 from ddps.engine.features import compute_cache  # noqa: E402
 from ddps.refiner.build import build_codec  # noqa: E402
 from ddps.refiner.checkpoint import load_refiner  # noqa: E402
-from steps import latency  # noqa: E402
+from steps import LATENCY_STEP_LIST, latency, step_list  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY_KS = (1, 2, 5, 20)
@@ -62,18 +66,22 @@ def main() -> None:
                                    ignore_index=val.ignore_index, steps=k) for k in QUALITY_KS}
     last = quality[QUALITY_KS[-1]].last.mIoU
     enough = min(k for k in QUALITY_KS if quality[k].last.mIoU >= last - 0.1)
+    lists = {step_list(result.times, cfg.diffusion.steps, k) for k, result in quality.items()}
     print(f"torch {torch.__version__}, {args.threads} threads; {path.name} (UNet-{cfg.denoiser.size}, T = "
           f"{cfg.diffusion.steps}) on {cfg.base.arch}-{cfg.base.backbone}; {len(val)} val scenes "
-          f"of {tuple(image.shape[-2:])} px\n")
+          f"of {tuple(image.shape[-2:])} px; K test steps on the {' / '.join(sorted(lists))} step list "
+          f"(latency: the {LATENCY_STEP_LIST} list)\n")
     print("| inference of one image | ms (batch 1) | against the base alone |\n|---|---|---|")
     for k, s in seconds.items():
         print(f"| {'base alone' if k == 0 else f'base + {k} steps'} | {s * 1e3:.1f} | {s / seconds[0]:.2f}x |")
     base_scores = quality[QUALITY_KS[0]].base
-    print(f"\n| K (test steps) | mIoU | mBIoU | ms per image (batch 1) |\n|---|---|---|---|")
-    print(f"| base | {base_scores.mIoU:.2f} | {base_scores.mBIoU:.2f} | {seconds[0] * 1e3:.1f} |")
+    print(f"\n| K (test steps) | step list (denoiser calls) | mIoU | mBIoU | ms per image (batch 1) |\n"
+          f"|---|---|---|---|---|")
+    print(f"| base | – | {base_scores.mIoU:.2f} | {base_scores.mBIoU:.2f} | {seconds[0] * 1e3:.1f} |")
     for k, result in quality.items():
         ms = f"{seconds[k] * 1e3:.1f}" if k in seconds else "–"
-        print(f"| {k} | {result.last.mIoU:.2f} | {result.last.mBIoU:.2f} | {ms} |")
+        calls = f"{step_list(result.times, cfg.diffusion.steps, k)} ({len(result.times)})"
+        print(f"| {k} | {calls} | {result.last.mIoU:.2f} | {result.last.mBIoU:.2f} | {ms} |")
     print(f"\nsmallest K within 0.1 mIoU of K = {QUALITY_KS[-1]}: **{enough}**")
 
 

@@ -8,7 +8,9 @@ segmentation-models-pytorch through ``ddps``: no Ray, no MLflow), so ``gpu.py`` 
   forward and backward);
 - ``matmul_flops_per_s``: the dense matmul FLOP/s this device reaches with the same threads and dtype — the
   denominator of the model FLOPs utilisation;
-- ``timed``: seconds per call after warm-up, synchronising a GPU.
+- ``timed``: seconds per call after warm-up, synchronising a GPU;
+- ``latency``: inference of base + K refinement steps, on the even step list (``LATENCY_STEP_LIST``);
+  ``step_list`` names the list a trajectory's call times follow.
 """
 from __future__ import annotations
 
@@ -118,10 +120,29 @@ def refiner_step(cfg: Config, *, classes: int, batch_size: int, crop: int, devic
     return RefinerStep(step, batch_size, count(denoiser), count(segmentor))
 
 
+# The step list ``latency`` times: ``refine(..., K)`` calls the denoiser at the sampler's ``step_times(T, K)``,
+# t = T, T - T/K, ..., T/K (K calls) — not the official code's list (the same plus a call at t = 1, K + 1 calls).
+LATENCY_STEP_LIST = "even"
+
+
+def step_list(times, train_steps: int, test_steps: int) -> str:
+    """The name of the step list a trajectory's call ``times`` follow: 'even' (K calls), 'official' (the same,
+    then t = 1: K + 1 calls), or 'other'. K above T is T, as the sampler takes it."""
+    from ddps.refiner.sampler import step_times
+    even = step_times(train_steps, min(test_steps, train_steps))
+    times = list(times)
+    if times == even:
+        return "even"
+    if times == even + [1]:
+        return "official"
+    return "other"
+
+
 def latency(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, ks: tuple[int, ...], *,
             calls: int = 5, autocast: torch.dtype | None = None) -> dict[int, float]:
     """Seconds per call of inference on ``images``: the base alone (key 0: forward pass and argmax) and the
-    base then K refinement steps (its features computed once per image, as inference does), for K in ``ks``."""
+    base then K refinement steps (its features computed once per image, as inference does), for K in ``ks``:
+    K denoiser calls, the even step list (``LATENCY_STEP_LIST``) whatever ``cfg.infer.times`` says."""
     from ddps.refiner.sampler import refine
     codec = build_codec(cfg)
     device = str(images.device)

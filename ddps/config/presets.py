@@ -43,19 +43,41 @@ PRESETS: dict[str, dict] = {
         # 42.90 mBIoU; 0.995 every iteration 64.38 / 43.61; raw weights 64.40 / 43.56.
         "train.ema_every": 1, "train.ema_decay": 0.995,
     },
+    # The paper's settings (paper §4.1 unless said otherwise) for its default model, DDPS-SF on SegFormer-B2
+    # (Tables 3, 6, 7, 8; Table 1's B2 row); experiments/*.yaml set what other tables change (other bases and
+    # their denoiser sizes and T, Cityscapes, 640 crops).
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
         "data.test_resize": 512,
-        "base.backbone": "mit_b2",
+        # The paper does not train its bases: it takes MMSegmentation's checkpoints (§4.1), which start from
+        # ImageNet weights; a base trained here starts from smp's ImageNet encoder weights (by name). To start
+        # from a published base instead, name it with base.pretrained=: smp's SegFormer collection on the
+        # Hugging Face hub has smp-hub/segformer-b2-512x512-ade-160k (b0 ... b4: segformer-bN-512x512-ade-160k;
+        # B5: smp-hub/segformer-b5-640x640-ade-160k, Table 4's crops; Cityscapes, Table 2:
+        # smp-hub/segformer-b0-1024x1024-city-160k ... segformer-b5-1024x1024-city-160k); DeepLabV3+ has no
+        # published whole model there: give an MMSegmentation checkpoint file (.pth) instead.
+        "base.backbone": "mit_b2", "base.encoder_weights": "imagenet",
         "train_base.iters": 160000, "train_base.batch_size": 16, "train_base.lr": 6e-5,
         "train_base.weight_decay": 0.01, "train_base.warmup_iters": 1500, "train_base.eval_every": 16000,
         "train_base.num_workers": 4,
-        "eval.mode": "slide", "eval.crop": 512, "eval.stride": 341, "eval.batch_size": 1,
-        # DDPS (paper §4.1 and the official config): UNet-S, T = 20, 80k single-step + 160k multi-step
-        # iterations at batch 32, AdamW 1.5e-4, warm-up 1000, x0.5 every halve_every (interval: our choice)
-        "denoiser.size": "S", "diffusion.steps": 20, "infer.steps": 20,
+        # test: the whole image, short side 512 (the official DDPS config's test mode, as MMSegmentation's
+        # SegFormer ADE20K configs that gave the bases' numbers; the paper does not state it)
+        "eval.mode": "whole", "eval.batch_size": 1,
+        # the denoiser matches the base's size (§4.1, App. D): UNet-M for SegFormer-B2 (Tables 1, 5, 7, 8: DDPS
+        # 65.5 M - base 27.5 M = 38.0 M, UNet-M's size); out_dim 256 as the official config (Table 5's UNet-T/S
+        # counts include it: ddps/denoiser/unet.py).
+        # T = 100 train steps ("20 for small-size models and 100 for the others"; Table 3's default), 20 test
+        # steps with stride sampling, on the official code's step list (K + 1 denoiser calls: infer.times).
+        "denoiser.size": "M", "denoiser.out_dim": 256, "diffusion.steps": 100, "infer.steps": 20,
+        "infer.times": "official",
+        # 80k single-step + 160k multi-step iterations at batch 32, lr 1.5e-4 halved every 20k down to 1e-6
+        # (train.lr/min_lr defaults), EMA 0.99 every 25 iterations (train.ema_decay/ema_every defaults).
+        # Not in the paper: AdamW betas (0.9, 0.96) and weight decay 0.045 (train.beta1/beta2/weight_decay
+        # defaults) and the 1,000-iteration linear warm-up come from the official config; condition dropout
+        # 0.1 is ours (the unconditional branch classifier-free guidance needs, Table 3c; the official configs
+        # never trained one).
         "train.stage1_iters": 80000, "train.stage2_iters": 160000, "train.batch_size": 32,
-        "train.warmup_iters": 1000, "train.halve_every": 40000, "train.feature_cache": False,
+        "train.warmup_iters": 1000, "train.halve_every": 20000, "train.feature_cache": False,
         "train.eval_every": 16000, "train.log_every": 50, "train.cond_dropout": 0.1,
     },
 }
