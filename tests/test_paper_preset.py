@@ -30,7 +30,7 @@ def cells(table: str, preset: str = "paper"):
 
 def test_the_paper_preset_is_section_4_1_on_segformer_b2():
     cfg = resolve("paper")
-    assert (cfg.base.arch, cfg.base.backbone, cfg.base.encoder_weights) == ("segformer", "mit_b2", "imagenet")
+    assert (cfg.base.arch, cfg.base.backbone, cfg.base.encoder_weights) == ("mmseg-segformer", "mit_b2", "imagenet")
     assert cfg.denoiser.size == "M"                              # UNet-M for SegFormer-B2 (#P(M) 65.5)
     assert (cfg.diffusion.steps, cfg.infer.steps) == (100, 20)   # T = 100 for non-small models, 20 test steps
     assert cfg.infer.times == "official"                         # the official code's step list
@@ -64,7 +64,7 @@ def test_table3_defaults_train_100_steps_and_3f_uses_mobilenetv2_and_mit_b0():
             assert (cell.cfg.base.backbone, cell.cfg.diffusion.steps) == ("mit_b2", 100), table
     three_f = {(c.cfg.base.arch, c.cfg.base.backbone, c.cfg.denoiser.size, c.cfg.diffusion.steps)
                for c in cells("table3f")}
-    assert three_f == {("deeplabv3plus", "mobilenet_v2", "S", 20), ("segformer", "mit_b0", "S", 20)}
+    assert three_f == {("deeplabv3plus", "mobilenet_v2", "S", 20), ("mmseg-segformer", "mit_b0", "S", 20)}
     # Table 3f's numbers are Table 1's rows for those bases: the same trained models
     one = {c.coords["backbone"]: c.chain[-1].hash for c in cells("table1")}
     assert {c.coords["base"]: c.chain[-1].hash for c in cells("table3f")} == {

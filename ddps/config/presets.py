@@ -49,14 +49,18 @@ PRESETS: dict[str, dict] = {
     "paper": {
         "data.dataset": "ade20k", "data.reduce_zero_label": True, "data.resize": 512, "data.crop": 512,
         "data.test_resize": 512,
-        # The paper does not train its bases: it takes MMSegmentation's checkpoints (§4.1), which start from
-        # ImageNet weights; a base trained here starts from smp's ImageNet encoder weights (by name). To start
-        # from a published base instead, name it with base.pretrained=: smp's SegFormer collection on the
-        # Hugging Face hub has smp-hub/segformer-b2-512x512-ade-160k (b0 ... b4: segformer-bN-512x512-ade-160k;
-        # B5: smp-hub/segformer-b5-640x640-ade-160k, Table 4's crops; Cityscapes, Table 2:
-        # smp-hub/segformer-b0-1024x1024-city-160k ... segformer-b5-1024x1024-city-160k); DeepLabV3+ has no
-        # published whole model there: give an MMSegmentation checkpoint file (.pth) instead.
-        "base.backbone": "mit_b2", "base.encoder_weights": "imagenet",
+        # The paper does not train its bases: it refines MMSegmentation's published checkpoints (§4.1), which
+        # start from ImageNet weights. The base here is MMSegmentation's SegFormer (mmseg-segformer: MiT + its
+        # SegformerHead's 256-channel fused features, what DDPS conditions on), started from smp's ImageNet
+        # encoder weights (by name) when it is trained. To start from the published base instead (the base
+        # step then imports it), name it with base.pretrained=: an MMSegmentation checkpoint file, e.g.
+        # segformer_mit-b2_512x512_160k_ade20k_20220620_114047-64e4feca.pth from MMSegmentation's model zoo
+        # (the bases the paper refines), or an smp model of smp's SegFormer collection on the Hugging Face hub
+        # (smp-hub/segformer-b2-512x512-ade-160k; b0 ... b4: segformer-bN-512x512-ade-160k; B5:
+        # smp-hub/segformer-b5-640x640-ade-160k, Table 4's crops; Cityscapes, Table 2:
+        # smp-hub/segformer-bN-1024x1024-city-160k), whose decoder is the original SegFormer's (768 channels
+        # from B2 up). DeepLabV3+ has no published whole model there: give an MMSegmentation checkpoint.
+        "base.arch": "mmseg-segformer", "base.backbone": "mit_b2", "base.encoder_weights": "imagenet",
         "train_base.iters": 160000, "train_base.batch_size": 16, "train_base.lr": 6e-5,
         "train_base.weight_decay": 0.01, "train_base.warmup_iters": 1500, "train_base.eval_every": 16000,
         "train_base.num_workers": 4,
