@@ -66,12 +66,13 @@ def cmd_data_build(args) -> int:
     return 0
 
 
-def check_inputs(cfg) -> None:
+def check_inputs(cfg, dataset: bool = True) -> None:
     """Before any compute: the dataset read in place is there, and so are the published weights the base names
     (base.pretrained, base.encoder_weights): else one line saying what to fetch and where."""
     from ddps.data.datasets import check_dataset
     from ddps.segmentors.pretrained import check_weights
-    check_dataset(cfg.data)
+    if dataset:
+        check_dataset(cfg.data)
     check_weights(cfg.base)
 
 
@@ -87,7 +88,7 @@ def _print_checkpoint(path) -> None:
 def cmd_train_base(args) -> int:
     from ddps.engine.train_base import fit
     cfg = _resolve(args)
-    check_inputs(cfg)
+    check_inputs(cfg, dataset=False)  # the dataset: when it is read
     path = fit(cfg, checkpoint=args.out, force=args.force)
     _print_checkpoint(path)
     return 0
@@ -101,7 +102,7 @@ def cmd_train(args) -> int:
     if not base:
         base = train_base.default_checkpoint(cfg)
         if not base.exists() and cfg.base.pretrained:
-            check_inputs(cfg)
+            check_inputs(cfg, dataset=False)
             print(f"no base checkpoint for this config yet: importing base.pretrained={cfg.base.pretrained} first; "
                   f"pass --base to use another")
         elif not base.exists():

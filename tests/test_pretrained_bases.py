@@ -59,7 +59,7 @@ def _quarter_logits(model: smp.Segformer, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-def test_an_smp_folder_imports_bit_identically_and_its_checkpoint_reloads(tmp_path):
+def test_an_smp_folder_imports_bit_identically_and_its_checkpoint_reloads(tmp_path, tiny_fashion):
     folder = tmp_path / "segformer-b0"
     _saved_segformer(folder)
     assert source_kind(str(folder)) == "folder" and source_kind(HUB_NAME) == "smp-hub"
@@ -73,7 +73,7 @@ def test_an_smp_folder_imports_bit_identically_and_its_checkpoint_reloads(tmp_pa
     assert out.logits.shape == (2, K, 16, 24) and torch.equal(out.logits, reference)
 
     # the base step's checkpoint: the same logits, where it came from, no training
-    cfg = resolve("smoke", overrides={"base.pretrained": str(folder)})
+    cfg = resolve("smoke", overrides={"base.pretrained": str(folder), "data.root": str(tiny_fashion)})
     path = tmp_path / "imported.pt"
     payload = train_base.import_base(cfg, NullReporter(), path)
     loaded, stored = load_base(path, num_classes=K)
@@ -183,7 +183,7 @@ def test_the_dry_run_lists_an_imported_base_with_no_training_time(tmp_path, caps
     assert all(training_seconds(t) == 0 == trial_seconds(t) for t in bases)
 
 
-def test_the_pipelines_base_step_imports_a_folder_once_and_reuses_it(tmp_path, monkeypatch):
+def test_the_pipelines_base_step_imports_a_folder_once_and_reuses_it(tmp_path, monkeypatch, tiny_fashion):
     import ddps.orchestration.ray_train as ray_train
     from ddps.orchestration.pipeline import Pipeline
     from ddps.orchestration.plan import chain_of
@@ -194,13 +194,14 @@ def test_the_pipelines_base_step_imports_a_folder_once_and_reuses_it(tmp_path, m
     monkeypatch.setattr(train_base, "train", no_training)
     folder = tmp_path / "segformer-b0"
     _saved_segformer(folder)
-    cfg = resolve("smoke", overrides={"base.pretrained": str(folder)})
+    data = {"data.root": str(tiny_fashion)}
+    cfg = resolve("smoke", overrides={"base.pretrained": str(folder), **data})
     chain = chain_of(cfg)
     base = chain[0]
     assert base.imported == str(folder) and base.iters == 0 and base.path.name.startswith("base-imported-")
     # the hash covers what was imported, not the training settings
     assert chain_of(resolve("smoke", overrides={"base.pretrained": str(folder), "train_base.iters": 7,
-                                                "base.backbone": "mit_b3"}))[0].hash == base.hash
+                                                "base.backbone": "mit_b3", **data}))[0].hash == base.hash
     assert base.hash == train_base.base_hash(cfg) and source_identity(str(folder)).startswith("sha256:")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
