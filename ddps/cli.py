@@ -66,6 +66,16 @@ def cmd_data_build(args) -> int:
     return 0
 
 
+def check_inputs(cfg, dataset: bool = True) -> None:
+    """Before any compute: the dataset read in place is there, and so are the published weights the base names
+    (base.pretrained, base.encoder_weights): else one line saying what to fetch and where."""
+    from ddps.data.datasets import check_dataset
+    from ddps.segmentors.pretrained import check_weights
+    if dataset:
+        check_dataset(cfg.data)
+    check_weights(cfg.base)
+
+
 def _print_checkpoint(path) -> None:
     """Write the checkpoint's metrics beside it as <name>.json and print both paths."""
     from ddps.segmentors.checkpoint import read_checkpoint
@@ -78,6 +88,7 @@ def _print_checkpoint(path) -> None:
 def cmd_train_base(args) -> int:
     from ddps.engine.train_base import fit
     cfg = _resolve(args)
+    check_inputs(cfg, dataset=False)  # the dataset: when it is read
     path = fit(cfg, checkpoint=args.out, force=args.force)
     _print_checkpoint(path)
     return 0
@@ -90,7 +101,11 @@ def cmd_train(args) -> int:
     base = args.base
     if not base:
         base = train_base.default_checkpoint(cfg)
-        if not base.exists():
+        if not base.exists() and cfg.base.pretrained:
+            check_inputs(cfg, dataset=False)
+            print(f"no base checkpoint for this config yet: importing base.pretrained={cfg.base.pretrained} first; "
+                  f"pass --base to use another")
+        elif not base.exists():
             print(f"no base checkpoint for this config yet: training it first ({cfg.base.arch}-{cfg.base.backbone},"
                   f" {cfg.train_base.iters} iterations); pass --base to use another")
         base = train_base.fit(cfg)
@@ -137,6 +152,7 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     from ddps.orchestration.runtime import ensure_ray
     from ddps.paths import cache_dir
     from ddps.report.write import write_report
+    check_inputs(cfg)  # before MLflow and Ray: a missing dataset or weights file is one line
     pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
     ensure_ray(cluster)
     summary = pipeline.run()
@@ -155,6 +171,7 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
 def cmd_sweep(args) -> int:
     from ddps.data.datasets import check_dataset
     from ddps.errors import ConfigError
+    from ddps.segmentors.pretrained import check_weights
     from ddps.orchestration.estimates import describe
     from ddps.orchestration.plan import experiment_files, load_experiment, plan
     if args.all == bool(args.experiments):
@@ -168,12 +185,18 @@ def cmd_sweep(args) -> int:
         for p in plans:
             print(f"\n{p.experiment.title} ({p.preset}): {len(p.cells)} cells, {len(p.invalid)} not valid")
             for t in p.trainings:
+                if t.imported:  # published weights: an import, no training and no time estimated
+                    state = "done" if t.path.exists() else "to import"
+                    print(f"  {t.step:<9} {t.hash[:12]}  imported (from {t.imported}), not trained  {state}")
+                    continue
                 state = "done" if t.path.exists() else "to train"
                 print(f"  {t.step:<9} {t.hash[:12]}  {t.iters} it x {t.batch_size}  {state}")
         return 0
-    for p in plans:  # a dataset read in place must be there before any compute
+    for p in plans:  # a dataset read in place, and the published weights named, must be there before any compute
         for data in {c.cfg.data for c in p.cells}:
             check_dataset(data)
+        for base in {c.cfg.base for c in p.cells}:
+            check_weights(base)
     from ddps.orchestration.sweep import run_sweeps
     run_sweeps(plans, _cluster(args), args.tracking_uri, verbose=args.verbose)
     print("MLflow: one experiment per table; browse with ddps ui, then open http://127.0.0.1:5000")

@@ -25,6 +25,7 @@ ORDER = "ddps.order"
 AXIS = "axis."                      # prefix: axis.<name> = the cell's label on that axis
 STEP_LINK = "step."                 # prefix, on a pipeline's parent: step.<name> = that step's run id
 REFINER_URI = "refiner_uri"         # runs:/ URI of the logged refiner checkpoint
+IMPORTED_FROM = "ddps.imported_from"  # runs of a config whose base is imported (base.pretrained): its source
 
 STEP_EVAL = "eval"
 STEP_PIPELINE = "pipeline"

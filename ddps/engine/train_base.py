@@ -2,13 +2,17 @@
 
 The same function runs in-process (tests, ``ddps train-base``) and, later, inside a Ray Train worker.
 Stages: config -> data -> model -> optimiser -> loop (with held-out evaluations) -> checkpoint.
+
+With ``base.pretrained`` set the base is not trained but imported (:func:`import_base`): the published
+weights are written as an ordinary base checkpoint, with no training iteration, addressed by what was
+imported (``base_hash``), and used by everything after it like a trained base.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,10 @@ from ddps.engine.evaluate import evaluate_base
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.paths import cache_dir
-from ddps.errors import CheckpointError, DataError
+from ddps.errors import CheckpointError, ConfigError, DataError
 from ddps.segmentors import BaseSegmentor, create_base
 from ddps.segmentors.checkpoint import base_payload, read_checkpoint
+from ddps.segmentors.pretrained import load_pretrained, source_identity, source_kind
 
 BASE_SECTIONS = ("data", "base", "train_base")
 
@@ -38,12 +43,20 @@ def lr_at(it: int, cfg: TrainBaseConfig) -> float:
     return (cfg.lr - cfg.min_lr) * (1 - frac) ** cfg.poly_power + cfg.min_lr
 
 
+IMPORTED_SECTIONS = ("data",)  # an imported base: its dataset (class names and count) and what was imported
+
+
 def base_hash(cfg: Config) -> str:
+    """The base's content hash: data, base and train_base; for an imported base (``base.pretrained``) the data
+    and what was imported — the smp-hub name, or the sha256 of the local files — and no training setting."""
+    if cfg.base.pretrained:
+        return content_hash(cfg, IMPORTED_SECTIONS, ["imported", source_identity(cfg.base.pretrained)])
     return content_hash(cfg, BASE_SECTIONS)
 
 
 def default_checkpoint(cfg: Config) -> Path:
-    return cache_dir("checkpoints") / f"base-{cfg.base.arch}-{cfg.base.backbone}-{base_hash(cfg)[:16]}.pt"
+    model = "imported" if cfg.base.pretrained else f"{cfg.base.arch}-{cfg.base.backbone}"
+    return cache_dir("checkpoints") / f"base-{model}-{base_hash(cfg)[:16]}.pt"
 
 
 def plateau_gain(history: list[dict], iters: int) -> float:
@@ -92,8 +105,38 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | 
     if reuse(cfg, path, force):
         reporter.info(f"reusing {path} (same config hash)")
         return path
-    train(cfg, reporter, Worker(device=device), path=path)
+    if cfg.base.pretrained:
+        import_base(cfg, reporter, path)
+    else:
+        train(cfg, reporter, Worker(device=device), path=path)
     return path
+
+
+def import_base(cfg: Config, reporter: Reporter, path: Path | None = None) -> dict:
+    """The base ``base.pretrained`` names, checked against the dataset's classes, as a base checkpoint at ``path``
+    (no training iteration; its metrics say where it came from). Returns the payload.
+
+    The checkpoint's config carries the imported model's arch, backbone and feature channels (not the
+    config's, which an import does not use); its hash is :func:`base_hash`'s."""
+    source = cfg.base.pretrained
+    val = build_dataset(cfg.data, "val")
+    model = load_pretrained(source, num_classes=val.num_classes)
+    spec = model.spec
+    try:
+        stored = replace(cfg, base=replace(cfg.base, arch=spec.arch, backbone=spec.backbone,
+                                           feature_channels=spec.feature_channels))
+    except ConfigError:  # an architecture the config does not list: keep the config as given
+        stored = cfg
+    metrics = {"imported_from": source, "images_seen": 0}
+    payload = base_payload(model, config=to_flat(stored), class_names=val.class_names, metrics=metrics,
+                           history=[], content_hash=base_hash(cfg))
+    payload["imported_from"] = {"source": source, "kind": source_kind(source),
+                                "identity": source_identity(source)}
+    reporter.info(f"imported {source} ({spec.name}, {spec.num_classes} classes, {spec.feature_channels} feature "
+                  f"channels, {model.num_params() / 1e6:.2f}M params): no training")
+    if path is not None:
+        write_checked(path, payload)
+    return payload
 
 
 def reuse(cfg: Config, path: Path, force: bool = False) -> bool:
@@ -121,6 +164,8 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
     """
     tc = cfg.train_base
     worker = worker or Worker()
+    if cfg.base.pretrained:  # nothing to train: rank 0 writes the imported base
+        return import_base(cfg, reporter, path if worker.is_main else None)
 
     # ---- config: seeds and threads -----------------------------------------------------------------
     seed_everything(tc.seed + worker.rank)

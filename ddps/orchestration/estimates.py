@@ -28,14 +28,17 @@ def _pixels(crop: int) -> float:
 
 
 def training_seconds(t: Training) -> float:
-    """One training from scratch: a start-up, then its images at its model's rate."""
+    """One training from scratch: a start-up, then its images at its model's rate; an imported base none."""
+    if t.imported:
+        return 0.0
     speed = (BASE_RATIO if t.step == "base" else DENOISER_RATIO).get(t.model, 1.0) / _pixels(t.crop)
     return START_S + t.iters * t.batch_size / (RATE[t.step] * speed)
 
 
 def trial_seconds(t: Training) -> float:
-    """A training's sweep trial; one whose checkpoint exists only logs its MLflow run (a start-up)."""
-    return START_S if t.path.exists() else training_seconds(t)
+    """A training's sweep trial; one whose checkpoint exists only logs its MLflow run (a start-up); an imported
+    base is no training."""
+    return (0.0 if t.imported else START_S) if t.path.exists() else training_seconds(t)
 
 
 def cell_seconds(cell: Cell) -> float:
@@ -75,7 +78,8 @@ def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> 
     for p in plans:
         steps = {}
         for t in p.trainings:
-            steps[t.step] = steps.get(t.step, 0) + 1
+            step = f"{t.step} (imported)" if t.imported else t.step
+            steps[step] = steps.get(step, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in steps.items())
         finished_here = finished.get(p.experiment.name, set())
         unfinished = {c.eval_hash: cell_seconds(c) for c in p.cells if c.eval_hash not in finished_here}

@@ -38,9 +38,12 @@ def git_commit() -> str:
 
 
 def run_tags(cfg: Config) -> dict:
-    return {"dataset": cfg.data.dataset, "base": f"{cfg.base.arch}-{cfg.base.backbone}",
+    """What ran; an imported base (base.pretrained) is named by its source, on every run, and tagged
+    ddps.imported_from."""
+    imported = {names.IMPORTED_FROM: cfg.base.pretrained} if cfg.base.pretrained else {}
+    return {"dataset": cfg.data.dataset, "base": cfg.base.pretrained or f"{cfg.base.arch}-{cfg.base.backbone}",
             "denoiser": f"{cfg.denoiser.method}-UNet-{cfg.denoiser.size}", "preset": cfg.preset,
-            "git_commit": git_commit()}
+            "git_commit": git_commit(), **imported}
 
 
 def pipeline_hash(cfg: Config) -> str:
@@ -99,6 +102,8 @@ class Pipeline:
         """The i-th training of a chain (base, then the refiner's stages) on Ray Train; its MLflow run id.
         The trainings before it must be done: a stage reads the base's checkpoint, stage 2 stage 1's."""
         t, base = chain[i], chain[0]
+        if t.step == "base" and t.imported:  # published weights: written as a base checkpoint here, no training
+            return self.step(t.step, t.hash, t.path, lambda run_id: self._import_base(t.path))
         if t.step == "base":
             config = self._train_config("", "base", t.iters, t.path)
             kind = "base"
@@ -108,6 +113,11 @@ class Pipeline:
             kind = "refiner"
         return self.step(t.step, t.hash, t.path, lambda run_id: ray_train.run(
             kind, {**config, "run_id": run_id}, self.cluster, name=f"{t.step}-{t.hash[:16]}", tune=self.tune))
+
+    def _import_base(self, path: Path) -> None:
+        from ddps.engine.reporter import ConsoleReporter
+        from ddps.engine.train_base import import_base
+        import_base(self.cfg, ConsoleReporter("base"), path)
 
     # ---- the whole pipeline -----------------------------------------------------------------------
     def run(self) -> dict:

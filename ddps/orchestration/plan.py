@@ -76,6 +76,7 @@ class Training:
     path: Path  # its content-addressed checkpoint: when it exists, the training is done
     model: str  # what it trains: the base's arch-backbone, or the denoiser's size
     crop: int  # the side of its training crops
+    imported: str = ""  # a base not trained but imported: base.pretrained (no iterations)
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,12 @@ def _valid(flat: dict, require: tuple[str, ...]) -> bool:
 def chain_of(cfg: Config) -> list[Training]:
     """The trainings one cell needs, each with its content hash: base, then the refiner's stages."""
     base_h = train_base.base_hash(cfg)
-    chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
-                      train_base.default_checkpoint(cfg), f"{cfg.base.arch}-{cfg.base.backbone}", cfg.data.crop)]
+    if cfg.base.pretrained:  # imported, not trained: no iterations
+        chain = [Training("base", base_h, 0, 0, train_base.default_checkpoint(cfg), cfg.base.pretrained, cfg.data.crop,
+                          imported=cfg.base.pretrained)]
+    else:
+        chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
+                          train_base.default_checkpoint(cfg), f"{cfg.base.arch}-{cfg.base.backbone}", cfg.data.crop)]
     for stage in train_refiner.stages_of(cfg):
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
                               cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h),

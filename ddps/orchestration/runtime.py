@@ -12,7 +12,8 @@ from ddps.paths import ddps_home
 # what every Ray worker must see as the driver does (docs/design.md, "Environment"): the work folder, offline
 # albumentations, no telemetry, the tracking store
 WORKER_ENV = ("DDPS_HOME", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED",
-              "MLFLOW_TRACKING_URI", "DDPS_FASHION_MNIST", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+              "MLFLOW_TRACKING_URI", "DDPS_FASHION_MNIST", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+              "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")  # published weights: the same Hub cache, offline alike
 
 
 JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job manager gives a submitted job's driver

@@ -46,7 +46,8 @@ class SegmentorSpec:
     backbone: str
     num_classes: int
     feature_channels: int = 256
-    encoder_weights: str = ""  # '' = random init; else a local file with the encoder's state dict
+    encoder_weights: str = ""  # '' = random init | 'imagenet' (smp's, by name: segmentors.pretrained) | a local
+                               # file with the encoder's state dict
 
     @property
     def name(self) -> str:
@@ -65,7 +66,10 @@ class BaseSegmentor(nn.Module):
             **{_CHANNELS_KWARG[spec.arch]: spec.feature_channels})
         self.encoder, self.decoder = model.encoder, model.decoder
         self.classifier = model.segmentation_head[0]  # the 1x1 conv; the x4 upsampling is segment()'s
-        if spec.encoder_weights:
+        if spec.encoder_weights == "imagenet":  # smp's published ImageNet weights, from the Hugging Face Hub
+            from ddps.segmentors.pretrained import load_imagenet_encoder
+            load_imagenet_encoder(self.encoder, spec.backbone)
+        elif spec.encoder_weights:
             load_state(self.encoder, spec.encoder_weights, what=f"{spec.backbone} encoder weights")
 
     @property
