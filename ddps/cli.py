@@ -88,7 +88,7 @@ def _print_checkpoint(path) -> None:
 def cmd_train_base(args) -> int:
     from ddps.engine.train_base import fit
     cfg = _resolve(args)
-    check_inputs(cfg, dataset=False)  # the dataset: when it is read
+    check_inputs(cfg)  # the dataset read in place, then the published weights: one line before any compute
     path = fit(cfg, checkpoint=args.out, force=args.force)
     _print_checkpoint(path)
     return 0
@@ -128,7 +128,8 @@ def cmd_refine(args) -> int:
     if checkpoint.startswith("runs:/"):  # a refiner logged by `ddps pipeline`
         from ddps.orchestration.tracking import Tracker
         checkpoint = Tracker(args.tracking_uri).download(checkpoint)
-    for path in refine_images(args.images, checkpoint, args.out, steps=args.steps, seed=args.seed):
+    for path in refine_images(args.images, checkpoint, args.out, steps=args.steps, seed=args.seed,
+                              overrides=args.overrides):
         print(path)
     return 0
 
@@ -178,7 +179,14 @@ def cmd_sweep(args) -> int:
         raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
     files = experiment_files() if args.all else args.experiments
     from ddps.config.load import parse_set
-    plans = [plan(load_experiment(f), args.preset, parse_set(_overrides(args))) for f in files]
+    from ddps.orchestration.plan import parse_cell_set
+    scoped = parse_cell_set(args.cell_overrides)
+    experiments = [load_experiment(f) for f in files]
+    for axis, label, _ in scoped:
+        if not any(axis == a.name for e in experiments for a in e.axes):
+            raise ConfigError(f"--cell-set: no experiment given has an axis {axis!r}; their axes: "
+                              f"{', '.join(sorted({a.name for e in experiments for a in e.axes}))}")
+    plans = [plan(e, args.preset, parse_set(_overrides(args)), scoped) for e in experiments]
     from ddps.orchestration.sweep import finished_cells
     print(describe(plans, finished_cells(plans, args.tracking_uri)))
     if args.dry_run:
@@ -290,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--out", required=True, help="folder for <stem>.png masks and <stem>-strip.png strips")
     rf.add_argument("--steps", type=int, help="test steps (default: the checkpoint's infer.steps)")
     rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the checkpoint's inference settings, e.g. infer.cfg_scale=0.4, infer.ema=false, "
+                         "data.test_resize=0")
     rf.add_argument("--tracking-uri", help="for runs:/ checkpoints (default: $MLFLOW_TRACKING_URI, else the "
                                            "embedded store in $DDPS_HOME)")
     rf.set_defaults(func=cmd_refine)
@@ -319,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default: %(default)s)")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config value in every cell (repeatable)")
+    sw.add_argument("--cell-set", dest="cell_overrides", action="append", default=[],
+                    metavar="AXIS=LABEL:SECTION.KEY=VALUE", help="an override for the cells whose AXIS value is LABEL, "
+                    "e.g. a published base per backbone: 'backbone=SegFormer MiT-B2:base.pretrained=b2.pth'")
     sw.add_argument("--data-root", help="dataset root (e.g. the ADE20K folder for --preset paper)")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (cells, trainings against naive, "
                                                            "estimated time) and run nothing")

@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_on_stderr_without_traceback(args, env, message):
 @pytest.mark.reliability(kind="bad_input", case="paper preset without ADE20K")
 def test_paper_preset_without_ade20k_says_what_to_set():
     out = ddps("train-base", "--preset", "paper")
-    assert out.returncode == 2 and "data.root is not set: point it at the ade20k folder" in out.stderr
+    assert out.returncode == 2 and "ade20k is not here (data.root is not set): download ADEChallengeData2016.zip" in out.stderr
 
 
 @pytest.mark.reliability(kind="bad_input", case="user weights that do not fit")

@@ -20,6 +20,7 @@ from official_reference import Head
 from ddps.config import from_flat
 from ddps.data.classes import ADE20K
 from ddps.refiner.checkpoint import load_refiner
+from ddps.segmentors.checkpoint import read_checkpoint
 from ddps.segmentors.inference import pad
 from ddps.config import resolve
 from ddps.refiner.build import build_codec, build_denoiser, build_process
@@ -220,6 +221,21 @@ def test_an_official_ade20k_b2_file_imports_and_evaluates_as_the_reference(tmp_p
     record = json.loads(out.stdout)
     assert record["images"] == 2 and len(record["steps"]) == 21 and record["steps"][-1]["t"] == 1
     assert all(0 <= s["mIoU"] <= 100 for s in [record["base"], *record["steps"]])
+    image = data / "images" / "validation" / "ADE_val_00000000.jpg"
+    out = ddps_cli("refine", image, "--checkpoint", refiner_file, "--out", tmp_path / "masks",
+                   "--set", "data.test_resize=0")
+    assert out.returncode == 0, out.stderr
+    mask = np.array(Image.open(tmp_path / "masks" / "ADE_val_00000000.png"))
+    assert mask.shape == (64, 64) and mask.max() < 150 and (tmp_path / "masks" / "ADE_val_00000000-strip.png").is_file()
+
+    # the imported base is a base like any other: named as base.pretrained, the base step imports it
+    base_file = tmp_path / "imported" / "best_mIoU_iter_144000-base.pt"
+    out = ddps_cli("train-base", "--preset", "paper", "--set", f"base.pretrained={base_file}",
+                   "--set", f"data.root={data}", "--out", tmp_path / "again.pt")
+    assert out.returncode == 0, out.stderr
+    again = read_checkpoint(tmp_path / "again.pt")
+    assert again["imported_from"]["kind"] == "ddps" and again["history"] == []
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in again["model"].items())
 
 
 def test_a_foreign_class_in_the_meta_and_a_deeplab_head_are_refused_in_one_line(tmp_path):

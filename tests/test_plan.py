@@ -129,3 +129,28 @@ def test_an_included_file_applies_its_presets_first_and_an_include_cycle_is_refu
     (tmp_path / "_shared.yaml").write_text(yaml.safe_dump({"include": "exp.yaml"}))
     with pytest.raises(ConfigError, match="includes itself"):
         plan(load_experiment(tmp_path / "exp.yaml"), "smoke")
+
+
+def test_a_published_base_per_cell_is_imported_and_one_base_for_different_cells_is_refused(tmp_path):
+    from messages import one_line
+    from ddps.orchestration.plan import parse_cell_set
+    files = {}
+    for name in ("b0", "b2"):
+        files[name] = tmp_path / f"segformer_{name}.pth"
+        files[name].write_bytes(name.encode())  # only hashed by the planner, never read
+    table1 = load_experiment(ROOT / "experiments" / "table1.yaml")
+    scoped = parse_cell_set([f"backbone=SegFormer MiT-B0:base.pretrained={files['b0']}",
+                             f"backbone=SegFormer MiT-B2:base.pretrained={files['b2']}"])
+    p = plan(table1, "paper", None, scoped)
+    imported = {c.coords["backbone"]: c.chain[0] for c in p.cells if c.chain[0].imported}
+    assert sorted(imported) == ["SegFormer MiT-B0", "SegFormer MiT-B2"]
+    assert all(t.iters == 0 and t.imported == str(files[k[-2:].lower()]) for k, t in imported.items())
+    assert sum(1 for t in p.trainings if t.step == "base" and not t.imported) == 4  # the others are trained
+    with pytest.raises(ConfigError) as e:  # one file for six different bases: a mistake, not a shared base
+        plan(table1, "paper", {"base.pretrained": str(files["b2"])})
+    assert "names one base for cells that ask for different bases" in one_line(e.value)
+    with pytest.raises(ConfigError) as e:
+        plan(table1, "paper", None, parse_cell_set([f"backbone=MiT-B9:base.pretrained={files['b2']}"]))
+    assert "has no value 'MiT-B9'" in one_line(e.value)
+    with pytest.raises(ConfigError):
+        parse_cell_set(["backbone:base.pretrained=x"])

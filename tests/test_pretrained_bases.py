@@ -168,7 +168,8 @@ def test_absent_weights_offline_stop_the_pipeline_and_sweep_before_any_compute(t
 
 
 def test_the_dry_run_lists_an_imported_base_with_no_training_time(tmp_path, capsys):
-    argv = ["sweep", str(ROOT / "experiments" / "table1.yaml"), "--dry-run", "--set", f"base.pretrained={HUB_NAME}",
+    # table3a: its cells share one base (table1's six bases need one published base each: --cell-set, test_plan.py)
+    argv = ["sweep", str(ROOT / "experiments" / "table3a.yaml"), "--dry-run", "--set", f"base.pretrained={HUB_NAME}",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(argv + ["--preset", "paper"]) == 0
     out = capsys.readouterr().out
@@ -177,7 +178,7 @@ def test_the_dry_run_lists_an_imported_base_with_no_training_time(tmp_path, caps
 
     from ddps.orchestration.estimates import training_seconds, trial_seconds
     from ddps.orchestration.plan import load_experiment, plan
-    p = plan(load_experiment(ROOT / "experiments" / "table1.yaml"), "smoke", {"base.pretrained": HUB_NAME})
+    p = plan(load_experiment(ROOT / "experiments" / "table3a.yaml"), "smoke", {"base.pretrained": HUB_NAME})
     bases = [t for t in p.trainings if t.step == "base"]
     assert bases and all(t.imported == HUB_NAME and t.iters == 0 for t in bases)
     assert all(training_seconds(t) == 0 == trial_seconds(t) for t in bases)

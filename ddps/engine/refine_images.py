@@ -6,12 +6,13 @@ pixel value) and a trajectory strip, image | base | step 1 | ... | step K, as an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ddps.config import from_flat
+from ddps.config import from_flat, parse_set
 from ddps.data.datasets import read_image
 from ddps.data.transforms import EvalTransform
 from ddps.engine.evaluate_refiner import class_trajectory
@@ -50,10 +51,12 @@ def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: 
 
 @torch.no_grad()
 def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | Path, steps: int | None = None,
-                  seed: int = 0, device="cpu") -> list[Path]:
+                  seed: int = 0, device="cpu", overrides: Iterable[str] = ()) -> list[Path]:
+    """Masks and refinement strips of ``images``; ``overrides`` (section.key=value) change the checkpoint's
+    infer.* / data.test_resize settings."""
     payload = read_checkpoint(checkpoint)
-    denoiser, process, base, payload = load_refiner(checkpoint, payload=payload)
-    cfg = from_flat(payload["config"])
+    cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
+    denoiser, process, base, payload = load_refiner(checkpoint, use_ema=cfg.infer.ema, payload=payload)
     codec, transform = build_codec(cfg), EvalTransform(cfg.data)
     colours = palette(base.num_classes)
     out = Path(out)

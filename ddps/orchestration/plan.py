@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ddps.config import Config, content_hash, resolve, to_flat
-from ddps.config.load import read_experiment, read_experiment_file
+from ddps.config.load import parse_set, read_experiment, read_experiment_file
 from ddps.engine import train_base, train_refiner
 from ddps.errors import ConfigError, choices
 from ddps.paths import safe_name
@@ -262,21 +262,68 @@ def cells_of(experiment: Experiment, preset: str | None = None) -> list[tuple[di
     return combos
 
 
-def plan(experiment: Experiment, preset: str, overrides: dict | None = None) -> Plan:
-    """Resolve every cell's config (preset <- experiment preset <- overrides <- the cell's values); cells that
-    break a ``require`` rule are listed as invalid, not resolved (the config would refuse them)."""
+CellOverride = tuple[str, str, dict]  # (axis name, value label, flat overrides): `--cell-set AXIS=LABEL:KEY=VALUE`
+
+
+def parse_cell_set(items: Sequence[str]) -> list[CellOverride]:
+    """['axis=label:section.key=value', ...] -> [(axis, label, {section.key: value})]."""
+    out = []
+    for item in items:
+        axis, sep, rest = item.partition("=")
+        label, colon, assignment = rest.partition(":")
+        if not (sep and colon and axis.strip() and label.strip()):
+            raise ConfigError(f"--cell-set {item!r} is not of the form AXIS=LABEL:section.key=value")
+        out.append((axis.strip(), label.strip(), parse_set([assignment])))
+    return out
+
+
+def _scoped(experiment: Experiment, preset: str, cell_overrides: Sequence[CellOverride]) -> list[CellOverride]:
+    """The cell overrides for this experiment's axes; a label its axis does not have is one line naming them."""
+    axes = {axis.name: axis.values(preset)[0] for axis in experiment.axes}
+    for axis, label, _ in cell_overrides:
+        if axis in axes and label not in axes[axis]:
+            raise ConfigError(f"--cell-set: {experiment.name}'s axis {axis!r} has no value {label!r}; its values: "
+                              f"{', '.join(axes[axis])}")
+    return [c for c in cell_overrides if c[0] in axes]
+
+
+def plan(experiment: Experiment, preset: str, overrides: dict | None = None,
+         cell_overrides: Sequence[CellOverride] = ()) -> Plan:
+    """Resolve every cell's config (preset <- experiment preset <- overrides <- the cell's values <- the
+    ``cell_overrides`` of its axis values); cells that break a ``require`` rule are listed as invalid, not
+    resolved (the config would refuse them)."""
     shared = {**read_experiment(experiment.path, preset), **(overrides or {})}  # the file is read once
     defaults = resolve(preset, None, shared)  # the experiment's config before any cell's values
     common = to_flat(defaults)
+    scoped = _scoped(experiment, preset, cell_overrides)
     cells, invalid = [], []
-    for coords, cell_overrides in cells_of(experiment, preset):
-        if not _valid({**common, **cell_overrides}, experiment.require):
+    for coords, cell_values in cells_of(experiment, preset):
+        cell_values = {**cell_values, **{k: v for axis, label, over in scoped if coords.get(axis) == label
+                                         for k, v in over.items()}}
+        if not _valid({**common, **cell_values}, experiment.require):
             invalid.append(coords)
             continue
-        cfg = resolve(preset, None, {**shared, **cell_overrides})
+        cfg = resolve(preset, None, {**shared, **cell_values})
         chain = chain_of(cfg)
         cells.append(Cell(coords, cfg, tuple(chain), eval_hash(cfg, chain)))
+    _check_imported_bases(cells)
     return Plan(experiment, preset, _with_reliance(cells, defaults), invalid)
+
+
+def _check_imported_bases(cells: list[Cell]) -> None:
+    """One published base (base.pretrained) named for cells that ask for different bases is a mistake (a
+    global --set over a backbone axis): refused in one line rather than every cell silently sharing it."""
+    asked: dict[str, set] = {}
+    for cell in cells:
+        if cell.cfg.base.pretrained:
+            asked.setdefault(cell.cfg.base.pretrained, set()).add((cell.cfg.base.arch, cell.cfg.base.backbone))
+    for source, bases in asked.items():
+        if len(bases) > 1:
+            named = ", ".join(f"{arch} {backbone}" for arch, backbone in sorted(bases))
+            raise ConfigError(f"base.pretrained={source} names one base for cells that ask for different bases "
+                              f"({named}): name a published base per cell in the experiment file (the axis "
+                              f"values' set:, or --cell-set AXIS=LABEL:base.pretrained=...), or sweep a table whose "
+                              f"cells share one base")
 
 
 def _with_reliance(cells: list[Cell], common: Config) -> list[Cell]:

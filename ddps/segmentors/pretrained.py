@@ -12,6 +12,7 @@ Two config keys (``ddps.config.schema.BaseConfig``):
   ``owner/name`` (not a path)  an smp-hub model, ``smp.from_pretrained(name)`` (config.json + weights)
   a folder                     written by smp's ``model.save_pretrained(folder)``
   a ``*.pth`` file             an MMSegmentation checkpoint: ``ddps.segmentors.mmseg.base_from_mmseg_file``
+  a ``*.pt`` file              a ddps base checkpoint (e.g. the base ``ddps import official`` writes)
   ===========================  =========================================================================
 
   :func:`load_pretrained` turns each into a :class:`BaseSegmentor` (logits and features at 1/4; the
@@ -41,9 +42,11 @@ from torch import nn
 from ddps.config.choices import BACKBONES
 from ddps.errors import CheckpointError, ConfigError, choices, reason
 from ddps.segmentors.base import _CHANNELS_KWARG, ARCHITECTURES, BaseSegmentor, SegmentorSpec, check_state
+from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
+from ddps.segmentors.mmseg import base_from_mmseg_file
 
 IMAGENET = "imagenet"
-HUB, FOLDER, MMSEG = "smp-hub", "folder", "mmseg"  # the kinds of base.pretrained (source_kind)
+HUB, FOLDER, MMSEG, DDPS = "smp-hub", "folder", "mmseg", "ddps"  # the kinds of base.pretrained (source_kind)
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what PyTorchModelHubMixin loads, in its order
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hub repo id: owner/name
@@ -174,10 +177,12 @@ def load_imagenet_encoder(encoder: nn.Module, backbone: str) -> None:
 # ---- base.pretrained: what it names ---------------------------------------------------------------
 
 def source_kind(value: str) -> str:
-    """HUB (an smp-hub name, owner/name, not an existing path), FOLDER (a save_pretrained folder) or MMSEG
-    (a *.pth file)."""
+    """HUB (an smp-hub name, owner/name, not an existing path), FOLDER (a save_pretrained folder), MMSEG
+    (a *.pth file) or DDPS (a *.pt file: a ddps base checkpoint)."""
     if value.endswith(".pth"):
         return MMSEG
+    if value.endswith(".pt"):
+        return DDPS
     if Path(value).expanduser().exists() or not HUB_NAME.fullmatch(value):
         return FOLDER
     return HUB
@@ -190,16 +195,17 @@ def _weights_file(folder: Path) -> Path | None:
 def check_local(value: str) -> Path:
     """The local folder or file ``base.pretrained`` names; one line naming the path when it is not there."""
     path = Path(value).expanduser()
-    if source_kind(value) == MMSEG:
+    if source_kind(value) in (MMSEG, DDPS):
         if not path.is_file():
-            raise CheckpointError(f"base.pretrained={value}: no such MMSegmentation checkpoint file ({path.absolute()})")
+            what = "MMSegmentation" if source_kind(value) == MMSEG else "ddps base"
+            raise CheckpointError(f"base.pretrained={value}: no such {what} checkpoint file ({path.absolute()})")
         return path
     if not path.exists():
         raise CheckpointError(f"base.pretrained={value}: no such folder ({path.absolute()}); give a folder written "
                               f"by smp's save_pretrained, an smp-hub name (owner/name) or an MMSegmentation .pth file")
     if not path.is_dir():
-        raise CheckpointError(f"base.pretrained={value} is a file but not an MMSegmentation checkpoint (*.pth); "
-                              f"give a folder written by smp's save_pretrained")
+        raise CheckpointError(f"base.pretrained={value} is a file but neither an MMSegmentation checkpoint (*.pth) "
+                              f"nor a ddps base checkpoint (*.pt); give a folder written by smp's save_pretrained")
     if not (path / CONFIG_FILE).is_file() or _weights_file(path) is None:
         raise CheckpointError(f"base.pretrained={value}: {path.absolute()} is not a folder written by smp's "
                               f"save_pretrained (it needs {CONFIG_FILE} and {' or '.join(WEIGHT_FILES)})")
@@ -247,7 +253,7 @@ def source_identity(value: str) -> str:
     if kind == HUB:
         return f"{HUB}:{value}"
     path = check_local(value)
-    chosen = [path] if kind == MMSEG else [path / CONFIG_FILE, _weights_file(path)]
+    chosen = [path] if kind in (MMSEG, DDPS) else [path / CONFIG_FILE, _weights_file(path)]
     stats = tuple((p.name, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in chosen)
     return f"sha256:{_files_sha256(stats)}"
 
@@ -312,7 +318,8 @@ def load_smp_pretrained(value: str) -> nn.Module:
 def load_pretrained(value: str, num_classes: int | None = None) -> BaseSegmentor:
     """The base ``base.pretrained`` names, as a BaseSegmentor (checked against ``num_classes`` when given)."""
     if source_kind(value) == MMSEG:
+        return base_from_mmseg_file(check_local(value), num_classes=num_classes)
+    if source_kind(value) == DDPS:
         path = check_local(value)
-        from ddps.segmentors.mmseg import base_from_mmseg_file  # written beside this module; imported on use
-        return base_from_mmseg_file(path, num_classes=num_classes)
+        return base_from_payload(read_checkpoint(path), path, num_classes)
     return base_from_smp(load_smp_pretrained(value), num_classes, where=f"base.pretrained={value}")
