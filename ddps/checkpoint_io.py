@@ -30,6 +30,15 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks (a published checkpoint can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def sidecar(path: Path) -> Path:
     """The sha256 sidecar beside ``path``: ``<name>.sha256``."""
     return path.with_name(path.name + ".sha256")

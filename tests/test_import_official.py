@@ -3,10 +3,10 @@ written in the tests from their layout (tests/official_reference.py), at their t
 their step list."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from PIL import Image
 from messages import one_line
 from mmseg_reference import EncoderDecoder, mmcv_file, randomize
 from official_reference import Head
+from ddps.cli import main
 from ddps.config import from_flat
 from ddps.data.classes import ADE20K
 from ddps.refiner.checkpoint import load_refiner
@@ -136,6 +137,18 @@ def test_the_plain_keys_are_the_ema_weights_and_ema_copies_the_raw_ones():
     assert split_ema(plain)[1] is None
 
 
+def test_a_key_the_import_cannot_map_is_refused_in_one_line():
+    from messages import one_line
+    from ddps.errors import CheckpointError
+    from ddps.refiner.official import check_keys
+    head = official_head("cityscapes-b0 (inferred)")
+    state = {"decode_head." + k: v for k, v in head.state_dict().items()}
+    check_keys({**state, "backbone.layers.0.0.projection.weight": torch.zeros(1)}, "test")  # all known
+    with pytest.raises(CheckpointError) as e:
+        check_keys({**state, "decode_head.aux_head.weight": torch.zeros(1)}, "ddps.pth")
+    assert "cannot be mapped (e.g. decode_head.aux_head.weight)" in one_line(e.value)
+
+
 def test_the_codec_scores_the_classes_and_the_process_diffuses_every_state():
     cfg = resolve("paper", None, {"diffusion.ignore_state": True, "diffusion.steps": 20, "infer.steps": 20,
                                   "denoiser.size": "XXS"})
@@ -183,9 +196,12 @@ def write_ade20k_folder(root: Path, n: int = 2, size: int = 64) -> Path:
     return root
 
 
-def ddps_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddps", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=900)
+def ddps_cli(*args) -> subprocess.CompletedProcess:
+    """``ddps ARGS`` run in this process (the CLI's own main): its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_an_official_ade20k_b2_file_imports_and_evaluates_as_the_reference(tmp_path):

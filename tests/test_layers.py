@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 CORE = ["ddps.config", "ddps.checkpoint_io", "ddps.data", "ddps.segmentors", "ddps.segmentors.inference",
-        "ddps.segmentors.pretrained", "ddps.metrics", "ddps.diffusion", "ddps.diffusion.discrete", "ddps.diffusion.bits", "ddps.diffusion.registry",
+        "ddps.segmentors.pretrained", "ddps.segmentors.mmseg", "ddps.metrics", "ddps.diffusion", "ddps.diffusion.discrete", "ddps.diffusion.bits", "ddps.diffusion.registry",
         "ddps.names", "ddps.engine.record", "ddps.engine.evaluate_refiner", "ddps.denoiser", "ddps.refiner.model", "ddps.refiner.sampler",
-        "ddps.refiner.objective", "ddps.refiner.checkpoint", "ddps.engine.train_base", "ddps.engine.train_refiner",
+        "ddps.refiner.objective", "ddps.refiner.checkpoint", "ddps.refiner.official", "ddps.engine.train_base", "ddps.engine.train_refiner",
         "ddps.engine.evaluate_checkpoint", "ddps.engine.refine_images", "ddps.engine.loop", "ddps.cli"]
 
 

@@ -38,11 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddps.checkpoint_io import file_sha256, read_foreign_checkpoint, write_checked
 from ddps.config import resolve, to_flat
 from ddps.data.classes import ADE20K, CITYSCAPES
 from ddps.denoiser import UNET_SIZES
 from ddps.diffusion.schedules import alpha_bar
 from ddps.errors import CheckpointError
+from ddps.refiner.build import build_denoiser, build_process
+from ddps.refiner.checkpoint import refiner_payload
+from ddps.segmentors.base import check_state
+from ddps.segmentors.checkpoint import base_payload
+from ddps.segmentors.mmseg import base_from_mmseg
 
 HEAD = "decode_head."
 UNET = HEAD + "unet."
@@ -146,6 +152,20 @@ def _check_schedule(state: dict, steps: int, where: str) -> None:
                               f"supported by the import)")
 
 
+# every key of an official SegFormer DDPS state dict, by prefix: what the import maps it to
+KNOWN_PREFIXES = ("backbone.", HEAD + "convs.", HEAD + "fusion_conv.",            # the frozen base
+                  UNET, HEAD + "embed.weight", HEAD + "conv_seg_new.",            # the DDPS head
+                  *(HEAD + name for name in SCHEDULE_BUFFERS))                    # checked, then recomputed
+
+
+def check_keys(state: dict, where: str) -> None:
+    """A key the import cannot map stops it in one line (a layout it does not know)."""
+    unknown = [k for k in state if not k.startswith(KNOWN_PREFIXES)]
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} keys cannot be mapped (e.g. {unknown[0]}): not the layout "
+                              f"of the official SegFormer DDPS checkpoints")
+
+
 def split_ema(state: dict) -> tuple[dict, dict | None]:
     """(plain keys, the ``ema_*`` copies under the plain names) — None when the file has no EMA copies."""
     plain = {k: v for k, v in state.items() if not k.startswith("ema_")}
@@ -205,24 +225,11 @@ def refiner_overrides(layout: OfficialLayout, backbone: str) -> dict:
     }
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_official(path: str | Path, base_file: str | Path | None, out: str | Path,
                     dataset: str | None = None, log=print) -> tuple[Path, Path]:
-    """An official DDPS checkpoint -> (ddps base checkpoint, ddps refiner checkpoint) in folder ``out``."""
-    from ddps.checkpoint_io import read_foreign_checkpoint, write_checked
-    from ddps.refiner.build import build_denoiser, build_process
-    from ddps.refiner.checkpoint import refiner_payload
-    from ddps.segmentors.base import check_state
-    from ddps.segmentors.checkpoint import base_payload
-    from ddps.segmentors.mmseg import base_from_mmseg
-
+    """An official DDPS checkpoint -> (ddps base checkpoint, ddps refiner checkpoint) in folder ``out``: the base
+    from the file's frozen SegFormer and ``base_file``'s classifier, the refiner (EMA and raw weights) under the
+    official conventions (:func:`refiner_overrides`); both content-addressed by the two files' sha256."""
     path, out = Path(path), Path(out)
     if base_file is None:
         raise CheckpointError(f"an official DDPS checkpoint holds no classifier for its base (decode_head.conv_seg "
@@ -232,6 +239,7 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     state = _state_dict(read_foreign_checkpoint(path, "official DDPS checkpoint"), path)
     plain, raw = split_ema(state)
     layout = official_layout(plain, str(path), dataset)
+    check_keys(plain, str(path))
     base_file = Path(base_file)
     base_file_state = _state_dict(read_foreign_checkpoint(base_file, "MMSegmentation base checkpoint"), base_file)
     if HEAD + "conv_seg.weight" not in base_file_state:
@@ -262,7 +270,10 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
         class_names=layout.class_names)
     if raw:
         r_payload["model"] = weights["model"]
-    r_payload["imported_from"] = b_payload["imported_from"] = source
+    # as an imported base records it (engine/train_base.import_base): source, kind, identity; and the files
+    b_payload["imported_from"] = r_payload["imported_from"] = {
+        "source": f"{source['file']} + {source['base_file']}", "kind": "official",
+        "identity": f"sha256:{source['sha256']}+{source['base_sha256']}", **source}
     stem = path.stem
     base_path = write_checked(out / f"{stem}-base.pt", b_payload)
     refiner_path = write_checked(out / f"{stem}-refiner.pt", r_payload)
