@@ -121,21 +121,18 @@ def refiner_step(cfg: Config, *, classes: int, batch_size: int, crop: int, devic
 
 
 # The step list ``latency`` times: ``refine(..., K)`` calls the denoiser at the sampler's ``step_times(T, K)``,
-# t = T, T - T/K, ..., T/K (K calls) — not the official code's list (the same plus a call at t = 1, K + 1 calls).
+# t = T, T - T/K, ..., T/K (K calls) — not the official code's list (ddps.refiner.sampler.step_times: K + 1 calls
+# when K divides T and K < T).
 LATENCY_STEP_LIST = "even"
 
 
 def step_list(times, train_steps: int, test_steps: int) -> str:
-    """The name of the step list a trajectory's call ``times`` follow: 'even' (K calls), 'official' (the same,
-    then t = 1: K + 1 calls), or 'other'. K above T is T, as the sampler takes it."""
-    from ddps.refiner.sampler import step_times
-    even = step_times(train_steps, min(test_steps, train_steps))
+    """The name of the step list a trajectory's call ``times`` follow: 'even' (K calls), 'official' (the
+    official code's: ddps.refiner.sampler.step_times), or 'other'. K above T is T, as the sampler takes it."""
+    from ddps.refiner.sampler import STEP_LISTS, step_times
     times = list(times)
-    if times == even:
-        return "even"
-    if times == even + [1]:
-        return "official"
-    return "other"
+    return next((name for name in STEP_LISTS
+                 if times == step_times(train_steps, min(test_steps, train_steps), name)), "other")
 
 
 def latency(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, ks: tuple[int, ...], *,

@@ -39,6 +39,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def mmcv_state_dict(payload, where: str) -> dict:
+    """The state dict of tensors in a foreign checkpoint (mmcv's ``state_dict``, or the payload itself), with a
+    DataParallel ``module.`` prefix dropped; a one-line CheckpointError when there is none."""
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{where} holds no state dict of tensors (an mmcv checkpoint has 'state_dict')")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def shape_of(state: dict, key: str, where: str, layout: str) -> tuple[int, ...]:
+    """The shape of ``state[key]``; a one-line CheckpointError when the key is missing (not that ``layout``)."""
+    if key not in state or not hasattr(state[key], "shape"):
+        raise CheckpointError(f"{where} has no {key}: not {layout}")
+    return tuple(state[key].shape)
+
+
 def sidecar(path: Path) -> Path:
     """The sha256 sidecar beside ``path``: ``<name>.sha256``."""
     return path.with_name(path.name + ".sha256")

@@ -98,6 +98,7 @@ def cmd_train(args) -> int:
     from ddps.engine import train_base, train_refiner
     from ddps.engine.reporter import ConsoleReporter
     cfg = _resolve(args)
+    train_refiner.check_trainable(cfg)
     base = args.base
     if not base:
         base = train_base.default_checkpoint(cfg)
@@ -153,6 +154,8 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     from ddps.orchestration.runtime import ensure_ray
     from ddps.paths import cache_dir
     from ddps.report.write import write_report
+    from ddps.engine.train_refiner import check_trainable
+    check_trainable(cfg)
     check_inputs(cfg)  # before MLflow and Ray: a missing dataset or weights file is one line
     pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
     ensure_ray(cluster)

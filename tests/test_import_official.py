@@ -126,6 +126,13 @@ def test_every_call_gives_the_reference_logits_at_their_time_index_and_noise(lay
     assert fed[0].max() > head.num_states // 2  # the first mask is uniform over every state, the ignore state too
 
 
+@pytest.mark.parametrize("T, K", [(100, 20), (50, 20), (100, 30), (20, 20), (100, 1), (7, 3)])
+def test_the_official_step_list_is_theirs_for_any_k(T, K):
+    their_steps = Head(8, 8, 8, (1,), 3, 2, T).timesteps(K) if T > 1 else [0]
+    assert step_times(T, K, "official") == [T - i for i in their_steps]
+    assert step_times(T, K, "even") == [T - k * (T // K) for k in range(K)]
+
+
 def test_the_plain_keys_are_the_ema_weights_and_ema_copies_the_raw_ones():
     head = official_head("cityscapes-b0 (inferred)")
     plain = {"decode_head." + k: v for k, v in head.state_dict().items()}
@@ -268,3 +275,20 @@ def test_a_foreign_class_in_the_meta_and_a_deeplab_head_are_refused_in_one_line(
     assert out.returncode == 2 and one_line(out.stderr.strip()) and "not public" in out.stderr
     out = ddps_cli("import", "official", tmp_path / "deeplab.pth", "--out", tmp_path / "o")
     assert out.returncode == 2 and one_line(out.stderr.strip()) and "--base" in out.stderr
+
+
+def test_training_in_the_official_layout_is_refused_before_any_compute(tmp_path):
+    from ddps.errors import ConfigError
+    from ddps.orchestration.plan import load_experiment, plan
+    root = Path(__file__).resolve().parents[1]
+    out = ddps_cli("train", "--preset", "smoke", "--set", "diffusion.ignore_state=true", "--out", tmp_path)
+    assert out.returncode == 2 and "training with it is not supported" in one_line(out.stderr.strip())
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError):
+        plan(load_experiment(root / "experiments" / "table3a.yaml"), "smoke", {"diffusion.ignore_state": True})
+
+
+def test_a_cell_label_may_hold_a_colon():
+    from ddps.orchestration.plan import parse_cell_set
+    assert parse_cell_set(["test_steps=2 (official list: 3):infer.cfg_scale=0.4"]) == [
+        ("test_steps", "2 (official list: 3)", {"infer.cfg_scale": 0.4})]

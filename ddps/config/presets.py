@@ -71,7 +71,7 @@ PRESETS: dict[str, dict] = {
         # 65.5 M - base 27.5 M = 38.0 M, UNet-M's size); out_dim 256 as the official config (Table 5's UNet-T/S
         # counts include it: ddps/denoiser/unet.py).
         # T = 100 train steps ("20 for small-size models and 100 for the others"; Table 3's default), 20 test
-        # steps with stride sampling, on the official code's step list (K + 1 denoiser calls: infer.times).
+        # steps with stride sampling, on the official code's step list (21 denoiser calls at T = 100: infer.times).
         "denoiser.size": "M", "denoiser.out_dim": 256, "diffusion.steps": 100, "infer.steps": 20,
         "infer.times": "official",
         # 80k single-step + 160k multi-step iterations at batch 32, lr 1.5e-4 halved every 20k down to 1e-6

@@ -76,7 +76,8 @@ class BaseConfig:
                                    # a local state-dict file for the encoder
     pretrained: str = ""           # a published whole base instead of training one: an smp-hub name
                                    # (smp-hub/segformer-b2-512x512-ade-160k), a local save_pretrained folder,
-                                   # or an MMSegmentation checkpoint file (.pth); the base step then imports it
+                                   # an MMSegmentation checkpoint file (.pth) or a ddps base checkpoint (.pt);
+                                   # the base step then imports it
 
     def __post_init__(self):
         check_base_names(self.arch, self.backbone)
@@ -259,7 +260,7 @@ class InferConfig:
     oracle_t: int = 0               # mask-reliance diagnostic: t of the re-noised ground truth (0 = max(1, T // 10))
     ema: bool = True                # the EMA weights when the checkpoint has them; False: the raw weights (Table 6)
     times: str = "even"             # the step list: even (t = T, T - T/K, ..., T/K: K calls) | official (the
-                                    # official code's: the same, then a last call at t = 1: K + 1 calls)
+                                    # official code's: t = T - i, i in range(0, T, T // K), then t = 1)
     seed: int = 0
 
     def __post_init__(self):

@@ -101,6 +101,8 @@ def refiner_report(result: Evaluation, cfg, base, all_steps: bool = False) -> st
     from ddps.engine.rows import ARCH_NAMES, backbone_name
     initial, first, last = result.base, result.steps[0], result.last
     method = "UNet head" if cfg.denoiser.method == "head" else f"DDPS ({len(result.steps)} steps)"
+    if cfg.denoiser.method != "head" and cfg.infer.times != "even":  # the official list: K test steps, more calls
+        method = f"DDPS ({cfg.infer.steps} steps, {cfg.infer.times} list: {len(result.steps)} calls)"
     params = sum(result.params.values()) / 1e6
     row = (f"| {method} | {ARCH_NAMES.get(base.spec.arch, base.spec.arch)} {backbone_name(base.spec.backbone)} | "
            f"UNet-{cfg.denoiser.size} | {params:.2f} | {initial.mIoU:.2f} / {first.mIoU:.2f} / "

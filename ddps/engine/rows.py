@@ -1,7 +1,7 @@
 """The one-row result table that ``ddps eval`` prints (the paper's Table 1 layout)."""
 from __future__ import annotations
 
-ARCH_NAMES = {"segformer": "SegFormer", "deeplabv3plus": "DeepLabV3+"}
+ARCH_NAMES = {"segformer": "SegFormer", "mmseg-segformer": "SegFormer (MMSeg)", "deeplabv3plus": "DeepLabV3+"}
 HEADER = "| Method | Backbone | #P(M) | mIoU (ss/ms) | mBIoU |\n|---|---|---|---|---|"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -186,6 +186,13 @@ def train_size(data: RefinerData) -> int:
     return len(data.train_cache) if data.train_cache is not None else len(data.train_set)
 
 
+def check_trainable(cfg: Config) -> None:
+    """What refiner training refuses, in one line, before any compute (the CLI, the planner and here)."""
+    if cfg.diffusion.ignore_state:
+        raise ConfigError("diffusion.ignore_state is the official checkpoints' layout, for evaluating and refining "
+                          "with imported models (ddps import official); training with it is not supported")
+
+
 def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerData, *, path: Path | None,
               init_state: dict | None = None, reporter: Reporter | None = None, worker: Worker | None = None,
               checkpointer: Checkpointer | None = None) -> dict:
@@ -196,9 +203,7 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     keyed by sample, so the weights follow single-process training. ``checkpointer``: the training state
     every ``checkpointer.every`` iterations, and where a restarted run resumes.
     """
-    if cfg.diffusion.ignore_state:
-        raise ConfigError("diffusion.ignore_state is the official checkpoints' layout, for evaluating and refining "
-                          "with imported models (ddps import official); training with it is not supported")
+    check_trainable(cfg)
     tc = cfg.train
     worker = worker or Worker()
     device = worker.device
@@ -325,6 +330,8 @@ def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, device
         model = copy.deepcopy(run.denoiser)
         model.load_state_dict(run.ema.state)
     steps = 1 if stage == "stage1" else cfg.infer.steps
+    if stage == "stage1":  # one call at t = T, the only time stage 1 trains at (not the official list's t = 1)
+        cfg = replace(cfg, infer=replace(cfg.infer, times="even"))
     result = evaluate_refiner(model, run.process, data.select, cfg, num_classes=data.num_classes,
                               ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head")
     return result.checks()

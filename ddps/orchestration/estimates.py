@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ddps.refiner.steps import step_times
+
 if TYPE_CHECKING:
     from ddps.orchestration.plan import Cell, Plan, Training
 
@@ -45,9 +47,10 @@ def cell_seconds(cell: Cell) -> float:
     """A cell's evaluation: its denoiser calls (every step, x3 with the reliance diagnostic, every scale and
     mirror image of a multi-scale evaluation, x2 with guidance) over its images."""
     cfg = cell.cfg
-    calls = 1 if cfg.denoiser.method == "head" else cfg.infer.steps * (3 if cell.reliance else 1)
+    steps = len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
+    calls = 1 if cfg.denoiser.method == "head" else steps * (3 if cell.reliance else 1)
     if cfg.eval.multiscale:  # every scale (and its mirror image) refined once more
-        calls += (1 if cfg.denoiser.method == "head" else cfg.infer.steps) * len(cfg.eval.scales) * (
+        calls += (1 if cfg.denoiser.method == "head" else steps) * len(cfg.eval.scales) * (
             2 if cfg.eval.flip else 1)
     calls *= 2 if cfg.infer.cfg_scale > 0 else 1  # guidance: a conditional and an unconditional call
     return EVAL_START_S + cell.images * calls / EVAL_CALLS_PER_S / _pixels(cfg.data.crop)

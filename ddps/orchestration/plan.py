@@ -265,15 +265,18 @@ def cells_of(experiment: Experiment, preset: str | None = None) -> list[tuple[di
 CellOverride = tuple[str, str, dict]  # (axis name, value label, flat overrides): `--cell-set AXIS=LABEL:KEY=VALUE`
 
 
+_CELL_SET = re.compile(r"^(?P<axis>[^=]+)=(?P<label>.+?):(?P<assignment>\w+\.\w+=.*)$")
+
+
 def parse_cell_set(items: Sequence[str]) -> list[CellOverride]:
-    """['axis=label:section.key=value', ...] -> [(axis, label, {section.key: value})]."""
+    """['axis=label:section.key=value', ...] -> [(axis, label, {section.key: value})]; the label ends at the
+    first ':' followed by section.key= (a label may hold ':' itself, e.g. "2 (official list: …)")."""
     out = []
     for item in items:
-        axis, sep, rest = item.partition("=")
-        label, colon, assignment = rest.partition(":")
-        if not (sep and colon and axis.strip() and label.strip()):
+        m = _CELL_SET.match(item)
+        if not m or not m["axis"].strip() or not m["label"].strip():
             raise ConfigError(f"--cell-set {item!r} is not of the form AXIS=LABEL:section.key=value")
-        out.append((axis.strip(), label.strip(), parse_set([assignment])))
+        out.append((m["axis"].strip(), m["label"].strip(), parse_set([m["assignment"]])))
     return out
 
 
@@ -304,6 +307,7 @@ def plan(experiment: Experiment, preset: str, overrides: dict | None = None,
             invalid.append(coords)
             continue
         cfg = resolve(preset, None, {**shared, **cell_values})
+        train_refiner.check_trainable(cfg)
         chain = chain_of(cfg)
         cells.append(Cell(coords, cfg, tuple(chain), eval_hash(cfg, chain)))
     _check_imported_bases(cells)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ddps.config.schema import TIME_INPUTS
 from ddps.denoiser import UNET_SIZES, create_unet
 
 MASK_INPUTS = ("embed", "bits", "none")
-TIME_INPUTS = ("t", "T-t")  # ddps.config.schema.TIME_INPUTS
 
 
 class MaskDenoiser(nn.Module):

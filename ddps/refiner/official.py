@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddps.checkpoint_io import file_sha256, read_foreign_checkpoint, write_checked
+from ddps.checkpoint_io import file_sha256, mmcv_state_dict, read_foreign_checkpoint, shape_of, write_checked
 from ddps.config import resolve, to_flat
 from ddps.data.classes import ADE20K, CITYSCAPES
 from ddps.denoiser import UNET_SIZES
@@ -47,7 +47,7 @@ from ddps.errors import CheckpointError
 from ddps.refiner.build import build_denoiser, build_process
 from ddps.refiner.checkpoint import refiner_payload
 from ddps.segmentors.base import check_state
-from ddps.segmentors.checkpoint import base_payload
+from ddps.segmentors.checkpoint import base_payload, read_checkpoint
 from ddps.segmentors.mmseg import base_from_mmseg
 
 HEAD = "decode_head."
@@ -94,9 +94,7 @@ class OfficialLayout:
 
 
 def _shape(state: dict, key: str, where: str) -> tuple[int, ...]:
-    if key not in state:
-        raise CheckpointError(f"{where} has no {key}: not an official DDPS SegFormer checkpoint")
-    return tuple(state[key].shape)
+    return shape_of(state, key, where, "an official DDPS SegFormer checkpoint")
 
 
 def check_segformer_ddps(state: dict, where: str) -> None:
@@ -131,12 +129,11 @@ def official_layout(state: dict, where: str, dataset: str | None = None) -> Offi
     _check_schedule(state, steps, where)
     if dataset is None:
         if num_states not in DATASETS_BY_STATES:
-            raise CheckpointError(f"{where}: {num_states} diffusion states fit neither ADE20K (151) nor Cityscapes "
-                                  f"(20); name the dataset (--dataset)")
+            raise CheckpointError(f"{where}: {num_states} diffusion states fit no supported dataset: ade20k (151 = "
+                                  f"150 classes + the ignore state) or cityscapes (20)")
         dataset, names = DATASETS_BY_STATES[num_states]
     else:
-        known = {d: n for d, n in DATASETS_BY_STATES.values()}
-        names = known.get(dataset, tuple(f"class {i}" for i in range(num_states - 1)))
+        names = {d: n for d, n in DATASETS_BY_STATES.values()}[dataset]
         if len(names) != num_states - 1:
             raise CheckpointError(f"{where}: {num_states} diffusion states are not {dataset}'s {len(names)} classes "
                                   f"+ the ignore state")
@@ -236,12 +233,13 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
                               f"is not saved with the DDPS head): pass --base with the MMSegmentation SegFormer "
                               f"checkpoint it was trained on (MMSegmentation's model zoo, e.g. SegFormer mit-b2 "
                               f"512x512 160k ADE20K)")
-    state = _state_dict(read_foreign_checkpoint(path, "official DDPS checkpoint"), path)
+    state = mmcv_state_dict(read_foreign_checkpoint(path, "official DDPS checkpoint"), str(path))
     plain, raw = split_ema(state)
     layout = official_layout(plain, str(path), dataset)
     check_keys(plain, str(path))
     base_file = Path(base_file)
-    base_file_state = _state_dict(read_foreign_checkpoint(base_file, "MMSegmentation base checkpoint"), base_file)
+    base_file_state = mmcv_state_dict(read_foreign_checkpoint(base_file, "MMSegmentation base checkpoint"),
+                                      str(base_file))
     if HEAD + "conv_seg.weight" not in base_file_state:
         raise CheckpointError(f"{base_file} has no decode_head.conv_seg: not an MMSegmentation SegFormer checkpoint")
     merged, differ = base_state(plain, base_file_state)
@@ -266,7 +264,7 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     r_payload = refiner_payload(
         denoiser=denoiser, ema_state=weights["ema"] if raw else None, config=flat, base_payload=b_payload,
         stage="stage2", metrics={"imported_from": source["file"]}, history=[],
-        content_hash=hashlib.sha256(f"official-refiner:{source['sha256']}".encode()).hexdigest(),
+        content_hash=hashlib.sha256(f"official-refiner:{source['sha256']}:{source['base_sha256']}".encode()).hexdigest(),
         class_names=layout.class_names)
     if raw:
         r_payload["model"] = weights["model"]
@@ -274,9 +272,13 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     b_payload["imported_from"] = r_payload["imported_from"] = {
         "source": f"{source['file']} + {source['base_file']}", "kind": "official",
         "identity": f"sha256:{source['sha256']}+{source['base_sha256']}", **source}
-    stem = path.stem
-    base_path = write_checked(out / f"{stem}-base.pt", b_payload)
-    refiner_path = write_checked(out / f"{stem}-refiner.pt", r_payload)
+    base_path, refiner_path = out / f"{path.stem}-base.pt", out / f"{path.stem}-refiner.pt"
+    for target, payload in ((base_path, b_payload), (refiner_path, r_payload)):
+        if target.exists() and read_checkpoint(target).get("hash") != payload["hash"]:
+            raise CheckpointError(f"{target} exists and holds another import (another file of the same name?): "
+                                  f"choose another --out")
+    write_checked(base_path, b_payload)
+    write_checked(refiner_path, r_payload)
     log(f"imported {path.name}: {layout.dataset}, SegFormer {base.spec.backbone} base, UNet-{layout.unet_size} "
         f"(out {layout.out_dim}), T = {layout.steps}, {layout.num_states} states, "
         f"{'EMA + raw weights' if raw else 'one set of weights (no ema_* copies)'}")
@@ -288,8 +290,3 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     return base_path, refiner_path
 
 
-def _state_dict(payload, path: Path) -> dict:
-    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors (an mmcv checkpoint has 'state_dict')")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

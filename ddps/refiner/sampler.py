@@ -8,8 +8,9 @@ the replace-only transition). After each call the prediction x̂0 = argmax is re
 - ``posterior``: x_{t_{k+1}} ~ q(x_{t_{k+1}} | x_{t_k}, x̂0)       (exact Bayes over the stride, Eq. 3)
 - ``fresh``:     x_{t_{k+1}} ~ q(x_T), ignoring x̂0                 (the mask-reliance diagnostic's control)
 
-``times`` "official" is the official code's step list: the same K calls, then one more at t = 1 (their
-index i = T − 1, the almost clean step they always append), K + 1 calls when K < T.
+``times`` "official" is the official code's step list: their index i = 0, Δ, 2Δ, … < T (i = T − t: the even
+list's K calls when K divides T, more when it does not) and then always the almost clean step i = T − 1
+(t = 1): K + 1 calls when K divides T and K < T, e.g. 26 for T = 50, K = 20.
 
 The process takes the step (``NoiseProcess.step``); for Gaussian bit diffusion x̂0 is the expected analog
 bits of softmax(logits), and ``posterior`` is DDIM's step (η = 0).
@@ -24,21 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ddps.diffusion.process import RENOISE_MODES, NoiseProcess
-
-
-STEP_LISTS = ("even", "official")  # ddps.config.schema.STEP_LISTS
-
-
-def step_times(train_steps: int, test_steps: int, times: str = "even") -> list[int]:
-    """t_k = T − k·(T // K), k = 0 … K−1: the times at which the denoiser is called; ``official``: then t = 1
-    unless the list already ends there (the official code's list i = 0, Δ, …, plus T − 1, with i = T − t)."""
-    if not 1 <= test_steps <= train_steps:
-        raise ValueError(f"test steps {test_steps} must be in 1..{train_steps} (the train steps)")
-    if times not in STEP_LISTS:
-        raise ValueError(f"unknown step list {times!r}; choose from: {', '.join(STEP_LISTS)}")
-    stride = train_steps // test_steps
-    out = [train_steps - k * stride for k in range(test_steps)]
-    return out + [1] if times == "official" and out[-1] != 1 else out
+from ddps.refiner.steps import STEP_LISTS, step_times  # noqa: F401  (re-exported: the sampler's step lists)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddps.checkpoint_io import mmcv_state_dict, shape_of
 from ddps.errors import CheckpointError
 
 PAD_MULTIPLE = 16  # MMSeg's SegFormer test pipeline pads to a multiple of 16
@@ -180,9 +181,7 @@ def mmseg_to_base_state(state: dict, where: str = "state dict") -> dict:
 
 
 def _shape(state: dict, key: str, where: str) -> tuple[int, ...]:
-    if key not in state or not hasattr(state[key], "shape"):
-        raise CheckpointError(f"{where} has no {key}: not an MMSeg SegFormer")
-    return tuple(state[key].shape)
+    return shape_of(state, key, where, "an MMSeg SegFormer")
 
 
 def infer_variant(state: dict, where: str = "state dict") -> str:
@@ -208,9 +207,7 @@ def base_from_mmseg(state_dict: dict, where: str, num_classes: int | None = None
     ``num_classes`` / ``feature_channels`` given, a checkpoint with others is a one-line CheckpointError.
     Accepts the file's dict too (``{"meta": …, "state_dict": …}``)."""
     from ddps.segmentors.base import BaseSegmentor, SegmentorSpec, check_state
-    state = state_dict.get("state_dict", state_dict) if isinstance(state_dict, dict) else state_dict
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{where} holds a {type(state).__name__}, not a state dict")
+    state = mmcv_state_dict(state_dict, where)
     variant = infer_variant(state, where)
     classes, channels = _shape(state, "decode_head.conv_seg.weight", where)[:2]
     if num_classes is not None and classes != num_classes:

@@ -202,7 +202,8 @@ def check_local(value: str) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"base.pretrained={value}: no such folder ({path.absolute()}); give a folder written "
-                              f"by smp's save_pretrained, an smp-hub name (owner/name) or an MMSegmentation .pth file")
+                              f"by smp's save_pretrained, an smp-hub name (owner/name), an MMSegmentation .pth file "
+                              f"or a ddps base checkpoint (.pt)")
     if not path.is_dir():
         raise CheckpointError(f"base.pretrained={value} is a file but neither an MMSegmentation checkpoint (*.pth) "
                               f"nor a ddps base checkpoint (*.pt); give a folder written by smp's save_pretrained")
