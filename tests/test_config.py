@@ -84,3 +84,27 @@ def test_fuzzed_overrides_either_resolve_or_raise_config_error(overrides, reliab
         reliability["refused"] = reliability.get("refused", 0) + 1
     else:
         assert from_flat(to_flat(cfg)) == cfg
+
+
+def test_precision_values_and_keys_added_later_keep_the_old_hashes():
+    import hashlib
+    import json
+
+    from ddps.config.load import LATER_DEFAULTS
+    from ddps.config.schema import PRECISION_NAMES
+    from ddps.engine.device import DTYPES
+    assert tuple(DTYPES) == PRECISION_NAMES
+    with pytest.raises(ConfigError, match=r"train.precision='fp8' is not a valid choice; choose from: bf16, fp16, "
+                                          r"fp32"):
+        resolve("smoke", overrides=["train.precision=fp8"])
+    cfg = resolve("cpu")
+    # at their defaults, the keys added later are left out: the hash is the one of the flat dict without them
+    flat = {k: v for k, v in to_flat(cfg).items() if k.split(".")[0] in ("train", "eval") and k not in LATER_DEFAULTS
+            and k not in ("train.log_every", "train.eval_every", "train.threads")}
+    before = hashlib.sha256(json.dumps({"config": flat, "inputs": []}, sort_keys=True).encode()).hexdigest()
+    assert content_hash(cfg, ["train", "eval"]) == before
+    for key in ("train_base.precision", "train.precision", "eval.precision"):  # set otherwise, they are hashed
+        section = key.split(".")[0]
+        other = resolve("cpu", overrides=[f"{key}=bf16"])
+        assert content_hash(other, [section]) != content_hash(cfg, [section])
+    assert resolve("paper").train.precision == resolve("paper").train_base.precision == "bf16"

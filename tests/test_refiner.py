@@ -329,5 +329,5 @@ def test_evaluation_runs_its_forward_passes_in_the_precision_it_is_given():
     assert set(seen[:2]) == {torch.float32} and set(seen[2:]) == {torch.bfloat16} and len(seen) == 4
     assert full.base == half.base  # the base's cached logits are scored as they are
     assert all(0 <= s.mIoU <= 100 for s in half.steps) and len(half.steps) == 2
-    with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; choose from: bf16, fp16, fp32"):
+    with pytest.raises(ConfigError, match=r"precision='fp8' is not a valid choice; choose from: bf16, fp16, fp32"):
         evaluate_refiner(net, process, cache, cfg, num_classes=K, ignore_index=255, precision="fp8")

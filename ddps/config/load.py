@@ -192,12 +192,18 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 NOT_HASHED = frozenset({"train_base.log_every", "train_base.eval_every", "train_base.threads",
                         "train.log_every", "train.eval_every", "train.threads"})
 
+# keys added after stores existed: hashed only when set to another value than this, so that the checkpoints
+# and MLflow runs made before them keep their hashes (and are reused, not recomputed)
+LATER_DEFAULTS = {"train_base.precision": "fp32", "train.precision": "fp32", "train.num_workers": 0,
+                  "eval.precision": "fp32"}
+
 
 def content_hash(cfg: Config, sections: Iterable[str], inputs: Iterable[str] = (), exclude: Iterable[str] = ()) -> str:
-    """sha256 of the canonical JSON of the given sections (less NOT_HASHED and ``exclude``) plus the hashes
-    of a step's inputs."""
+    """sha256 of the canonical JSON of the given sections (less NOT_HASHED, ``exclude`` and LATER_DEFAULTS at
+    their default) plus the hashes of a step's inputs."""
     flat = to_flat(cfg)
     skip = NOT_HASHED | set(exclude)
-    chosen = {k: v for k, v in flat.items() if k.split(".")[0] in set(sections) and k not in skip}
+    chosen = {k: v for k, v in flat.items() if k.split(".")[0] in set(sections) and k not in skip
+              and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     payload = json.dumps({"config": chosen, "inputs": list(inputs)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

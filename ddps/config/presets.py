@@ -83,5 +83,10 @@ PRESETS: dict[str, dict] = {
         "train.stage1_iters": 80000, "train.stage2_iters": 160000, "train.batch_size": 32,
         "train.warmup_iters": 1000, "train.halve_every": 20000, "train.feature_cache": False,
         "train.eval_every": 16000, "train.log_every": 50, "train.cond_dropout": 0.1,
+        # bf16 autocast (not in the paper) for base training, refiner training with the frozen base's
+        # features, and evaluation: what a GPU cluster runs fast; on a CPU set them to fp32 (bf16
+        # convolutions crawl there). The image path's augmentation runs in 4 loader processes.
+        "train_base.precision": "bf16", "train.precision": "bf16", "eval.precision": "bf16",
+        "train.num_workers": 4,
     },
 }

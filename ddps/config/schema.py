@@ -12,6 +12,9 @@ from ddps.diffusion.registry import PROCESSES
 from ddps.errors import ConfigError, choices
 
 
+PRECISION_NAMES = ("fp32", "bf16", "fp16")  # ddps.engine.device.DTYPES; checked to match
+
+
 def _require(ok: bool, key: str, value, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is out of range: {rule}")
@@ -99,6 +102,7 @@ class TrainBaseConfig:
     log_every: int = 50
     num_workers: int = 0
     threads: int = 0               # torch threads; 0 = torch's default
+    precision: str = "fp32"        # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     seed: int = 0
 
     def __post_init__(self):
@@ -113,6 +117,7 @@ class TrainBaseConfig:
                  "0 <= warmup_iters < iters")
         _require(self.num_workers >= 0 and self.threads >= 0, "train_base.num_workers/threads",
                  (self.num_workers, self.threads), ">= 0")
+        _choose("train_base.precision", self.precision, PRECISION_NAMES)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class EvalConfig:
     multiscale: bool = False       # refiner evaluations: also the multi-scale + flip test (Tables 1, 2, 4)
     batch_size: int = 32
     max_images: int = 0            # 0 = the whole val split
+    precision: str = "fp32"        # evaluation, refinement and sampling: fp32 | bf16 | fp16 (autocast)
 
     def __post_init__(self):
         _require(self.mode in ("whole", "slide"), "eval.mode", self.mode, "whole or slide")
@@ -134,6 +140,7 @@ class EvalConfig:
         _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _require(self.max_images >= 0, "eval.max_images", self.max_images, ">= 0 (0 = all)")
         _require(self.crop >= 32, "eval.crop", self.crop, ">= 32")
+        _choose("eval.precision", self.precision, PRECISION_NAMES)
 
 
 DENOISER_SIZES = ("XXS", "XS", "T", "S", "M", "L")  # ddps.denoiser.UNET_SIZES; tested to match
@@ -225,9 +232,12 @@ class TrainConfig:
     eval_every: int = 1000
     log_every: int = 100
     threads: int = 0
+    num_workers: int = 0            # loader processes of the image path (train.feature_cache=false)
+    precision: str = "fp32"         # the refiner's and the frozen base's forward passes: fp32 | bf16 | fp16
     seed: int = 0
 
     def __post_init__(self):
+        _choose("train.precision", self.precision, PRECISION_NAMES)
         _choose("train.target", self.target, TARGETS)
         _choose("train.loss", self.loss, LOSSES)
         _choose("train.stages", self.stages, STAGE_PLANS)
@@ -248,7 +258,8 @@ class TrainConfig:
                  ">= 0")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _require(0 <= self.cond_dropout < 1, "train.cond_dropout", self.cond_dropout, "in [0, 1)")
-        _require(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        _require(self.threads >= 0 and self.num_workers >= 0, "train.threads/num_workers",
+                 (self.threads, self.num_workers), ">= 0")
 
 
 @dataclass(frozen=True)
