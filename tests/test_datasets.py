@@ -207,6 +207,33 @@ def test_mixed_image_sizes_are_evaluated_in_batches_of_one_size(tmp_path):
     assert batched.mIoU == pytest.approx(single.mIoU) and batched.mBIoU == pytest.approx(single.mBIoU)
 
 
+def test_mixed_image_sizes_are_refined_in_batches_of_one_size(tmp_path):
+    """A refiner's evaluation streams the split's images through the base (ADE20K's differ in size: no
+    feature cache of the whole split), in batches of one size; batched and one by one give the same scores."""
+    from ddps.config import resolve
+    from ddps.engine.evaluate_refiner import evaluate_refiner
+    from ddps.refiner.build import build_denoiser, build_process
+    from ddps.segmentors import create_base
+    root = make_folder(tmp_path)
+    save(root / "images" / "s3.png", image(h=64, w=72))
+    save(root / "masks" / "s3.png", np.ones((64, 72)))
+    (root / "splits" / "val.txt").write_text("s2\ns3\ns1\n")
+    config = resolve("smoke", overrides={"data.dataset": "folder", "data.root": str(root), "eval.max_images": 0})
+    ds = build_dataset(config.data, "val")
+    torch.manual_seed(0)
+    base = create_base("segformer", "mit_b0", 3, feature_channels=16).eval()
+    process = build_process(config, 3)
+    denoiser = build_denoiser(config, 3, 16, process)
+    scores = [evaluate_refiner(denoiser, process, None, config, base=base, dataset=ds, batch_size=b, steps=2)
+              for b in (3, 1)]
+    assert scores[0].images == scores[1].images == 3 and len(scores[0].steps) == 2
+    assert scores[0].base == scores[1].base  # the refinement's random draws depend on the batches, the base's not
+    head = resolve("smoke", overrides={"data.dataset": "folder", "data.root": str(root), "denoiser.method": "head"})
+    denoiser = build_denoiser(head, 3, 16, process)
+    scores = [evaluate_refiner(denoiser, process, None, head, base=base, dataset=ds, batch_size=b) for b in (3, 1)]
+    assert scores[0].last.mIoU == pytest.approx(scores[1].last.mIoU)  # deterministic: one call, no mask
+
+
 @pytest.mark.reliability(kind="bad_input", case="unknown split")
 def test_unknown_split(tmp_path):
     with pytest.raises(DataError, match=r"unknown split 'test'; choose from: train, holdout, val"):

@@ -1,7 +1,7 @@
 """Random numbers keyed by sample, so that training does not depend on how a batch is split.
 
-Sample i's draws depend only on (seed, keys[i], stream) — never on which batch or which data-parallel
-worker holds it. With keys = the sample's position in the global data order, 2 workers x batch b and
+Sample i's draws depend only on (seed, keys[i], stream) and the device type (a GPU's generator is not the
+CPU's) — never on which batch or which data-parallel worker holds it. With keys = the sample's position in the global data order, 2 workers x batch b and
 1 worker x batch 2b draw the same t, the same noise and the same condition dropout for every sample.
 """
 from __future__ import annotations
@@ -26,9 +26,15 @@ class SampleRNG:
         return len(self.keys)
 
     def _draw(self, fn, shape, stream: int) -> torch.Tensor:
-        out = torch.stack([fn(shape, generator=torch.Generator().manual_seed(_seed(self.seed, k, stream)))
-                           for k in self.keys])
-        return out.to(self.device) if self.device is not None else out
+        """On a GPU the draws are made there, by one generator per sample (a CPU draw of the Gumbel noise —
+        states x mask pixels per sample — and its copy would cost a GPU step more than the step itself)."""
+        device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        if device.type == "cpu":
+            return torch.stack([fn(shape, generator=torch.Generator().manual_seed(_seed(self.seed, k, stream)))
+                                for k in self.keys])
+        return torch.stack([fn(shape, device=device,
+                               generator=torch.Generator(device=device).manual_seed(_seed(self.seed, k, stream)))
+                            for k in self.keys])
 
     def rand(self, shape: tuple[int, ...], stream: int) -> torch.Tensor:
         return self._draw(torch.rand, tuple(shape), stream)

@@ -79,7 +79,7 @@ def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = 
 
 def evaluate_refiner_file(path, cfg, *, split: str = "val", payload: dict | None = None, reliance: bool = True,
                           multiscale: bool = False, examples: Sequence[int] = (), device="cpu",
-                          precision: str = "fp32"):
+                          precision: str | None = None):
     """A refiner checkpoint (its EMA weights when infer.ema) evaluated on ``split`` of its dataset, as
     evaluate_refiner does, with the #P(M) of base and denoiser: (record, base). The dataset must
     have the classes the checkpoint predicts."""

@@ -10,6 +10,7 @@ the "prior" is then only a decode head on the features.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 from ddps import names
 from ddps.config import Config
 from ddps.diffusion.process import NoiseProcess
-from ddps.engine.evaluate import autocast, eval_loader
-from ddps.engine.features import FeatureCache, base_batch, compute_cache, conditioning
+from ddps.engine.device import autocast, to_device
+from ddps.engine.evaluate import eval_loader
+from ddps.engine.features import FeatureCache, base_batch, conditioning
 from ddps.engine.record import Evaluation, Example, Reliance, Scores
 from ddps.metrics import SegMetrics
 from ddps.refiner.build import build_codec
@@ -43,15 +45,18 @@ def oracle_input(process: NoiseProcess, batch, codec: ResizeCodec, t: int, ignor
 def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config, *,
                      num_classes: int | None = None, ignore_index: int | None = None, steps: int | None = None,
                      reliance: bool = False, multiscale: bool = False, examples: Sequence[int] = (), base=None,
-                     dataset=None, class_names: Sequence[str] | None = None, device="cpu", precision: str = "fp32",
-                     batch_size: int | None = None, head: bool | None = None) -> Evaluation:
+                     dataset=None, class_names: Sequence[str] | None = None, device="cpu",
+                     precision: str | None = None, batch_size: int | None = None,
+                     head: bool | None = None) -> Evaluation:
     """Evaluate ``denoiser`` on a split whose frozen-base features are ``cache``; the record of it.
 
-    ``cache`` None: computed here, by the ``base`` over ``dataset``. The ``dataset``'s classes, ignore index
+    ``cache`` None: the ``dataset``'s images stream through the ``base`` in batches of eval.batch_size (of one
+    size each: ADE20K's images differ), nothing kept beyond a batch. The ``dataset``'s classes, ignore index
     and class names are the defaults of ``num_classes``, ``ignore_index`` and ``class_names``.
     ``steps``: test steps (default infer.steps); ``reliance``: the mask-reliance diagnostic; ``multiscale``:
     the multi-scale + flip test and ``examples``: these images' refinements — both run the ``base`` over
-    ``dataset`` (the split's images). Forward passes run on ``device`` in ``precision`` (fp32 | bf16 | fp16);
+    ``dataset`` (the split's images). Forward passes — the base's too — run on ``device`` in ``precision``
+    (fp32 | bf16 | fp16; default eval.precision); the random draws come from a generator on ``device``;
     scores are computed in float32 at the label resolution. ``head``: the UNet-as-head baseline, one call
     without a mask (default: what cfg.denoiser.method says).
     """
@@ -59,8 +64,7 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config,
     if (cache is None or multiscale or examples) and (base is None or dataset is None):  # images to run
         raise ValueError("without a feature cache, and for the multi-scale test and the examples, "
                          "evaluate_refiner needs the base and the dataset")
-    if cache is None:
-        cache = compute_cache(base, dataset, build_codec(cfg), device=device)
+    precision = precision or cfg.eval.precision
     if dataset is None and (num_classes is None or ignore_index is None):
         raise ValueError("evaluate_refiner needs num_classes and ignore_index, or the dataset")
     num_classes = dataset.num_classes if num_classes is None else num_classes
@@ -69,9 +73,10 @@ def evaluate_refiner(denoiser, process, cache: FeatureCache | None, cfg: Config,
         class_names = dataset.class_names if dataset is not None else ()
     was_training = denoiser.training
     denoiser.eval()
-    with autocast(device, precision):
-        scores = _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps or cfg.infer.steps,
-                               reliance and not head, head, device, batch_size or cfg.eval.batch_size)
+    with autocast(device, precision, "eval.precision"):
+        images, batches = _batches(cache, base, dataset, cfg, device, batch_size or cfg.eval.batch_size)
+        scores = _single_scale(denoiser, process, images, batches, cfg, num_classes, ignore_index,
+                               steps or cfg.infer.steps, reliance and not head, head, device)
         ms = _multiscale(denoiser, process, base, dataset, cfg, head, device) if multiscale else None
         shown = _examples(denoiser, process, base, dataset, [i for i in examples if i < len(dataset)], cfg, head,
                           device)
@@ -90,20 +95,38 @@ def class_trajectory(denoiser, process, features, cfg: Config, steps: int, head:
     return [classes(logits) for logits in traj.logits], traj.times
 
 
-def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, steps, reliance, head, device,
-                  batch_size) -> dict:
-    """The base, every step and (with ``reliance``) the diagnostic over the cache, in one pass."""
+def _batches(cache: FeatureCache | None, base, dataset, cfg: Config, device, batch_size: int):
+    """(images, the conditioned batches over them): from the feature cache, or the dataset's test images
+    through the base (eval.max_images of either)."""
+    residual = cfg.denoiser.residual
+    if cache is not None:
+        limit = len(cache) if not cfg.eval.max_images else min(len(cache), cfg.eval.max_images)
+        return limit, (conditioning(cache.batch(torch.arange(start, min(start + batch_size, limit)), device), residual)
+                       for start in range(0, limit, batch_size))
     codec = build_codec(cfg)
-    generator = torch.Generator().manual_seed(cfg.infer.seed)
+    loader = eval_loader(dataset, replace(cfg.eval, batch_size=batch_size), device)
+    return len(loader.dataset), (
+        conditioning(base_batch(base, to_device(group["image"], device), to_device(group["mask"], device).long(),
+                                codec), residual)
+        for groups in loader for group in groups)
+
+
+def generator_on(device, seed: int) -> torch.Generator:
+    """The random draws of a refinement, on the device that computes it (seeded: the same draws every run)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _single_scale(denoiser, process, images: int, batches, cfg, num_classes, ignore_index, steps, reliance, head,
+                  device) -> dict:
+    """The base, every step and (with ``reliance``) the diagnostic over the batches, in one pass."""
+    codec = build_codec(cfg)
+    generator = generator_on(device, cfg.infer.seed)
     initial = SegMetrics(num_classes, ignore_index)
     per_step: list[SegMetrics] = []
     extra = {name: SegMetrics(num_classes, ignore_index) for name in (("oracle", "random") if reliance else ())}
     times: list[int] = []
-    limit = len(cache) if not cfg.eval.max_images else min(len(cache), cfg.eval.max_images)
     oracle_t = cfg.infer.oracle_t or max(1, process.steps // 10)
-    for start in range(0, limit, batch_size):
-        batch = conditioning(cache.batch(torch.arange(start, min(start + batch_size, limit)), device),
-                             cfg.denoiser.residual)
+    for batch in batches:
         size = batch.labels.shape[-2:]
         initial.update(codec.decode(batch.base_logits.float(), size).argmax(1), batch.labels)
         trajectory, times = class_trajectory(denoiser, process, batch.features, cfg, steps, head, generator)
@@ -123,7 +146,7 @@ def _single_scale(denoiser, process, cache, cfg, num_classes, ignore_index, step
     if reliance:
         found = Reliance(step_scores[-1].mIoU, extra["oracle"].compute()["mIoU"], extra["random"].compute()["mIoU"],
                          oracle_t)
-    return {"images": limit, "base": Scores.from_metrics(initial.compute()), "steps": step_scores,
+    return {"images": images, "base": Scores.from_metrics(initial.compute()), "steps": step_scores,
             "times": tuple(times), "reliance": found}
 
 
@@ -131,13 +154,13 @@ def _examples(denoiser, process, base, dataset, indices: list[int], cfg: Config,
               device) -> tuple[Example, ...]:
     """These images through the base and every refinement step: class probabilities at the label size."""
     codec = build_codec(cfg)
-    generator = torch.Generator().manual_seed(cfg.infer.seed)
+    generator = generator_on(device, cfg.infer.seed)
     out = []
     for index in indices:
         rgb, label, _ = dataset.read(index)
         item = dataset[index]
-        batch = conditioning(base_batch(base, item["image"][None].to(device), item["mask"][None].long().to(device),
-                                        codec), cfg.denoiser.residual)
+        batch = conditioning(base_batch(base, to_device(item["image"][None], device),
+                                        to_device(item["mask"][None], device).long(), codec), cfg.denoiser.residual)
         size = item["mask"].shape[-2:]
         trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, cfg.infer.steps, head, generator)
         probs = [codec.decode(logits.float(), size).softmax(1)[0].cpu().numpy()
@@ -158,11 +181,11 @@ def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, devic
     label resolution, then scored."""
     codec = build_codec(cfg)
     multiple = 4 * cfg.denoiser.mask_scale  # the UNet halves the mask twice
-    generator = torch.Generator().manual_seed(cfg.infer.seed)
+    generator = generator_on(device, cfg.infer.seed)
     scores = {"base": SegMetrics(dataset.num_classes, dataset.ignore_index),
               "last": SegMetrics(dataset.num_classes, dataset.ignore_index)}
-    for batch in (b for batches in eval_loader(dataset, cfg.eval) for b in batches):
-        x, label = batch["image"].to(device), batch["mask"].to(device)
+    for batch in (b for batches in eval_loader(dataset, cfg.eval, device) for b in batches):
+        x, label = to_device(batch["image"], device), to_device(batch["mask"], device)
         size = label.shape[-2:]
         probs = {"base": 0.0, "last": 0.0}
         copies = 0

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ddps.engine.device import autocast, loader_options, to_device
 from ddps.errors import DataError
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.objective import Batch
@@ -63,9 +64,10 @@ class FeatureCache:
         return len(self.features)
 
     def batch(self, index: torch.Tensor, device="cpu", keys: torch.Tensor | None = None) -> Batch:
-        logits = self.base_logits[index].to(device, torch.float32)
-        return Batch(features=self.features[index].to(device, torch.float32),
-                     labels=self.labels[index].to(device, torch.long), base_pred=logits.argmax(1),
+        """The rows ``index`` on ``device`` (copied from pinned memory to a GPU), in float32 and long."""
+        logits = to_device(self.base_logits[index], device).float()
+        return Batch(features=to_device(self.features[index], device).float(),
+                     labels=to_device(self.labels[index], device).long(), base_pred=logits.argmax(1),
                      base_logits=logits, keys=keys)
 
     @property
@@ -75,12 +77,14 @@ class FeatureCache:
 
 @torch.no_grad()
 def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, flip: bool = False,
-                  batch_size: int = 64, device="cpu") -> FeatureCache:
-    """Run the frozen base over ``dataset`` (its test transform) once; all images must share one size.
-    The cache is allocated once its shapes are known and filled in place (no second copy at the end)."""
+                  batch_size: int = 64, device="cpu", precision: str = "fp32") -> FeatureCache:
+    """Run the frozen base over ``dataset`` (its test transform) once, on ``device`` in ``precision``; all
+    images must share one size. The cache is allocated once its shapes are known and filled in place (no
+    second copy at the end)."""
     base.eval()
     n, copies = len(dataset), (2 if flip else 1)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=stack_pairs)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=stack_pairs,
+                        **loader_options(device))
     cache, size, start = None, None, 0
     for images, masks, _ in loader:
         if size is None:
@@ -92,7 +96,8 @@ def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, 
         stop = start + len(images)
         for copy in range(copies):  # originals first, then the flipped copies, in dataset order
             x, y = (images.flip(-1), masks.flip(-1)) if copy else (images, masks)
-            b = base_batch(base, x.to(device), y, codec)
+            with autocast(device, precision, "train.precision"):
+                b = base_batch(base, to_device(x, device), y, codec)
             if cache is None:
                 cache = FeatureCache(torch.empty((copies * n, *b.features.shape[1:]), dtype=torch.float16),
                                      torch.empty((copies * n, *b.base_logits.shape[1:]), dtype=torch.float16),

@@ -60,6 +60,12 @@ class GlobalOrder:
     def position(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    def after(self, batches: int) -> dict:
+        """The position after ``batches`` global batches from the start: what a training state saves, rather
+        than :attr:`position`, which a DataLoader's prefetching workers run ahead of the loop."""
+        per_epoch = self.n // self.batch_size
+        return {"epoch": batches // per_epoch, "offset": batches % per_epoch}
+
     def seek(self, position: dict) -> None:
         self.epoch, self.offset = int(position["epoch"]), int(position["offset"])
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ddps.checkpoint_io import write_checked
 from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
 from ddps.data import SegmentationDataset, build_dataset, selection_split
+from ddps.engine.device import autocast, backward_step, grad_scaler, loader_options, optimizer_step, to_device
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
@@ -183,11 +184,13 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
     # ---- optimiser ---------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
 
+    scaler = grad_scaler(worker.device, tc.precision)  # fp16: loss scaling; fp32 and bf16: none
+
     # ---- start, or resume from the latest training state --------------------------------------------
-    progress = _start_or_resume(cfg, reporter, worker, model, optimizer, data, checkpointer)
+    progress = _start_or_resume(cfg, reporter, worker, model, optimizer, scaler, data, checkpointer)
 
     # ---- loop --------------------------------------------------------------------------------------
-    _loop(cfg, reporter, worker, model, optimizer, data, progress, checkpointer)
+    _loop(cfg, reporter, worker, model, optimizer, scaler, data, progress, checkpointer)
 
     # ---- checkpoint --------------------------------------------------------------------------------
     return _finish(cfg, reporter, worker, model, data, progress, path)
@@ -222,9 +225,10 @@ def _data(cfg: Config, worker: Worker) -> _Data:
     return _Data(train_set, val_set, split, order)
 
 
-def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer,
+def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer, scaler,
                      data: _Data, checkpointer: Checkpointer | None) -> _Progress:
-    """A fresh start, or the model, optimiser, data position and RNG of the checkpointer's latest state."""
+    """A fresh start, or the model, optimiser (and fp16 loss scale), data position and RNG of the
+    checkpointer's latest state."""
     tc = cfg.train_base
     state = checkpointer.latest() if checkpointer else None
     if state is None:
@@ -234,6 +238,8 @@ def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: Bas
         return _Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     data.order.seek(state["position"])
     set_rng_state(state["rng"])
     progress = _Progress(list(state["history"]), int(state["iter"]), int(state["images_seen"]))
@@ -242,27 +248,30 @@ def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: Bas
     return progress
 
 
-def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer, data: _Data,
+def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer, scaler, data: _Data,
           progress: _Progress, checkpointer: Checkpointer | None) -> None:
-    """Iterations progress.start .. train_base.iters: logs, held-out evaluations (rank 0), training states."""
+    """Iterations progress.start .. train_base.iters: logs, held-out evaluations (rank 0), training states.
+    Forward passes in train_base.precision, the loss in float32 from the logits."""
     tc, device, split, history = cfg.train_base, worker.device, data.split, progress.history
     ddp = worker.wrap(model) if worker.wrap else model
     loader = DataLoader(data.train, batch_sampler=(index.tolist() for index, _ in data.order),
-                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=data.train.collate)
+                        num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=data.train.collate,
+                        **loader_options(device))
     batches = iter(loader)
     window_start, window_images = time.perf_counter(), 0
     model.train()
     for it in range(progress.start, tc.iters):
         batch = next(batches)
-        x, y = batch["image"].to(device), batch["mask"].to(device)  # (b, 3, H, W), (b, H, W)
+        x, y = to_device(batch["image"], device), to_device(batch["mask"], device)  # (b, 3, H, W), (b, H, W)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, tc) * group["lr_mult"]
-        logits = ddp(x).logits
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        with autocast(device, tc.precision, "train_base.precision"):
+            logits = ddp(x).logits
+        logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y, ignore_index=data.train.ignore_index)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        backward_step(loss, scaler)
+        optimizer_step(optimizer, scaler)
         progress.seen += tc.batch_size
         window_images += tc.batch_size
         step = it + 1
@@ -271,14 +280,15 @@ def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor,
             reporter.log({"loss": float(loss.detach()), "lr": lr_at(it, tc), "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
         if worker.is_main and (step % tc.eval_every == 0 or step == tc.iters):
-            scores = evaluate_base(model, data.val, cfg.eval, device=device)
+            scores = evaluate_base(model, data.val, cfg.eval, device=device)  # in eval.precision
             history.append({"iter": step, "mIoU": scores.mIoU, "mBIoU": scores.mBIoU})
             reporter.log({f"{split}_mIoU": scores.mIoU, f"{split}_mBIoU": scores.mBIoU}, step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointer and step % checkpointer.every == 0 and step < tc.iters:
             checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "position": data.order.position, "rng": rng_state(), "history": history,
-                               "images_seen": progress.seen}, step)
+                               "position": data.order.after(step), "rng": rng_state(), "history": history,
+                               "images_seen": progress.seen,
+                               "scaler": scaler.state_dict() if scaler is not None else None}, step)
 
 
 def _finish(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, data: _Data,

@@ -8,6 +8,7 @@ stage is reused. Stages: config -> base and data -> model -> optimiser -> loop (
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, replace
@@ -18,12 +19,13 @@ import torch
 from ddps.checkpoint_io import write_checked
 from ddps.config import Config, TrainConfig, content_hash, to_flat
 from ddps.data import build_dataset, selection_split
+from ddps.engine.device import autocast, backward_step, grad_scaler, loader_options, optimizer_step, to_device
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import (FeatureCache, base_batch, compute_cache, conditioning,
                                   stored_cache)
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
-from ddps.engine.train_base import seed_everything
+from ddps.engine.train_base import reseed_worker, seed_everything
 from ddps.diffusion.rng import SampleRNG
 from ddps.errors import CheckpointError, ConfigError, DataError
 from ddps.paths import cache_dir
@@ -96,7 +98,8 @@ class RefinerData:
     """Where refiner batches come from: a feature cache, or augmented images through the frozen base."""
     train_cache: FeatureCache | None
     train_set: torch.utils.data.Dataset | None
-    select: FeatureCache          # held-out split for evaluations during training (holdout scenes or val)
+    select: FeatureCache | None   # held-out split for evaluations during training (holdout scenes or val): its
+    select_set: torch.utils.data.Dataset  # features cached with the train split's, else streamed from its images
     select_name: str
     num_classes: int
     ignore_index: int
@@ -106,8 +109,9 @@ class RefinerData:
 def feature_cache_path(cfg: Config, base_hash: str) -> Path:
     """Where the train split's feature cache of this base lives: addressed by the base's hash, the data
     section, the mask size and flips — what the cached tensors depend on."""
+    precision = [] if cfg.train.precision == "fp32" else [f"precision={cfg.train.precision}"]
     key = content_hash(cfg, ("data",), [base_hash, "features", f"mask_scale={cfg.denoiser.mask_scale}",
-                                         f"flip={cfg.train.flip}"])
+                                         f"flip={cfg.train.flip}", *precision])
     return cache_dir("features") / f"train-{key[:16]}.pt"
 
 
@@ -115,7 +119,9 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
                  base_hash: str | None = None) -> RefinerData:
     """The training stream's source and the held-out split that evaluations during training use: the
     holdout split when data.holdout > 0 (for choosing hyper-parameters without touching val), else val.
-    With ``base_hash``, the train split's feature cache is kept in DDPS_HOME/features and reused."""
+    With train.feature_cache both splits' base features are computed once (in train.precision) and, with
+    ``base_hash``, the train split's kept in DDPS_HOME/features and reused; without it (augmentation, or
+    images of many sizes as ADE20K's) both stream through the base, nothing held beyond a batch."""
     tc = cfg.train
     codec = build_codec(cfg)
     train_eval = build_dataset(cfg.data, "train", train=False)
@@ -128,11 +134,12 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
     select_name = selection_split(cfg.data)
     select_set = build_dataset(cfg.data, select_name)
     t0 = time.perf_counter()
-    select = compute_cache(base, select_set, codec, device=device)
-    cache, train_set = None, None
+    select, cache, train_set = None, None, None
     if tc.feature_cache:
+        select = compute_cache(base, select_set, codec, device=device, precision=tc.precision)
+
         def compute():
-            return compute_cache(base, train_eval, codec, flip=tc.flip, device=device)
+            return compute_cache(base, train_eval, codec, flip=tc.flip, device=device, precision=tc.precision)
         how = "computed"
         if base_hash:
             path = feature_cache_path(cfg, base_hash)
@@ -145,22 +152,29 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
                           f"{cache.nbytes / 2**20:.0f} MiB, {how}, {time.perf_counter() - t0:.0f}s")
     else:
         train_set = build_dataset(cfg.data, "train", seed=tc.seed)
-    return RefinerData(cache, train_set, select, select_name, train_eval.num_classes, train_eval.ignore_index,
-                       train_eval.class_names)
+    return RefinerData(cache, train_set, select, select_set, select_name, train_eval.num_classes,
+                       train_eval.ignore_index, train_eval.class_names)
 
 
-def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu", residual: bool = False):
-    """This worker's endless stream of refiner batches in ``order`` (which knows its position). Each sample
-    carries the key of its random draws: epoch x N + its index, independent of how batches are split."""
+def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu", residual: bool = False,
+            tc: TrainConfig | None = None):
+    """This worker's endless stream of refiner batches in ``order``. Each sample carries the key of its random
+    draws: epoch x N + its index, independent of how batches are split. The image path loads and augments
+    in train.num_workers processes (pinned for a GPU) and runs the frozen base in train.precision."""
+    tc = tc or TrainConfig()
     if data.train_cache is not None:
         for index, keys in order:
             yield conditioning(data.train_cache.batch(index, device, keys=keys), residual)
     else:
         pairs = (list(zip(index.tolist(), keys.tolist())) for index, keys in order)
         keyed = KeyedDataset(data.train_set)
-        loader = torch.utils.data.DataLoader(keyed, batch_sampler=pairs, num_workers=0, collate_fn=keyed.collate)
+        loader = torch.utils.data.DataLoader(keyed, batch_sampler=pairs, num_workers=tc.num_workers,
+                                             worker_init_fn=reseed_worker, collate_fn=keyed.collate,
+                                             **loader_options(device))
         for images, labels, keys in loader:
-            yield conditioning(base_batch(base, images.to(device), labels.to(device), codec, keys=keys), residual)
+            with autocast(device, tc.precision, "train.precision"):
+                batch = base_batch(base, to_device(images, device), to_device(labels, device), codec, keys=keys)
+            yield conditioning(batch, residual)
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -215,8 +229,7 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
         reporter.info(f"{stage}: resuming at iteration {run.start} from the last checkpoint")
     model = worker.wrap(run.denoiser) if worker.wrap else run.denoiser
     rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
-    stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+    stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual, tc=tc)
     if run.start == 0:
         reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
                       f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s), "
@@ -229,9 +242,8 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
         for group in run.optimizer.param_groups:
             group["lr"] = refiner_lr(it, tc)
         run.optimizer.zero_grad(set_to_none=True)
-        loss, parts = _accumulate(model, run, next(stream), cfg, stage, rng_seed, data.ignore_index, device,
-                                  autocast)
-        run.optimizer.step()
+        loss, parts = _accumulate(model, run, next(stream), cfg, stage, rng_seed, data.ignore_index, device)
+        optimizer_step(run.optimizer, run.scaler)
         step = it + 1
         if run.ema:
             run.ema.update(run.denoiser, step)
@@ -242,7 +254,7 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
                           "img_per_s": window_images / elapsed}, step)
             window_start, window_images = time.perf_counter(), 0
         if worker.is_main and (step % tc.eval_every == 0 or step == iters):
-            scores = _evaluate(cfg, stage, run, data, device)
+            scores = _evaluate(cfg, stage, run, data, base, device)
             run.history.append({"iter": step, **scores})
             reporter.log({f"{data.select_name}_{k}": v for k, v in scores.items()}, step)
             window_start = time.perf_counter()
@@ -266,6 +278,7 @@ class _StageRun:
     ema: EMA | None
     order: GlobalOrder
     history: list
+    scaler: torch.amp.GradScaler | None = None  # fp16 training's loss scaling
     start: int = 0
 
     @classmethod
@@ -283,7 +296,7 @@ class _StageRun:
         ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
         order = GlobalOrder(train_size(data), tc.batch_size, tc.seed + 11, worker.rank, worker.world_size)
         worker.local_batch(tc.batch_size, "train.batch_size")
-        return cls(codec, process, denoiser, optimizer, ema, order, [])
+        return cls(codec, process, denoiser, optimizer, ema, order, [], grad_scaler(worker.device, tc.precision))
 
     def resume(self, state: dict | None) -> bool:
         """Weights, EMA, optimiser, data position, RNG and iteration from a saved state, if there is one."""
@@ -295,36 +308,51 @@ class _StageRun:
             self.ema.state = state["ema"]
         self.order.seek(state["position"])
         set_rng_state(state["rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.history, self.start = list(state["history"]), int(state["iter"])
         return True
 
     def state(self, step: int) -> dict:
         """The training state after ``step`` iterations, as :meth:`resume` reads it."""
         return {"iter": step, "model": self.denoiser.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state if self.ema else None, "position": self.order.position,
-                "rng": rng_state(), "history": self.history}
+                "ema": self.ema.state if self.ema else None, "position": self.order.after(step),
+                "rng": rng_state(), "history": self.history,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
 
 def _accumulate(model, run: _StageRun, batch, cfg: Config, stage: str, rng_seed: int, ignore_index: int,
-                device, autocast) -> tuple[torch.Tensor, dict]:
-    """Forward (under ``autocast``) and backward over the batch's train.accumulate micro-batches; the last
-    one's loss and parts."""
+                device) -> tuple[torch.Tensor, dict]:
+    """Forward (in train.precision) and backward over the batch's train.accumulate micro-batches; the last
+    one's loss and parts. Data-parallel, the gradients are all-reduced once, with the last micro-batch's
+    backward (DDP's no_sync before it)."""
     tc = cfg.train
-    for part in batch.split(tc.accumulate):
-        with autocast:
-            if stage == "head":
-                loss, parts = head_loss(model, part, run.codec, ignore_index)
-            else:
-                loss, parts = refiner_loss(
-                    model, run.process, part, run.codec, stage=1 if stage == "stage1" else 2, target=tc.target,
-                    rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
-                    cond_dropout=tc.cond_dropout, ignore_index=ignore_index)
-        (loss / tc.accumulate).backward()
+    parts_of_batch = batch.split(tc.accumulate)
+    for i, part in enumerate(parts_of_batch):
+        last = i + 1 == len(parts_of_batch)
+        with _synced(model, last):  # DDP needs the forward and the backward inside no_sync
+            with autocast(device, tc.precision, "train.precision"):
+                if stage == "head":
+                    loss, parts = head_loss(model, part, run.codec, ignore_index)
+                else:
+                    loss, parts = refiner_loss(
+                        model, run.process, part, run.codec, stage=1 if stage == "stage1" else 2, target=tc.target,
+                        rng=SampleRNG(rng_seed, part.keys, device), loss=tc.loss, vlb_weight=tc.vlb_weight,
+                        cond_dropout=tc.cond_dropout, ignore_index=ignore_index)
+            backward_step(loss / tc.accumulate, run.scaler)
     return loss, parts
 
 
-def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, device) -> dict:
-    """A held-out check: the EMA weights (when kept) on the selection split; stage 1 at one step."""
+def _synced(model, sync: bool):
+    """DDP's gradient all-reduce for this backward only when ``sync`` (a model that is not DDP: always)."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, base, device) -> dict:
+    """A held-out check: the EMA weights (when kept) on the selection split (its cached features, else its
+    images through the base), in eval.precision; stage 1 at one step."""
     model = run.denoiser
     if run.ema:
         model = copy.deepcopy(run.denoiser)
@@ -333,7 +361,8 @@ def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, device
     if stage == "stage1":  # one call at t = T, the only time stage 1 trains at (not the official list's t = 1)
         cfg = replace(cfg, infer=replace(cfg.infer, times="even"))
     result = evaluate_refiner(model, run.process, data.select, cfg, num_classes=data.num_classes,
-                              ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head")
+                              ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head",
+                              base=base, dataset=data.select_set)
     return result.checks()
 
 
