@@ -234,7 +234,7 @@ def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: Bas
     if state is None:
         reporter.info(f"{model.spec.name}: {model.num_params() / 1e6:.2f}M params, {len(data.train)} train / "
                       f"{len(data.val)} {data.split} images, {tc.iters} iters of batch {tc.batch_size} on "
-                      f"{worker.world_size} worker(s)")
+                      f"{worker.world_size} worker(s) ({worker.device}, {tc.precision})")
         return _Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

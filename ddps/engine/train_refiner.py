@@ -232,7 +232,8 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual, tc=tc)
     if run.start == 0:
         reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
-                      f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s), "
+                      f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s) ({device}, "
+                      f"{tc.precision}), "
                       f"T={run.process.steps}, target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
 
     # ---- the loop --------------------------------------------------------------------------------------
