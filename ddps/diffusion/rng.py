@@ -1,8 +1,9 @@
 """Random numbers keyed by sample, so that training does not depend on how a batch is split.
 
 Sample i's draws depend only on (seed, keys[i], stream) and the device type (a GPU's generator is not the
-CPU's) — never on which batch or which data-parallel worker holds it. With keys = the sample's position in the global data order, 2 workers x batch b and
-1 worker x batch 2b draw the same t, the same noise and the same condition dropout for every sample.
+CPU's) — never on which batch or which data-parallel worker holds it. With keys = the sample's position in
+the global data order, 2 workers x batch b and 1 worker x batch 2b draw the same t, the same noise and the
+same condition dropout for every sample.
 """
 from __future__ import annotations
 
