@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--base-batch 16] [--refiner-batch 32] [--eval-batch 1] [--eval-images 8]
                              [--steps 10] [--peak-tflops 989] [--no-tf32] [--cudnn-benchmark]
-    python benchmarks/gpu.py --device cpu --tiny       # the same code at a tiny size on a CPU (tests: seconds)
+    python benchmarks/gpu.py --device cpu --tiny       # the same code at a tiny size on a CPU (in the tests)
 
 Prints a header (device, torch, TF32, the bf16 peak, a bf16 matmul measured here, every flag as resolved) and
 three Markdown tables, one row per precision (--precisions, default fp32,bf16), at the `paper` preset's shapes
@@ -74,14 +74,13 @@ from ddps.refiner.build import build_denoiser, build_process  # noqa: E402
 from steps import (base_step, count_params, evaluation_step, make_base, matmul_flops_per_s, noise_draw,  # noqa: E402
                    random_batch, refiner_step, step_flops, timed)
 
-CLASSES = 150  # ADE20K
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against the device's name
 PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
          ("A100", 312.0), ("L40S", 362.0))
-PAPER = {"crop": 512, "backbone": "mit_b2", "size": "S", "base_batch": 16, "refiner_batch": 32, "eval_batch": 1,
-         "eval_images": 8, "steps": 10, "warmup": 3}
-TINY = {"crop": 64, "backbone": "mit_b0", "size": "XXS", "base_batch": 2, "refiner_batch": 2, "eval_batch": 1,
-        "eval_images": 1, "steps": 2, "warmup": 1}
+PAPER = {"classes": 150, "crop": 512, "backbone": "mit_b2", "size": "S", "base_batch": 16, "refiner_batch": 32,
+         "eval_batch": 1, "eval_images": 8, "steps": 10, "warmup": 3}  # 150: ADE20K
+TINY = {"classes": 11, "crop": 64, "backbone": "mit_b0", "size": "XXS", "base_batch": 2, "refiner_batch": 2,
+        "eval_batch": 1, "eval_images": 1, "steps": 2, "warmup": 1}
 NA = "n/a"
 
 
@@ -177,6 +176,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="tiny defaults for a CPU: " + ", ".join(f"{k} {v}" for k, v in TINY.items()))
     parser.add_argument("--precisions", default="fp32,bf16", help="rows, in order (fp32 | bf16 | fp16)")
+    parser.add_argument("--classes", type=int, help="classes (paper: ADE20K's 150)")
     parser.add_argument("--crop", type=int, help="crop side, px (paper: 512)")
     parser.add_argument("--backbone", help="the base's encoder (paper: mit_b2)")
     parser.add_argument("--size", help="UNet size (default S, as issue 20 asks; the paper preset's is M)")
@@ -217,21 +217,21 @@ def main() -> None:
           f"{num(dense / 1e12)} TFLOP/s ({n}^3)  ")
     print("flags: " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                                for k, v in vars(args).items() if v not in (None, False)) + "  ")
-    print(f"shapes: the paper preset with denoiser.size={args.size}: {CLASSES} classes, {args.crop}x{args.crop} "
+    print(f"shapes: the paper preset with denoiser.size={args.size}: {args.classes} classes, {args.crop}x{args.crop} "
           f"crops, {cfg.base.arch} {cfg.base.backbone}, UNet-{args.size}, T = {cfg.diffusion.steps}, infer.times "
           f"{cfg.infer.times}; random weights, one random batch on the device per row\n")
 
     print(f"### base training: {cfg.base.arch} {cfg.base.backbone}, batch {args.base_batch} of {args.crop}^2 crops, "
           f"AdamW step (backward included)\n")
-    training_table(lambda p: base_step(cfg, classes=CLASSES, batch_size=args.base_batch, crop=args.crop,
+    training_table(lambda p: base_step(cfg, classes=args.classes, batch_size=args.base_batch, crop=args.crop,
                                        device=device, precision=p), precisions, args, device, peak, dense)
 
     print(f"\n### refiner training (stage 2): UNet-{args.size} on the frozen base's features, the base's forward "
           f"included (no feature cache), batch {args.refiner_batch} of {args.crop}^2 crops\n")
-    seconds = training_table(lambda p: refiner_step(cfg, classes=CLASSES, batch_size=args.refiner_batch,
+    seconds = training_table(lambda p: refiner_step(cfg, classes=args.classes, batch_size=args.refiner_batch,
                                                     crop=args.crop, device=device, base=True, precision=p),
                              precisions, args, device, peak, dense)
-    draw = noise_draw(cfg, classes=CLASSES, batch_size=args.refiner_batch, crop=args.crop, device=device)
+    draw = noise_draw(cfg, classes=args.classes, batch_size=args.refiner_batch, crop=args.crop, device=device)
     noise = timed(draw, args.steps, warmup=1, device=device)
     print(f"\nof each refiner step, the per-sample noise draw alone (SampleRNG: one CPU generator per sample, "
           f"copied to the device): {num(noise * 1e3)} ms, " +
@@ -239,10 +239,10 @@ def main() -> None:
 
     print(f"\n### evaluation: the base then K refinement steps ({cfg.infer.times} step list), every step scored, "
           f"batch {args.eval_batch}, {args.eval_images} images per row\n")
-    process = build_process(cfg, CLASSES)
-    segmentor = make_base(cfg, CLASSES, device)
-    denoiser = build_denoiser(cfg, CLASSES, segmentor.feature_channels, process).to(device)
-    images, labels = random_batch(args.eval_batch, args.crop, CLASSES, device)
+    process = build_process(cfg, args.classes)
+    segmentor = make_base(cfg, args.classes, device)
+    denoiser = build_denoiser(cfg, args.classes, segmentor.feature_channels, process).to(device)
+    images, labels = random_batch(args.eval_batch, args.crop, args.classes, device)
     batches = max(1, args.eval_images // args.eval_batch)
     rows, speed = [], {}
     for k in ks:
