@@ -58,7 +58,7 @@ def main() -> None:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     first = mean(speed[next(iter(speed))])
     size = steps[next(iter(steps))]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; UNet-{args.size} ({size.denoiser_params / 1e6:.2f} M "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; UNet-{args.size} ({size.trained_params / 1e6:.2f} M "
           f"params) stage-2 step, batch {args.batch} at {args.crop} px: {flops / 1e9:.2f} GFLOP per step "
           f"({flops / args.batch / 1e9:.3f} per image); {args.repeats} x {args.steps} steps per row\n")
     print("| variant | threads | images/s (runs) | GFLOP/s | matmul GFLOP/s (same threads) | MFU | ratio to row 1 |")

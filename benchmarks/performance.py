@@ -94,10 +94,11 @@ def main() -> None:
     if args.gpu_output:
         gpu += args.gpu_output.read_text().strip() + "\n"
     else:
-        gpu += ("Not measured: no GPU machine was available to this run. The script is ready: "
-                "`python benchmarks/gpu.py` on one H200 (it imports only the core layer; tried on the CPU at a "
-                "tiny size with `--device cpu --float32 --crop 64 --batch 2 --steps 2 --size XS --backbone "
-                "mit_b0`).\n")
+        gpu += ("Not run yet: no GPU machine was lent to this run. The script is ready: `python3 "
+                "benchmarks/gpu.py` on one H100 or H200 (fp32 against bf16 for base training, refiner training "
+                "and evaluation at the `paper` shapes; its docstring has the command for this workplace's GPU "
+                "machines); its CPU mode, `--device cpu --tiny`, runs in the tests "
+                "(tests/test_benchmarks_gpu.py).\n")
     parts.append(gpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))

@@ -1,9 +1,16 @@
-"""The training and inference steps the performance benchmarks time, built from the core layer only (torch and
-segmentation-models-pytorch through ``ddps``: no Ray, no MLflow), so ``gpu.py`` runs on a bare GPU machine.
+"""The training and inference steps the performance benchmarks time, built from the core and engine layers only
+(torch and segmentation-models-pytorch through ``ddps``: no Ray, no MLflow, and nothing that imports ``ddps.data``
+and with it albumentations), so ``gpu.py`` runs on a bare GPU machine. Precision is the engine's
+(``ddps.engine.device``: ``autocast``, ``grad_scaler``, ``backward_step``, ``optimizer_step``), named fp32 | bf16 |
+fp16 as the config names it.
 
+- ``base_step``: one base-segmentor training step on a batch of random crops (forward, loss at the crop's
+  resolution, backward, AdamW step);
 - ``refiner_step``: one DDPS stage-2 step (Algorithm 1) of a denoiser on a batch — from cached features
   (``base=None``, as the ``cpu`` preset trains) or with the frozen base's forward pass first (as the
   ``paper`` preset trains, its augmentation ruling out a cache);
+- ``evaluation_step``: evaluation of a batch as ``evaluate_refiner`` does it (the base, then K refinement steps
+  on ``infer.times``, the base's and every step's prediction decoded to the label size and scored);
 - ``step_flops``: the FLOPs of one call, counted by ``torch.utils.flop_counter`` (matmuls and convolutions,
   forward and backward);
 - ``matmul_flops_per_s``: the dense matmul FLOP/s this device reaches with the same threads and dtype — the
@@ -19,13 +26,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddps.config import Config
 from ddps.diffusion.rng import SampleRNG
+from ddps.engine.device import autocast, backward_step, grad_scaler, optimizer_step
 from ddps.engine.features import base_batch, conditioning
+from ddps.metrics import SegMetrics
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.objective import Batch, refiner_loss
+from ddps.refiner.sampler import STEP_LISTS, refine, step_times
 from ddps.segmentors import create_base
 
 
@@ -64,37 +75,77 @@ def matmul_flops_per_s(n: int = 2048, device: str = "cpu", dtype: torch.dtype = 
 
 
 @dataclass
-class RefinerStep:
+class TrainStep:
     step: Callable[[], object]  # one optimiser step
     batch_size: int
-    denoiser_params: int
-    base_params: int
+    trained_params: int         # what the optimiser updates
+    frozen_params: int = 0      # the frozen base's, run forward only (refiner training)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def make_base(cfg: Config, classes: int, device: str = "cpu", memory=torch.contiguous_format):
+    """The ``cfg.base`` segmentor, randomly initialised (speed does not depend on the weights)."""
+    return create_base(cfg.base.arch, cfg.base.backbone, classes,
+                       feature_channels=cfg.base.feature_channels).to(device).to(memory_format=memory)
+
+
+def random_batch(batch_size: int, crop: int, classes: int, device: str = "cpu", memory=torch.contiguous_format):
+    """Random images (B, 3, crop, crop) and labels (B, crop, crop) in 0 .. classes - 1."""
+    images = torch.randn(batch_size, 3, crop, crop, device=device).contiguous(memory_format=memory)
+    return images, torch.randint(0, classes, (batch_size, crop, crop), device=device)
+
+
+def base_step(cfg: Config, *, classes: int, batch_size: int, crop: int, device: str = "cpu",
+              precision: str = "fp32", ignore_index: int = 255, seed: int = 0) -> TrainStep:
+    """One training step of the ``cfg.base`` segmentor on a random batch, as train_base's loop takes it: the
+    forward pass, the logits upsampled to the crop and the cross-entropy under the precision's autocast,
+    backward (scaled for fp16), AdamW (train_base's lr and weight decay, in one parameter group where the
+    engine's ``param_groups`` makes two: the same arithmetic)."""
+    torch.manual_seed(seed)
+    model = make_base(cfg, classes, device).train()
+    tc = cfg.train_base
+    optimizer = torch.optim.AdamW(model.parameters(), tc.lr, weight_decay=tc.weight_decay)
+    scaler = grad_scaler(device, precision)
+    images, labels = random_batch(batch_size, crop, classes, device)
+
+    def step():
+        with autocast(device, precision):
+            logits = model(images).logits
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        backward_step(loss, scaler)
+        optimizer_step(optimizer, scaler)
+        return loss
+
+    return TrainStep(step, batch_size, count_params(model))
 
 
 def refiner_step(cfg: Config, *, classes: int, batch_size: int, crop: int, device: str = "cpu",
-                 base: bool = False, autocast: torch.dtype | None = None, channels_last: bool = False,
-                 compile: bool = False, seed: int = 0) -> RefinerStep:
+                 base: bool = False, precision: str = "fp32", channels_last: bool = False,
+                 compile: bool = False, seed: int = 0) -> TrainStep:
     """One stage-2 DDPS step on a random batch of ``crop`` x ``crop`` images: the frozen base's forward pass
-    (``base``) or features of its shape, then the denoiser's loss, backward and AdamW step."""
+    (``base``) or features of its shape, then the denoiser's loss, backward and AdamW step; the base's forward
+    and the loss under the precision's autocast (train.precision covers the features refiner training reads)."""
     torch.manual_seed(seed)
     process = build_process(cfg, classes)
     codec = build_codec(cfg)
-    segmentor = create_base(cfg.base.arch, cfg.base.backbone, classes,
-                            feature_channels=cfg.base.feature_channels).to(device).eval()
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    segmentor = make_base(cfg, classes, device, memory).eval()
     for p in segmentor.parameters():
         p.requires_grad_(False)
-    channels = segmentor.feature_channels
-    denoiser = build_denoiser(cfg, classes, channels, process).to(device)
-    memory = torch.channels_last if channels_last else torch.contiguous_format
+    denoiser = build_denoiser(cfg, classes, segmentor.feature_channels, process).to(device)
     denoiser = denoiser.to(memory_format=memory)
-    segmentor = segmentor.to(memory_format=memory)
     forward = torch.compile(denoiser) if compile else denoiser
     optimizer = torch.optim.AdamW(denoiser.parameters(), 1e-4)
-    images = torch.randn(batch_size, 3, crop, crop, device=device).contiguous(memory_format=memory)
-    labels = torch.randint(0, classes, (batch_size, crop, crop), device=device)
+    scaler = grad_scaler(device, precision)
+    images, labels = random_batch(batch_size, crop, classes, device, memory)
     keys = torch.arange(batch_size, device=device)
     if not base:  # the cached features of a batch: computed once here, as the feature cache holds them
-        with torch.no_grad(), torch.autocast(torch.device(device).type, autocast, enabled=autocast is not None):
+        with torch.no_grad(), autocast(device, precision):
             cached = base_batch(segmentor, images, labels, codec, keys=keys)
         cached = Batch(features=cached.features.float().contiguous(memory_format=memory), labels=labels,
                        base_pred=cached.base_pred, base_logits=cached.base_logits.float(), keys=keys)
@@ -102,22 +153,59 @@ def refiner_step(cfg: Config, *, classes: int, batch_size: int, crop: int, devic
 
     def step():
         it[0] += 1
-        with torch.autocast(torch.device(device).type, autocast, enabled=autocast is not None):
-            if base:
-                with torch.no_grad():
-                    batch = base_batch(segmentor, images, labels, codec, keys=keys)
-            else:
-                batch = cached
+        with autocast(device, precision):
+            batch = base_batch(segmentor, images, labels, codec, keys=keys) if base else cached
             batch = conditioning(batch, cfg.denoiser.residual)
             loss, _ = refiner_loss(forward, process, batch, codec, stage=2, target=cfg.train.target,
                                    rng=SampleRNG(it[0], keys, device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        backward_step(loss, scaler)
+        optimizer_step(optimizer, scaler)
         return loss
 
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return RefinerStep(step, batch_size, count(denoiser), count(segmentor))
+    return TrainStep(step, batch_size, count_params(denoiser), count_params(segmentor))
+
+
+def noise_draw(cfg: Config, *, classes: int, batch_size: int, crop: int, device: str = "cpu") -> Callable[[], object]:
+    """The per-sample noise a stage-2 step draws for q(x_t | x_0) (``SampleRNG``: one CPU generator per sample,
+    then copied to ``device``), alone: the part of ``refiner_step`` a GPU cannot speed up."""
+    process = build_process(cfg, classes)
+    h, w = build_codec(cfg).mask_size(crop, crop)
+    keys = torch.arange(batch_size)
+    it = [0]
+
+    def draw():
+        it[0] += 1
+        return process.draw_noise(SampleRNG(it[0], keys, device), h, w, 0)
+
+    return draw
+
+
+def evaluation_step(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, labels: torch.Tensor,
+                    steps: int, *, precision: str = "fp32", ignore_index: int = 255) -> tuple[Callable[[], None], int]:
+    """Evaluation of one batch as ``evaluate_refiner`` does it, and the denoiser calls per image: under the
+    precision's autocast, the base's forward pass (run on the batch here, where the engine reads it from a
+    feature cache it computed once), its prediction decoded to the label size and scored, then ``steps``
+    refinement steps on ``cfg.infer.times``, every step's prediction decoded and scored (``SegMetrics``:
+    mIoU and boundary IoU). Random draws from a generator on the images' device."""
+    codec = build_codec(cfg)
+    generator = torch.Generator(images.device).manual_seed(cfg.infer.seed)
+    calls = len(step_times(process.steps, min(steps, process.steps), cfg.infer.times))
+    metrics = [SegMetrics(segmentor.num_classes, ignore_index) for _ in range(calls + 1)]
+    size = labels.shape[-2:]
+    segmentor, denoiser = segmentor.eval(), denoiser.eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        with autocast(images.device, precision):
+            batch = conditioning(base_batch(segmentor, images, labels, codec), cfg.denoiser.residual)
+            metrics[0].update(codec.decode(batch.base_logits.float(), size).argmax(1), labels)
+            trajectory = refine(denoiser, process, batch.features, steps, cfg.infer.renoise, cfg.infer.cfg_scale,
+                                generator, times=cfg.infer.times)
+            for scores, logits in zip(metrics[1:], trajectory.logits):
+                scores.update(codec.decode(codec.classes(logits).float(), size).argmax(1), labels)
+
+    return step, calls
 
 
 # The step list ``latency`` times: ``refine(..., K)`` calls the denoiser at the sampler's ``step_times(T, K)``,
@@ -129,18 +217,16 @@ LATENCY_STEP_LIST = "even"
 def step_list(times, train_steps: int, test_steps: int) -> str:
     """The name of the step list a trajectory's call ``times`` follow: 'even' (K calls), 'official' (the
     official code's: ddps.refiner.sampler.step_times), or 'other'. K above T is T, as the sampler takes it."""
-    from ddps.refiner.sampler import STEP_LISTS, step_times
     times = list(times)
     return next((name for name in STEP_LISTS
                  if times == step_times(train_steps, min(test_steps, train_steps), name)), "other")
 
 
 def latency(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, ks: tuple[int, ...], *,
-            calls: int = 5, autocast: torch.dtype | None = None) -> dict[int, float]:
+            calls: int = 5, precision: str = "fp32") -> dict[int, float]:
     """Seconds per call of inference on ``images``: the base alone (key 0: forward pass and argmax) and the
     base then K refinement steps (its features computed once per image, as inference does), for K in ``ks``:
     K denoiser calls, the even step list (``LATENCY_STEP_LIST``) whatever ``cfg.infer.times`` says."""
-    from ddps.refiner.sampler import refine
     codec = build_codec(cfg)
     device = str(images.device)
     size = images.shape[-2:]
@@ -149,7 +235,7 @@ def latency(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, ks:
 
     @torch.no_grad()
     def run(k: int):
-        with torch.autocast(torch.device(device).type, autocast, enabled=autocast is not None):
+        with autocast(device, precision):
             batch = base_batch(segmentor, images, labels, codec)
             if k == 0:
                 return codec.decode(batch.base_logits, size).argmax(1)
