@@ -13,16 +13,10 @@ that is already on the device (no data loading):
 - base training: one AdamW step of the base (forward, logits upsampled to the crop, cross-entropy, backward);
 - refiner training: one stage-2 step of UNet-S with the frozen base's forward pass first (the `paper` preset
   trains without a feature cache: its augmentation changes every image), and below the table the time of the
-  per-sample noise draw of each step alone (SampleRNG: CPU generators, copied to the GPU);
-- evaluation: images/s of the base then K = 20 and K = 2 refinement steps, as ``evaluate_refiner`` evaluates
-  (every step's prediction decoded to the label size and scored with mIoU and boundary IoU). It runs
-  ``benchmarks/steps.evaluation_step``, which rebuilds ``evaluate_refiner``'s per-batch work from the engine's
-  own parts (``base_batch``, ``conditioning``, ``refine``, ``SegMetrics``) rather than calling it: importing
-  ``ddps.engine.evaluate_refiner`` imports ``ddps.data`` and with it albumentations, which the GPU machines
-  lack. Two differences: the base runs on each batch (the engine computes a feature cache once and reads it:
-  the same base work) and under the precision's autocast (``evaluate_refiner`` computes that cache outside
-  its autocast), and the sampler's generator lives on the images' device (``evaluate_refiner`` seeds a CPU
-  one).
+  per-sample noise draw of each step alone (SampleRNG: one generator per sample, on the device);
+- evaluation: images/s of the base then K = 20 and K = 2 refinement steps through the engine's own evaluation
+  (``evaluate_refiner``, over the batch held in host memory as a split: copied to the device, the base's
+  forward, every step's prediction decoded to the label size and scored with mIoU and boundary IoU).
 
 Training columns: step ms, images/s, model FLOPs per image (torch.utils.flop_counter: matmuls and convolutions,
 forward and backward; the same count for every precision), achieved TFLOP/s, MFU against the GPU's dense bf16
@@ -233,8 +227,8 @@ def main() -> None:
                              precisions, args, device, peak, dense)
     draw = noise_draw(cfg, classes=args.classes, batch_size=args.refiner_batch, crop=args.crop, device=device)
     noise = timed(draw, args.steps, warmup=1, device=device)
-    print(f"\nof each refiner step, the per-sample noise draw alone (SampleRNG: one CPU generator per sample, "
-          f"copied to the device): {num(noise * 1e3)} ms, " +
+    print(f"\nof each refiner step, the per-sample noise draw alone (SampleRNG: one generator per sample, on the "
+          f"device): {num(noise * 1e3)} ms, " +
           ", ".join(f"{num(100 * noise / s)} % of the {p} step" for p, s in seconds.items()))
 
     print(f"\n### evaluation: the base then K refinement steps ({cfg.infer.times} step list), every step scored, "

@@ -9,8 +9,8 @@ fp16 as the config names it.
 - ``refiner_step``: one DDPS stage-2 step (Algorithm 1) of a denoiser on a batch — from cached features
   (``base=None``, as the ``cpu`` preset trains) or with the frozen base's forward pass first (as the
   ``paper`` preset trains, its augmentation ruling out a cache);
-- ``evaluation_step``: evaluation of a batch as ``evaluate_refiner`` does it (the base, then K refinement steps
-  on ``infer.times``, the base's and every step's prediction decoded to the label size and scored);
+- ``evaluation_step``: the engine's evaluation (``evaluate_refiner``) of a batch held as a split in memory (the
+  base, then K refinement steps on ``infer.times``, every prediction decoded to the label size and scored);
 - ``step_flops``: the FLOPs of one call, counted by ``torch.utils.flop_counter`` (matmuls and convolutions,
   forward and backward);
 - ``matmul_flops_per_s``: the dense matmul FLOP/s this device reaches with the same threads and dtype — the
@@ -22,7 +22,7 @@ fp16 as the config names it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddps.config import Config
 from ddps.diffusion.rng import SampleRNG
 from ddps.engine.device import autocast, backward_step, grad_scaler, optimizer_step
+from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import base_batch, conditioning
 from ddps.metrics import SegMetrics
 from ddps.refiner.build import build_codec, build_denoiser, build_process
@@ -167,8 +168,8 @@ def refiner_step(cfg: Config, *, classes: int, batch_size: int, crop: int, devic
 
 
 def noise_draw(cfg: Config, *, classes: int, batch_size: int, crop: int, device: str = "cpu") -> Callable[[], object]:
-    """The per-sample noise a stage-2 step draws for q(x_t | x_0) (``SampleRNG``: one CPU generator per sample,
-    then copied to ``device``), alone: the part of ``refiner_step`` a GPU cannot speed up."""
+    """The per-sample noise a stage-2 step draws for q(x_t | x_0) (``SampleRNG``: one generator per sample on
+    ``device``), alone."""
     process = build_process(cfg, classes)
     h, w = build_codec(cfg).mask_size(crop, crop)
     keys = torch.arange(batch_size)
@@ -181,29 +182,37 @@ def noise_draw(cfg: Config, *, classes: int, batch_size: int, crop: int, device:
     return draw
 
 
+class TensorSplit(torch.utils.data.Dataset):
+    """A test split held in memory (images (N, 3, H, W), labels (N, H, W) on the CPU), with the interface
+    ``evaluate_refiner`` reads of a dataset."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255):
+        self.images, self.labels = images.cpu(), labels.cpu()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.class_names = tuple(f"class {c}" for c in range(num_classes))
+        self.name = "random split"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "mask": self.labels[index]}
+
+
 def evaluation_step(segmentor, denoiser, process, cfg: Config, images: torch.Tensor, labels: torch.Tensor,
                     steps: int, *, precision: str = "fp32", ignore_index: int = 255) -> tuple[Callable[[], None], int]:
-    """Evaluation of one batch as ``evaluate_refiner`` does it, and the denoiser calls per image: under the
-    precision's autocast, the base's forward pass (run on the batch here, where the engine reads it from a
-    feature cache it computed once), its prediction decoded to the label size and scored, then ``steps``
-    refinement steps on ``cfg.infer.times``, every step's prediction decoded and scored (``SegMetrics``:
-    mIoU and boundary IoU). Random draws from a generator on the images' device."""
-    codec = build_codec(cfg)
-    generator = torch.Generator(images.device).manual_seed(cfg.infer.seed)
+    """The engine's evaluation (``evaluate_refiner``) of ``images`` as one split, and the denoiser calls per
+    image: the images copied from host memory, the base's forward pass, then ``steps`` refinement steps on
+    ``cfg.infer.times`` in one batch, under ``precision``; the base's and every step's prediction decoded to the
+    label size and scored (mIoU and boundary IoU)."""
+    split = TensorSplit(images, labels, segmentor.num_classes, ignore_index)
+    cfg = replace(cfg, infer=replace(cfg.infer, steps=steps),
+                  eval=replace(cfg.eval, batch_size=len(split), max_images=0, precision=precision))
     calls = len(step_times(process.steps, min(steps, process.steps), cfg.infer.times))
-    metrics = [SegMetrics(segmentor.num_classes, ignore_index) for _ in range(calls + 1)]
-    size = labels.shape[-2:]
-    segmentor, denoiser = segmentor.eval(), denoiser.eval()
+    device = images.device
 
-    @torch.no_grad()
     def step() -> None:
-        with autocast(images.device, precision):
-            batch = conditioning(base_batch(segmentor, images, labels, codec), cfg.denoiser.residual)
-            metrics[0].update(codec.decode(batch.base_logits.float(), size).argmax(1), labels)
-            trajectory = refine(denoiser, process, batch.features, steps, cfg.infer.renoise, cfg.infer.cfg_scale,
-                                generator, times=cfg.infer.times)
-            for scores, logits in zip(metrics[1:], trajectory.logits):
-                scores.update(codec.decode(codec.classes(logits).float(), size).argmax(1), labels)
+        evaluate_refiner(denoiser, process, None, cfg, base=segmentor.eval(), dataset=split, device=device)
 
     return step, calls
 

@@ -2,17 +2,21 @@
 the device-and-precision context that every evaluation shares."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ddps.config import EvalConfig
-from ddps.data import SegmentationDataset
 from ddps.engine.record import Scores
 from ddps.metrics import SegMetrics
 from ddps.segmentors import BaseSegmentor
 from ddps.engine.device import autocast, loader_options, to_device
 from ddps.segmentors.inference import predict, predict_multiscale
+
+if TYPE_CHECKING:  # evaluation reads any dataset of that interface; ddps.data imports albumentations
+    from ddps.data import SegmentationDataset
 
 
 def collate_sizes(items: list[dict]) -> list[dict]:
