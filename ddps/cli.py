@@ -21,11 +21,33 @@ def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None
                                        "also $DDPS_FASHION_MNIST)")
 
 
+GPU_HELP = "compute on one GPU (the first visible); one line when none is visible"
+CLUSTER_GPU_HELP = ("one GPU per Ray Train worker (nccl) and per evaluation; on a local Ray, one line when this "
+                    "machine has none or fewer than --workers (on a cluster without GPU nodes yet, the work waits "
+                    "for them)")
+
+
+def _device_args(p: argparse.ArgumentParser, gpu_help: str = GPU_HELP) -> None:
+    """Where the command computes: --gpu and --no-tf32 (every command that computes)."""
+    p.add_argument("--gpu", action="store_true", help=gpu_help)
+    p.add_argument("--no-tf32", action="store_true", help="full float32 matmuls and convolutions on the GPU "
+                                                          "(TF32 is on by default; nothing changes on the CPU)")
+
+
+def _device(args) -> str:
+    """The device of a single-process command, set up before any compute: "cuda" with --gpu (one line when no
+    GPU is visible), else "cpu"; TF32 unless --no-tf32."""
+    from ddps.engine.device import configure, resolve_device
+    device = resolve_device(args.gpu)
+    configure(device, tf32=not args.no_tf32)
+    return device
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     """How trainings spread over Ray Train workers, and where MLflow is (pipeline and sweep)."""
     p.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers per training (default: 2)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    _device_args(p, CLUSTER_GPU_HELP)
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before a training fails")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
@@ -35,7 +57,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def _cluster(args):
     from ddps.orchestration.ray_train import Cluster
     return Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                   max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
+                   max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, tf32=not args.no_tf32)
 
 
 def _resolve(args):
@@ -87,9 +109,10 @@ def _print_checkpoint(path) -> None:
 
 def cmd_train_base(args) -> int:
     from ddps.engine.train_base import fit
+    device = _device(args)
     cfg = _resolve(args)
     check_inputs(cfg)  # the dataset read in place, then the published weights: one line before any compute
-    path = fit(cfg, checkpoint=args.out, force=args.force)
+    path = fit(cfg, checkpoint=args.out, device=device, force=args.force)
     _print_checkpoint(path)
     return 0
 
@@ -97,6 +120,7 @@ def cmd_train_base(args) -> int:
 def cmd_train(args) -> int:
     from ddps.engine import train_base, train_refiner
     from ddps.engine.reporter import ConsoleReporter
+    device = _device(args)
     cfg = _resolve(args)
     train_refiner.check_trainable(cfg)
     base = args.base
@@ -109,27 +133,29 @@ def cmd_train(args) -> int:
         elif not base.exists():
             print(f"no base checkpoint for this config yet: training it first ({cfg.base.arch}-{cfg.base.backbone},"
                   f" {cfg.train_base.iters} iterations); pass --base to use another")
-        base = train_base.fit(cfg)
+        base = train_base.fit(cfg, device=device)
     path = train_refiner.fit(cfg, base, reporter_factory=lambda stage, iters: ConsoleReporter(stage, iters),
-                             out_dir=args.out, force=args.force)
+                             out_dir=args.out, device=device, force=args.force)
     _print_checkpoint(path)
     return 0
 
 
 def cmd_eval(args) -> int:
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
+    device = _device(args)
     print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset,
-                              all_steps=args.all_steps, split=args.split, as_json=args.json))
+                              all_steps=args.all_steps, split=args.split, as_json=args.json, device=device))
     return 0
 
 
 def cmd_refine(args) -> int:
     from ddps.engine.refine_images import refine_images
+    device = _device(args)
     checkpoint = args.checkpoint
     if checkpoint.startswith("runs:/"):  # a refiner logged by `ddps pipeline`
         from ddps.orchestration.tracking import Tracker
         checkpoint = Tracker(args.tracking_uri).download(checkpoint)
-    for path in refine_images(args.images, checkpoint, args.out, steps=args.steps, seed=args.seed,
+    for path in refine_images(args.images, checkpoint, args.out, steps=args.steps, seed=args.seed, device=device,
                               overrides=args.overrides):
         print(path)
     return 0
@@ -151,10 +177,11 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     MLflow, as ``ddps report`` does) and prints its table."""
     from ddps.orchestration.pipeline import Pipeline
     from ddps.orchestration.plan import chain_of, eval_hash
-    from ddps.orchestration.runtime import ensure_ray
+    from ddps.orchestration.runtime import check_gpu, ensure_ray
     from ddps.paths import cache_dir
     from ddps.report.write import write_report
     from ddps.engine.train_refiner import check_trainable
+    check_gpu(cluster)  # --gpu on a machine without one: one line before MLflow and Ray start
     check_trainable(cfg)
     check_inputs(cfg)  # before MLflow and Ray: a missing dataset or weights file is one line
     pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
@@ -244,16 +271,21 @@ def cmd_demo(args) -> int:
     from ddps.config import resolve
     from ddps.data import fashion_scenes
     from ddps.orchestration.ray_train import Cluster
+    from ddps.orchestration.runtime import check_gpu
     cfg = resolve(args.preset, None, args.overrides)
+    cluster = Cluster(workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+                      tf32=not args.no_tf32)
+    check_gpu(cluster)  # before the dataset is built
     if cfg.data.dataset == "fashion-scenes":
         print("== 1/2 build fashion-scenes")
         spec = fashion_scenes.spec_from(cfg.data)
         print(fashion_scenes.summary(fashion_scenes.build(spec, cfg.data.root or None), spec))
     else:
         print(f"== 1/2 dataset {cfg.data.dataset} at {cfg.data.root or '(data.root not set)'}")
+    workers = f"{args.workers} GPU workers" if args.gpu else f"{args.workers} workers"
     print(f"== 2/2 pipeline (preset {cfg.preset}): base {cfg.base.arch}-{cfg.base.backbone} -> DDPS stage 1 -> "
-          f"stage 2 -> evaluation, on Ray Train with {args.workers} workers, tracked in MLflow")
-    run_pipeline(cfg, Cluster(workers=args.workers, cpus_per_worker=args.cpus_per_worker))
+          f"stage 2 -> evaluation, on Ray Train with {workers}, tracked in MLflow")
+    run_pipeline(cfg, cluster)
     return 0
 
 
@@ -272,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument("--out", help="checkpoint path (default: content-addressed under $DDPS_HOME)")
     train.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    _device_args(train)
     train.set_defaults(func=cmd_train_base)
 
     tr = sub.add_parser("train", help="train the DDPS refiner (stage 1 then stage 2) on a frozen base segmentor")
@@ -280,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--base", help="base segmentor checkpoint (default: the config's, trained first if missing)")
     tr.add_argument("--out", help="checkpoint folder (default: $DDPS_HOME/checkpoints, content-addressed)")
     tr.add_argument("--force", action="store_true", help="retrain stages even if their checkpoints exist")
+    _device_args(tr)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint and print its row")
@@ -292,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "object (per step, per class, mask reliance)")
     ev.add_argument("--split", default="val", help="val (default) | holdout (the data.holdout training images "
                                                    "kept out of every training, for choosing hyper-parameters)")
+    _device_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     rf = sub.add_parser("refine", help="refine your own images with a trained refiner")
@@ -306,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "data.test_resize=0")
     rf.add_argument("--tracking-uri", help="for runs:/ checkpoints (default: $MLFLOW_TRACKING_URI, else the "
                                            "embedded store in $DDPS_HOME)")
+    _device_args(rf)
     rf.set_defaults(func=cmd_refine)
 
     im = sub.add_parser("import", help="import published models as ddps checkpoints").add_subparsers(
@@ -366,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
     demo.add_argument("--cpus-per-worker", type=float, default=1.0)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _device_args(demo, CLUSTER_GPU_HELP)
     demo.set_defaults(func=cmd_demo)
     return parser
 

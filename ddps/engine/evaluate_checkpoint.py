@@ -27,14 +27,14 @@ from ddps.engine.record import Evaluation
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
                         preset: str = "cpu", all_steps: bool = False, split: str = "val",
-                        as_json: bool = False) -> str:
-    """Evaluate single-scale (and multi-scale + flip) and return the header and the row, or with ``as_json``
-    every score at full precision as one JSON object (Evaluation.to_json, or the base's scores)."""
+                        as_json: bool = False, device="cpu") -> str:
+    """Evaluate single-scale (and multi-scale + flip) on ``device`` and return the header and the row, or with
+    ``as_json`` every score at full precision as one JSON object (Evaluation.to_json, or the base's scores)."""
     overrides = list(overrides)
     payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
     if is_checkpoint(payload) and payload["kind"] == KIND_REFINER:
         return evaluate_refiner_checkpoint(path, payload, overrides, all_steps=all_steps, split=split,
-                                           as_json=as_json)
+                                           device=device, as_json=as_json)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
         val_set = evaluation_split(cfg, split)
@@ -45,8 +45,9 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
         model = create_base(cfg.base.arch, cfg.base.backbone, val_set.num_classes,
                             feature_channels=cfg.base.feature_channels)
         apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
-    ss = evaluate_base(model, val_set, cfg.eval)
-    ms = evaluate_base(model, val_set, cfg.eval, multiscale=True) if multiscale else None
+    model = model.to(device)
+    ss = evaluate_base(model, val_set, cfg.eval, device=device)
+    ms = evaluate_base(model, val_set, cfg.eval, multiscale=True, device=device) if multiscale else None
     if as_json:
         return json.dumps({"kind": "base", "base": ss.to_json(), "multiscale": ms.to_json() if ms else None})
     row = result_row(model.spec.arch, model.spec.backbone, model.num_params(), ss.mIoU,

@@ -52,23 +52,24 @@ def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: 
 @torch.no_grad()
 def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | Path, steps: int | None = None,
                   seed: int = 0, device="cpu", overrides: Iterable[str] = ()) -> list[Path]:
-    """Masks and refinement strips of ``images``; ``overrides`` (section.key=value) change the checkpoint's
-    infer.* / data.test_resize settings."""
+    """Masks and refinement strips of ``images``, computed on ``device`` (its sampling noise drawn there, from
+    ``seed``); ``overrides`` (section.key=value) change the checkpoint's infer.* / data.test_resize settings."""
     payload = read_checkpoint(checkpoint)
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
     denoiser, process, base, payload = load_refiner(checkpoint, use_ema=cfg.infer.ema, payload=payload)
+    base, denoiser = base.to(device), denoiser.to(device)
     codec, transform = build_codec(cfg), EvalTransform(cfg.data)
     colours = palette(base.num_classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     written = []
     for path in map(Path, images):
         rgb = read_image(path)
         x, _ = transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
         label_size = rgb.shape[:2]
-        batch = conditioning(base_batch(base, x[None].to(device), torch.zeros(1, *label_size, dtype=torch.long), codec),
-                             cfg.denoiser.residual)
+        labels = torch.zeros(1, *label_size, dtype=torch.long, device=device)
+        batch = conditioning(base_batch(base, x[None].to(device), labels, codec), cfg.denoiser.residual)
         base_mask = codec.decode(batch.base_logits, label_size).argmax(1)[0].cpu().numpy()
         trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, steps or cfg.infer.steps,
                                          cfg.denoiser.method == "head", generator)

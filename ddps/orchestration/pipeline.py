@@ -4,6 +4,10 @@ Each step is addressed by the content hash of what determines it (its config sec
 hashes): a step whose checkpoint exists is never recomputed, and a step with a FINISHED MLflow run of the
 same hash is not re-logged. One parent run per pipeline, one nested run per step (``mlflow.parentRunId``);
 runs left RUNNING by a driver that died are marked KILLED when the pipeline is submitted again.
+
+Where the evaluation runs: in the driver on its CPU threads; with --gpu on one GPU — a Ray task holding one
+(``gpu_task_options``) whose record comes back to the driver, or, in a sweep's evaluation trial, the trial's
+own GPU. MLflow logging stays in the driver (the trial).
 """
 from __future__ import annotations
 
@@ -48,6 +52,24 @@ def run_tags(cfg: Config) -> dict:
 
 def pipeline_hash(cfg: Config) -> str:
     return content_hash(cfg, ("data", "base", "train_base") + EVAL_SECTIONS)
+
+
+def evaluation(refiner_path: Path, cfg: Config, reliance: bool, gpu: bool = False, tf32: bool = True):
+    """The engine's evaluation record of the refiner on val (multi-scale when eval.multiscale, the strips'
+    images): on this process's CPU threads, or with ``gpu`` on its first visible GPU — the one Ray or Tune
+    assigned it; a one-line DeviceError when there is none."""
+    from ddps.engine.device import configure, resolve_device
+    from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
+    device = resolve_device(gpu)
+    configure(device, tf32=tf32)
+    result, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
+                                      examples=STRIP_IMAGES, device=device)
+    return result
+
+
+def gpu_task_options(cluster: Cluster) -> dict:
+    """The Ray task options of the pipeline's evaluation with --gpu: one GPU, and a worker's CPUs."""
+    return {"num_gpus": 1, "num_cpus": cluster.cpus_per_worker, "name": "ddps-evaluation"}
 
 
 @dataclass
@@ -164,13 +186,22 @@ class Pipeline:
                 self.tracker.set_tags(run_id if cell else self.parent, {names.REFINER_URI: uri})
         return summary
 
+    def _evaluation(self, refiner_path: Path, reliance: bool):
+        """The evaluation record, computed here (on CPU threads; with --gpu inside a sweep's trial, on the GPU
+        Tune gave it) or, with --gpu, by a Ray task holding one GPU (the driver's machine may have none)."""
+        gpu, tf32 = self.cluster.use_gpu, self.cluster.tf32
+        if not gpu or self.tune:
+            return evaluation(refiner_path, self.cfg, reliance, gpu, tf32)
+        import ray
+        task = ray.remote(evaluation).options(**gpu_task_options(self.cluster))
+        with ray_train.ddps_errors():  # no GPU, bad data: the task's one line
+            return ray.get(task.remote(refiner_path, self.cfg, reliance, gpu, tf32))
+
     def _log_evaluation(self, run_id: str, refiner_path: Path, reliance: bool) -> dict:
         """The engine's evaluation record of the refiner on val, logged to ``run_id``; its summary."""
-        from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
         from ddps.engine.evaluate_refiner import save_examples
         cfg = self.cfg
-        result, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
-                                          examples=STRIP_IMAGES)
+        result = self._evaluation(refiner_path, reliance)
         for k, metrics in result.history():
             self.tracker.log_metrics(run_id, metrics, step=k)
         summary = result.summary()

@@ -1,9 +1,11 @@
 """Ray Train around the engine's loops: one ``TorchTrainer`` per training (base, stage 1, stage 2, head).
 
-The per-worker function only adapts: it reads the worker's rank from Ray Train, wraps the model with
-``ray.train.torch.prepare_model`` (DDP on gloo for CPU, nccl for GPU), hands the engine a checkpointer that
-reports training states to Ray Train, and calls the same loop that runs in one process. Rank 0 logs to
-MLflow and writes the final checkpoint.
+The per-worker function only adapts: it reads the worker's rank from Ray Train, sets up its device (the
+GPU Ray Train gives it with --gpu, TF32 unless --no-tf32), wraps the model with
+``ray.train.torch.prepare_model`` (DDP on gloo for CPU, nccl for GPU; a base's BatchNorm layers become
+SyncBatchNorm first on more than one GPU worker), hands the engine a checkpointer that reports training
+states to Ray Train, and calls the same loop that runs in one process. Rank 0 logs to MLflow and writes the
+final checkpoint.
 
 Effective batch rule: the config's batch size is the global batch; each of N workers takes batch / N of
 it (N must divide it), so changing the number of workers changes neither the batch nor the schedule.
@@ -12,10 +14,12 @@ training state; a resubmitted run with the same name (the step's content hash) r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ddps.checkpoint_io import read_checked, write_checked
 from ddps.config import from_flat
@@ -36,6 +40,7 @@ class Cluster:
     max_failures: int = 2
     checkpoint_every: int = 500
     keep: int = 2
+    tf32: bool = True  # TF32 matmuls and convolutions on the GPUs (--no-tf32: off)
 
 
 class RayCheckpointer:
@@ -84,17 +89,36 @@ def _local(checkpoint) -> bool:
     return filesystem is None or getattr(filesystem, "type_name", "local") == "local"
 
 
-def _worker_setup(config: dict):
+def model_wrap(use_gpu: bool, world: int, sync_batchnorm: bool = False) -> Callable:
+    """The Worker's ``wrap``: DDP by ray.train.torch.prepare_model (the model is already on its device).
+
+    With ``sync_batchnorm`` (the base) on more than one GPU worker, its BatchNorm layers first become
+    SyncBatchNorm — batch statistics over the global batch, not each worker's shard. The conversion keeps the
+    same Parameter objects (the optimiser the engine built stays valid) and the state_dict keys (the checkpoint
+    is a plain base's); only on GPUs, as SyncBatchNorm refuses CPU tensors in training."""
+    def wrap(model):
+        import ray.train.torch
+        import torch
+        if sync_batchnorm and use_gpu and world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+    return wrap
+
+
+def _worker_setup(config: dict, sync_batchnorm: bool = False):
     import ray.train
     import ray.train.torch
     import torch
+
+    from ddps.engine.device import configure
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = max(1, int(config["cpus_per_worker"]))
     torch.set_num_threads(threads)
     device = str(ray.train.torch.get_device())
+    configure(device, tf32=config["tf32"])
     worker = Worker(rank=rank, world_size=world, device=device,
-                    wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+                    wrap=model_wrap(config["use_gpu"], world, sync_batchnorm))
     if config.get("pid_dir"):  # for fault-injection tests: where each rank's process can be found
         Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
     reporter = NullReporter()
@@ -114,7 +138,7 @@ def _worker_setup(config: dict):
 def base_worker(config: dict) -> None:
     """Ray Train per-worker loop of the base segmentor: engine.train_base.train."""
     from ddps.engine.train_base import train
-    worker, reporter, checkpointer = _worker_setup(config)
+    worker, reporter, checkpointer = _worker_setup(config, sync_batchnorm=True)
     cfg = from_flat(config["cfg"])
     train(cfg, reporter, worker, path=Path(config["out"]) if worker.is_main else None, checkpointer=checkpointer)
     if hasattr(reporter, "flush"):
@@ -156,6 +180,19 @@ def ddps_cause(error: BaseException) -> DDPSError | None:
     return None
 
 
+@contextlib.contextmanager
+def ddps_errors():
+    """What runs under it on Ray (a training's workers, a task) fails with the ddps error it raised — bad data,
+    a full disk, no GPU: its one line, not Ray's traceback; any other error as it is."""
+    try:
+        yield
+    except Exception as e:
+        cause = ddps_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False) -> Path:
     """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
 
@@ -171,8 +208,8 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker,
-                           "checkpoint_every": cluster.checkpoint_every},
+        train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker, "use_gpu": cluster.use_gpu,
+                           "tf32": cluster.tf32, "checkpoint_every": cluster.checkpoint_every},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
@@ -180,13 +217,8 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep), callbacks=callbacks),
     )
-    try:
+    with ddps_errors():
         trainer.fit()
-    except Exception as e:
-        cause = ddps_cause(e)
-        if cause is None:
-            raise
-        raise cause from None  # bad data or a full disk in a worker: its one line, not Ray's traceback
     out = Path(config["out"])
     if not out.exists():
         raise RuntimeError(f"Ray Train finished {name} but {out} was not written")

@@ -20,10 +20,27 @@ JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job manager gives a
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-node mode: every service on 127.0.0.1
 
 
-def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> None:
+def check_gpu(cluster) -> None:
+    """With --gpu on an in-process Ray (no RAY_ADDRESS), the GPUs are this machine's: one line
+    (DeviceError) when it has none, or fewer than a training's workers (whose trainings would wait for ever),
+    before Ray or MLflow start. A cluster's GPUs are its nodes' (ensure_ray)."""
+    if not cluster.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    from ddps.engine.device import DeviceError, resolve_device
+    resolve_device(True)
+    visible = torch.cuda.device_count()
+    if cluster.workers > visible:
+        raise DeviceError(f"--gpu --workers {cluster.workers}: this machine has {visible} GPU(s) visible and each "
+                          f"Ray Train worker takes one; give --workers {visible} or fewer")
+
+
+def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True, log=print) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start Ray in this process with
     enough logical CPUs for the workers plus ``extra_cpus`` (a Tune trial beside them; logical, not
-    physical: docs/design.md, "Ray resources are logical") and a bounded object store.
+    physical: docs/design.md, "Ray resources are logical") and a bounded object store. With --gpu on a
+    cluster that has no GPU yet, one line says that its GPU work waits for GPU nodes.
 
     A local Ray stays on loopback: in Ray's single-node mode (no other node can join) its GCS, raylet,
     object manager and dashboard bind to 127.0.0.1 rather than the machine's address. Ray reads the switch
@@ -44,6 +61,9 @@ def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True) -> 
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env} if env else None,
                  log_to_driver=log_to_driver)
+        if cluster.use_gpu and not ray.cluster_resources().get("GPU"):
+            log(f"--gpu: the cluster at {os.environ['RAY_ADDRESS']} has no GPU yet; the trainings and evaluations "
+                f"wait for GPU nodes (an autoscaler adds them)")
         return
     # as many trials side by side as this machine's cores hold workers (one at a time with 2 workers on 2
     # cores; two with 1 worker each), each with its extra CPUs (logical) beside them

@@ -13,7 +13,8 @@ share runs once.
 
 Resources: a training trial holds ``TRIAL_CPUS`` and its TorchTrainer workers ``workers x cpus_per_worker``,
 so as many trainings run at once as the cluster's CPUs hold both (``docs/design.md``, on Ray's logical CPUs);
-an evaluation trial holds ``workers x cpus_per_worker`` CPUs and uses as many threads. The live progress line
+an evaluation trial holds ``workers x cpus_per_worker`` CPUs and uses as many threads, and with --gpu one GPU
+it evaluates on (``trial_resources``). The live progress line
 is ``progress.py``'s, its estimates ``estimates.py``'s.
 
 MLflow: one experiment per table (the experiment file's ``name``); one parent run per sweep (tag
@@ -155,8 +156,18 @@ def finished_cells(plans: list[Plan], tracking_uri: str | None, log: Callable[[s
 
 # ---- the trial ------------------------------------------------------------------------------------
 
+def trial_resources(cluster: Cluster, evaluation: bool, eval_cpus: float) -> dict:
+    """What a trial holds: a training trial TRIAL_CPUS (its TorchTrainer's workers hold their own CPUs and
+    GPUs); an evaluation trial ``eval_cpus`` and, with --gpu, the GPU it evaluates on (Tune gives the trial
+    its own through CUDA_VISIBLE_DEVICES)."""
+    if not evaluation:
+        return {"CPU": TRIAL_CPUS}
+    return {"CPU": eval_cpus, "GPU": 1} if cluster.use_gpu else {"CPU": eval_cpus}
+
+
 def _trial(config: dict) -> None:
-    """One Tune trial: one training (on its own TorchTrainer) or one cell's evaluation."""
+    """One Tune trial: one training (on its own TorchTrainer) or one cell's evaluation (in this process, on
+    the trial's GPU with --gpu)."""
     import torch
     from ray import tune
 
@@ -323,10 +334,12 @@ def run_together(sweeps: list[Sweep], log=say) -> list[Pending]:
     progress = Progress(name, sum(map(len, waves)), cells, cells - len(waves[3]), log)
     progress.add(sum(job.seconds for jobs in waves for job in jobs))
     trainings_at_once, evals_at_once, eval_cpus = prepared[0][0].resources()
+    cluster = prepared[0][0].cluster
     with prepared[0][0].tracker.ending(*(c.parent for _, _, c in prepared)):
         for i, jobs in enumerate(waves):
-            cpus, at_once = (TRIAL_CPUS, trainings_at_once) if i < 3 else (eval_cpus, evals_at_once)
-            _run_wave(f"{run_name}-{WAVES[i].replace(' ', '-')}", WAVES[i], jobs, {"CPU": cpus}, at_once, progress)
+            at_once = trainings_at_once if i < 3 else evals_at_once
+            _run_wave(f"{run_name}-{WAVES[i].replace(' ', '-')}", WAVES[i], jobs,
+                      trial_resources(cluster, i == 3, eval_cpus), at_once, progress)
     return [todo for _, todo, _ in every]
 
 
@@ -334,9 +347,10 @@ def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = N
                verbose: bool = False) -> list[Pending]:
     """One table, or several as one schedule (run_together), on the cluster in RAY_ADDRESS or an in-process
     Ray with room for a trial beside its workers."""
-    from ddps.orchestration.runtime import ensure_ray
+    from ddps.orchestration.runtime import check_gpu, ensure_ray
+    check_gpu(cluster)  # --gpu on a machine without one: one line before MLflow and Ray start
     sweeps = [Sweep(p, cluster, tracking_uri, log) for p in plans]  # every tracking check before compute
-    ensure_ray(cluster, extra_cpus=TRIAL_CPUS, log_to_driver=verbose)
+    ensure_ray(cluster, extra_cpus=TRIAL_CPUS, log_to_driver=verbose, log=log)
     if not verbose:
         log("workers' output goes to Ray's logs (/tmp/ray/session_latest/logs; --verbose shows it here)")
     if len(sweeps) == 1:
