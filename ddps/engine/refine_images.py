@@ -15,7 +15,8 @@ from PIL import Image
 from ddps.config import from_flat, parse_set
 from ddps.data.datasets import read_image
 from ddps.data.transforms import EvalTransform
-from ddps.engine.evaluate_refiner import class_trajectory
+from ddps.engine.device import autocast
+from ddps.engine.evaluate_refiner import class_trajectory, generator_on
 from ddps.engine.features import base_batch, conditioning
 from ddps.refiner.build import build_codec
 from ddps.refiner.checkpoint import load_refiner
@@ -52,8 +53,9 @@ def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: 
 @torch.no_grad()
 def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | Path, steps: int | None = None,
                   seed: int = 0, device="cpu", overrides: Iterable[str] = ()) -> list[Path]:
-    """Masks and refinement strips of ``images``, computed on ``device`` (its sampling noise drawn there, from
-    ``seed``); ``overrides`` (section.key=value) change the checkpoint's infer.* / data.test_resize settings."""
+    """Masks and refinement strips of ``images``, computed on ``device`` in eval.precision (its sampling noise
+    drawn there, from ``seed``); ``overrides`` (section.key=value) change the checkpoint's infer.* / eval.* /
+    data.test_resize settings."""
     payload = read_checkpoint(checkpoint)
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
     denoiser, process, base, payload = load_refiner(checkpoint, use_ema=cfg.infer.ema, payload=payload)
@@ -62,18 +64,19 @@ def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | P
     colours = palette(base.num_classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = generator_on(device, seed)
     written = []
     for path in map(Path, images):
         rgb = read_image(path)
         x, _ = transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
         label_size = rgb.shape[:2]
         labels = torch.zeros(1, *label_size, dtype=torch.long, device=device)
-        batch = conditioning(base_batch(base, x[None].to(device), labels, codec), cfg.denoiser.residual)
-        base_mask = codec.decode(batch.base_logits, label_size).argmax(1)[0].cpu().numpy()
-        trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, steps or cfg.infer.steps,
-                                         cfg.denoiser.method == "head", generator)
-        masks = [codec.decode(logits, label_size).argmax(1)[0].cpu().numpy() for logits in trajectory]
+        with autocast(device, cfg.eval.precision, "eval.precision"):
+            batch = conditioning(base_batch(base, x[None].to(device), labels, codec), cfg.denoiser.residual)
+            trajectory, _ = class_trajectory(denoiser, process, batch.features, cfg, steps or cfg.infer.steps,
+                                             cfg.denoiser.method == "head", generator)
+        base_mask = codec.decode(batch.base_logits.float(), label_size).argmax(1)[0].cpu().numpy()
+        masks = [codec.decode(logits.float(), label_size).argmax(1)[0].cpu().numpy() for logits in trajectory]
         mask_png = Image.fromarray(masks[-1].astype(np.uint8), mode="P")
         mask_png.putpalette(colours.reshape(-1).tolist())
         mask_path, strip_path = out / f"{path.stem}.png", out / f"{path.stem}-strip.png"

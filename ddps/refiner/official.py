@@ -219,6 +219,7 @@ def refiner_overrides(layout: OfficialLayout, backbone: str) -> dict:
         "diffusion.steps": layout.steps, "diffusion.ignore_state": True,
         "infer.steps": min(20, layout.steps), "infer.times": "official", "infer.renoise": "free",
         "infer.cfg_scale": 0.0, "infer.ema": True,
+        "eval.precision": "fp32",  # as the official code evaluates (its published numbers); --set eval.precision=bf16
     }
 
 
