@@ -195,6 +195,8 @@ def test_the_image_path_loads_in_workers_in_the_orders_order():
     base = base_from_payload(read_checkpoint(base_path), base_path).freeze()
     data = train_refiner.prepare_data(cfg, base)
     assert data.train_cache is None and data.select is None  # both streamed
+    # each loader process re-seeds the augmentation it finds on its dataset (train_base.reseed_worker)
+    assert train_refiner.KeyedDataset(data.train_set).transform is data.train_set.transform is not None
     order = GlobalOrder(len(data.train_set), cfg.train.batch_size, seed=5)
     expected = GlobalOrder(len(data.train_set), cfg.train.batch_size, seed=5)
     stream = train_refiner.batches(data, base, build_codec(cfg), order, tc=cfg.train)

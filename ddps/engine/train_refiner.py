@@ -186,6 +186,11 @@ class KeyedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def transform(self):
+        """The dataset's augmentation, which each loader process re-seeds (train_base.reseed_worker)."""
+        return getattr(self.dataset, "transform", None)
+
     def __getitem__(self, pair):
         index, key = pair
         return {**self.dataset[int(index)], "key": int(key)}
