@@ -102,8 +102,8 @@ def random_batch(batch_size: int, crop: int, classes: int, device: str = "cpu", 
 def base_step(cfg: Config, *, classes: int, batch_size: int, crop: int, device: str = "cpu",
               precision: str = "fp32", ignore_index: int = 255, seed: int = 0) -> TrainStep:
     """One training step of the ``cfg.base`` segmentor on a random batch, as train_base's loop takes it: the
-    forward pass, the logits upsampled to the crop and the cross-entropy under the precision's autocast,
-    backward (scaled for fp16), AdamW (train_base's lr and weight decay, in one parameter group where the
+    forward pass under the precision's autocast, the logits upsampled to the crop in float32 and the
+    cross-entropy, backward (scaled for fp16), AdamW (train_base's lr and weight decay, in one parameter group where the
     engine's ``param_groups`` makes two: the same arithmetic)."""
     torch.manual_seed(seed)
     model = make_base(cfg, classes, device).train()
@@ -115,8 +115,8 @@ def base_step(cfg: Config, *, classes: int, batch_size: int, crop: int, device: 
     def step():
         with autocast(device, precision):
             logits = model(images).logits
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
         backward_step(loss, scaler)
         optimizer_step(optimizer, scaler)

@@ -207,6 +207,9 @@ def cmd_sweep(args) -> int:
     from ddps.orchestration.plan import experiment_files, load_experiment, plan
     if args.all == bool(args.experiments):
         raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
+    if not args.dry_run:  # --gpu on a machine without one: one line before the plan and MLflow are read
+        from ddps.orchestration.runtime import check_gpu
+        check_gpu(_cluster(args))
     files = experiment_files() if args.all else args.experiments
     from ddps.config.load import parse_set
     from ddps.orchestration.plan import parse_cell_set

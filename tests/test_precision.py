@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ FIRST_LOSS_REL = 0.01
 
 
 class Dtypes:
-    """A global forward hook: the output dtypes of every convolution and linear layer, per phase."""
+    """A global forward hook: the output dtypes of every convolution and linear layer, per phase and per
+    mode (a module in training mode: a training's forward pass; in eval mode: a frozen base or an evaluation)."""
 
     def __init__(self):
         self.seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -44,7 +46,7 @@ class Dtypes:
     def __enter__(self):
         def hook(module, args, out):
             if self.phase and isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and torch.is_tensor(out):
-                self.seen[self.phase][out.dtype] += 1
+                self.seen[self.phase][(out.dtype, module.training)] += 1
         self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
@@ -53,9 +55,12 @@ class Dtypes:
 
 
 def smoke_chain(precision: str, folder, dtypes: Dtypes) -> dict:
-    """base -> refiner stages -> evaluation in ``precision`` (all three keys); scores and training losses."""
+    """base -> refiner stages -> evaluation in ``precision``; scores and training losses. The held-out checks
+    during the trainings stay in fp32 (eval.precision), so what runs in ``precision`` while training is the
+    trainings' own forward passes and the frozen base's features (train.precision); the evaluation after them
+    runs in ``precision`` (eval.precision)."""
     cfg = resolve("smoke", overrides={"train_base.precision": precision, "train.precision": precision,
-                                      "eval.precision": precision, "train_base.log_every": 1})
+                                      "train_base.log_every": 1})
     base_reporter, stage_reporters = NullReporter(), {}
     dtypes.phase = f"{precision} base training"
     base = train_base.fit(cfg, base_reporter, checkpoint=folder / f"base-{precision}.pt")
@@ -63,7 +68,7 @@ def smoke_chain(precision: str, folder, dtypes: Dtypes) -> dict:
     refiner = train_refiner.fit(cfg, base, out_dir=folder, log=lambda m: None,
                                 reporter_factory=lambda s, i: stage_reporters.setdefault(s, NullReporter()))
     dtypes.phase = f"{precision} evaluation"
-    record, _ = evaluate_refiner_file(refiner, cfg)
+    record, _ = evaluate_refiner_file(refiner, replace(cfg, eval=replace(cfg.eval, precision=precision)))
     dtypes.phase = None
     fp32_eval, _ = evaluate_refiner_file(refiner, resolve("smoke"))  # the same weights, evaluated in fp32
     first_loss = next(m["loss"] for _, m in base_reporter.history if "loss" in m)
@@ -74,9 +79,13 @@ def smoke_chain(precision: str, folder, dtypes: Dtypes) -> dict:
 def test_a_smoke_pipeline_in_bf16_runs_in_bf16_and_agrees_with_fp32(tmp_path):
     with Dtypes() as dtypes:
         runs = {p: smoke_chain(p, tmp_path, dtypes) for p in ("fp32", "bf16")}
+    bf16_in = {step: {mode for (dtype, mode) in dtypes.seen[f"bf16 {step}"] if dtype == torch.bfloat16}
+               for step in ("base training", "refiner training", "evaluation")}
+    assert bf16_in == {"base training": {True},        # the base's training passes (its held-out checks: fp32)
+                       "refiner training": {True, False},  # the denoiser's training passes, the frozen base
+                       "evaluation": {False}}, dtypes.seen
     for step in ("base training", "refiner training", "evaluation"):
-        assert dtypes.seen[f"bf16 {step}"][torch.bfloat16] > 0, (step, dtypes.seen)
-        assert set(dtypes.seen[f"fp32 {step}"]) == {torch.float32}, (step, dtypes.seen)
+        assert {dtype for dtype, _ in dtypes.seen[f"fp32 {step}"]} == {torch.float32}, (step, dtypes.seen)
     bf16, fp32 = runs["bf16"], runs["fp32"]
     assert abs(bf16["first_loss"] - fp32["first_loss"]) <= FIRST_LOSS_REL * fp32["first_loss"]
     assert all(math.isfinite(loss) for loss in bf16["losses"]) and len(bf16["losses"]) == len(fp32["losses"])
@@ -92,24 +101,43 @@ def test_a_smoke_pipeline_in_bf16_runs_in_bf16_and_agrees_with_fp32(tmp_path):
 
 
 def test_fp16_trains_with_a_gradient_scaler_kept_in_the_training_state(tmp_path):
-    cfg = resolve("smoke", overrides={"train_base.precision": "fp16", "train_base.iters": 4,
-                                      "train_base.eval_every": 4, "train_base.log_every": 1,
-                                      "train.precision": "fp16", "train.stage1_iters": 3, "train.stage2_iters": 1,
-                                      "train.log_every": 1, "train.eval_every": 3, "eval.precision": "fp16"})
+    """fp16 on the CPU: every iteration's gradients go through the scaler (its count of steps without an
+    overflow grows by one per iteration), the training states keep it and a resumed run continues it."""
+    overrides = {"train_base.precision": "fp16", "train_base.iters": 4, "train_base.eval_every": 4,
+                 "train_base.log_every": 1, "train.precision": "fp16", "train.stage1_iters": 3,
+                 "train.stage2_iters": 1, "train.log_every": 1, "train.eval_every": 3, "eval.precision": "fp16"}
+    cfg = resolve("smoke", overrides=overrides)
     base_states = FolderCheckpointer(tmp_path / "base-states", every=2, keep=3)
     reporter = NullReporter()
     payload = train_base.train(cfg, reporter, Worker(), path=tmp_path / "base.pt", checkpointer=base_states)
     state = base_states.latest()
-    assert state["scaler"] is not None and state["scaler"]["scale"] > 1  # loss scaling, float16's narrow range
+    assert state["iter"] == 2 and state["scaler"]["scale"] == 2.0 ** 16  # loss scaling: float16's narrow range
+    assert state["scaler"]["_growth_tracker"] == 2  # scaler.step and scaler.update at both iterations
     assert all(math.isfinite(m["loss"]) for _, m in reporter.history if "loss" in m)
     assert all(v.dtype == torch.float32 for v in payload["model"].values() if v.is_floating_point())  # fp32 master
+    longer = resolve("smoke", overrides={**overrides, "train_base.iters": 6, "train_base.eval_every": 6})
+    train_base.train(longer, NullReporter(), Worker(), checkpointer=base_states)  # resumes at 2, saves at 4
+    assert base_states.latest()["iter"] == 4 and base_states.latest()["scaler"]["_growth_tracker"] == 4
     from ddps.segmentors.checkpoint import base_from_payload
     base = base_from_payload(payload, tmp_path / "base.pt").freeze()
     data = train_refiner.prepare_data(cfg, base)
     refiner_states = FolderCheckpointer(tmp_path / "refiner-states", every=1, keep=2)
     train_refiner.fit_stage(cfg, "stage1", base, payload, data, path=None, reporter=NullReporter(),
                             checkpointer=refiner_states)
-    assert refiner_states.latest()["scaler"]["scale"] > 1
+    assert refiner_states.latest()["iter"] == 2 and refiner_states.latest()["scaler"]["_growth_tracker"] == 2
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line_naming_fp16(monkeypatch):
+    from ddps.engine.device import autocast
+    from ddps.errors import ConfigError
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ConfigError, match=r"^train.precision=bf16: Tesla T4 has no bfloat16; set "
+                                          r"train.precision=fp16 \(with a gradient scaler\) or fp32$"):
+        autocast("cuda", "bf16", "train.precision")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # this machine's: torch disables it
+        assert autocast("cuda", "bf16").fast_dtype == torch.bfloat16  # an H100: bf16 autocast
 
 
 # ---- data parallel: one all-reduce per iteration -----------------------------------------------------
@@ -171,10 +199,13 @@ def test_gradient_accumulation_all_reduces_once_per_iteration(tmp_path):
 
 # ---- loaders ----------------------------------------------------------------------------------------
 
-def test_loaders_bound_for_a_gpu_pin_their_memory(tmp_path):
+def test_loaders_bound_for_a_gpu_pin_their_memory(monkeypatch):
+    """Every loader the engine builds asks loader_options for its device's (pinned on a GPU), and the
+    evaluation's loader is pinned for a GPU."""
     from ddps.data import build_dataset
-    from ddps.engine.device import loader_options, to_device
+    from ddps.engine import device as device_module, evaluate, features
     from ddps.engine.evaluate import eval_loader
+    from ddps.engine.device import loader_options, to_device
     cfg = resolve("smoke")
     dataset = build_dataset(cfg.data, "val")
     assert eval_loader(dataset, cfg.eval, "cuda").pin_memory and eval_loader(dataset, cfg.eval, "cuda:1").pin_memory
@@ -182,6 +213,25 @@ def test_loaders_bound_for_a_gpu_pin_their_memory(tmp_path):
     assert loader_options("cpu") == {"pin_memory": False}
     x = torch.ones(3)
     assert to_device(x, "cpu") is x  # nothing copied on the CPU
+    asked = collections.Counter()
+
+    def spy(device):
+        asked[str(device)] += 1
+        return device_module.loader_options(device)
+    for module in (train_base, train_refiner, features, evaluate):
+        monkeypatch.setattr(module, "loader_options", spy)
+    tiny = resolve("smoke", overrides={"train_base.iters": 1, "train_base.warmup_iters": 0, "train_base.eval_every": 1,
+                                       "train.feature_cache": False, "train.stage1_iters": 1, "train.eval_every": 1})
+    payload = train_base.train(tiny, NullReporter(), Worker())  # the train loader and the held-out evaluation's
+    assert asked["cpu"] == 2
+    from ddps.refiner.build import build_codec
+    from ddps.segmentors.checkpoint import base_from_payload
+    base = base_from_payload(payload, "base").freeze()
+    train_refiner.fit_stage(tiny, "stage1", base, payload, train_refiner.prepare_data(tiny, base), path=None,
+                            reporter=NullReporter())  # the image path's loader, the held-out split's
+    assert asked["cpu"] == 4
+    features.compute_cache(base, dataset, build_codec(tiny))
+    assert asked["cpu"] == 5
 
 
 def test_the_image_path_loads_in_workers_in_the_orders_order():

@@ -63,10 +63,16 @@ def autocast(device, precision: str = "fp32", what: str = "precision"):
     dtype = DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    if dtype is torch.bfloat16 and is_cuda(device) and not torch.cuda.is_bf16_supported():
+    if dtype is torch.bfloat16 and is_cuda(device) and not _native_bf16(device):
         raise ConfigError(f"{what}=bf16: {torch.cuda.get_device_name(device)} has no bfloat16; "
                           f"set {what}=fp16 (with a gradient scaler) or fp32")
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _native_bf16(device) -> bool:
+    """Whether the GPU computes bfloat16 itself: compute capability 8.0 (Ampere) and later. (torch's
+    is_bf16_supported() also says yes for older GPUs, which emulate it.)"""
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 def grad_scaler(device, precision: str):

@@ -122,8 +122,13 @@ class FolderCheckpointer:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+    """The CPU's random state, and the GPUs' when there are (dropout on a GPU draws from theirs)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

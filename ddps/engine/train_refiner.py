@@ -116,12 +116,13 @@ def feature_cache_path(cfg: Config, base_hash: str) -> Path:
 
 
 def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None,
-                 base_hash: str | None = None) -> RefinerData:
+                 base_hash: str | None = None, rank: int = 0) -> RefinerData:
     """The training stream's source and the held-out split that evaluations during training use: the
     holdout split when data.holdout > 0 (for choosing hyper-parameters without touching val), else val.
     With train.feature_cache both splits' base features are computed once (in train.precision) and, with
     ``base_hash``, the train split's kept in DDPS_HOME/features and reused; without it (augmentation, or
-    images of many sizes as ADE20K's) both stream through the base, nothing held beyond a batch."""
+    images of many sizes as ADE20K's) both stream through the base, nothing held beyond a batch, and each
+    data-parallel ``rank`` draws its own augmentation."""
     tc = cfg.train
     codec = build_codec(cfg)
     train_eval = build_dataset(cfg.data, "train", train=False)
@@ -151,7 +152,7 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
             reporter.info(f"feature cache: {len(cache)} train images ({'with' if tc.flip else 'no'} flips), "
                           f"{cache.nbytes / 2**20:.0f} MiB, {how}, {time.perf_counter() - t0:.0f}s")
     else:
-        train_set = build_dataset(cfg.data, "train", seed=tc.seed)
+        train_set = build_dataset(cfg.data, "train", seed=tc.seed + rank)
     return RefinerData(cache, train_set, select, select_set, select_name, train_eval.num_classes,
                        train_eval.ignore_index, train_eval.class_names)
 
@@ -168,9 +169,10 @@ def batches(data: RefinerData, base, codec, order: GlobalOrder, device="cpu", re
     else:
         pairs = (list(zip(index.tolist(), keys.tolist())) for index, keys in order)
         keyed = KeyedDataset(data.train_set)
+        seeds = torch.Generator().manual_seed(order.seed * 1000 + order.rank)  # each rank's loader processes
         loader = torch.utils.data.DataLoader(keyed, batch_sampler=pairs, num_workers=tc.num_workers,
                                              worker_init_fn=reseed_worker, collate_fn=keyed.collate,
-                                             **loader_options(device))
+                                             generator=seeds, **loader_options(device))
         for images, labels, keys in loader:
             with autocast(device, tc.precision, "train.precision"):
                 batch = base_batch(base, to_device(images, device), to_device(labels, device), codec, keys=keys)
@@ -310,8 +312,9 @@ class _StageRun:
             return False
         self.denoiser.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema:
-            self.ema.state = state["ema"]
+        if self.ema:  # training states are read onto the CPU: the average lives where the weights do
+            device = next(self.denoiser.parameters()).device
+            self.ema.state = {k: v.to(device) for k, v in state["ema"].items()}
         self.order.seek(state["position"])
         set_rng_state(state["rng"])
         if self.scaler is not None and state.get("scaler"):

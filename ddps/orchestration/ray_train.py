@@ -153,7 +153,8 @@ def refiner_worker(config: dict) -> None:
     cfg = from_flat(config["cfg"])
     base_payload = read_checkpoint(config["base"])
     base = base_from_payload(base_payload, config["base"]).freeze().to(worker.device)
-    data = prepare_data(cfg, base, worker.device, reporter if worker.is_main else None, base_payload["hash"])
+    data = prepare_data(cfg, base, worker.device, reporter if worker.is_main else None, base_payload["hash"],
+                        rank=worker.rank)
     init_state = read_checkpoint(config["init"])["model"] if config.get("init") else None
     fit_stage(cfg, config["stage"], base, base_payload, data, path=Path(config["out"]) if worker.is_main else None,
               init_state=init_state, reporter=reporter, worker=worker, checkpointer=checkpointer)
