@@ -292,10 +292,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _training_commands(sub) -> None:
+    """data build, train-base, train."""
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="build a dataset cache and print its statistics")
     build.add_argument("dataset", help="fashion-scenes")
@@ -319,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(tr)
     tr.set_defaults(func=cmd_train)
 
+
+def _model_commands(sub) -> None:
+    """eval, refine, import official."""
     ev = sub.add_parser("eval", help="evaluate a checkpoint and print its row")
     ev.add_argument("checkpoint", help="a ddps checkpoint, or a state-dict file of the model --preset/--set build")
     ev.add_argument("--preset", default="cpu", help="for a bare state-dict file: the config that builds its model")
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: from the number of diffusion states (151: ADE20K, 20: Cityscapes)")
     off.set_defaults(func=cmd_import_official)
 
+
+def _platform_commands(sub) -> None:
+    """pipeline, sweep, report, ui, demo."""
     pl = sub.add_parser("pipeline", help="base -> stage 1 -> stage 2 -> evaluation on Ray Train, tracked in MLflow")
     pl.add_argument("experiment", nargs="?", help="experiment YAML (same as --config)")
     _config_args(pl)
@@ -407,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     _device_args(demo, CLUSTER_GPU_HELP)
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _model_commands(sub)
+    _platform_commands(sub)
     return parser
 
 
