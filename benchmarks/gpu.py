@@ -42,9 +42,12 @@ repository's root:
 
 then `run` with carry [".whl"], timeout_s 420, and the command
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv; PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py 2>&1 | tee $OUT/gpu.md
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv; PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --rates $OUT/gpu.json 2>&1 | tee $OUT/gpu.md
 
-and pass the file back to `benchmarks/performance.py --gpu-output` (or paste it into reports/performance.md).
+and pass the file back to `benchmarks/performance.py --gpu-output` (or paste it into reports/performance.md);
+the rates it wrote (gpu.json) go to $DDPS_HOME/rates/ for `ddps sweep --preset paper --dry-run`'s GPU-hours
+(or `--gpu-rates gpu.json`). A GPU run writes them to --rates (default $DDPS_HOME/rates/gpu.json); a CPU run
+writes none.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ import torch  # noqa: E402
 
 from ddps.config import resolve  # noqa: E402
 from ddps.engine.device import configure  # noqa: E402
+from ddps.rates import GPURates, write_rates  # noqa: E402
 from ddps.refiner.build import build_denoiser, build_process  # noqa: E402
 from steps import (base_step, count_params, evaluation_step, make_base, matmul_flops_per_s, noise_draw,  # noqa: E402
                    random_batch, refiner_step, step_flops, timed)
@@ -185,6 +189,8 @@ def main() -> None:
     parser.add_argument("--no-tf32", action="store_true", help="fp32 rows in IEEE fp32 (the engine's --no-tf32)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on (the engine leaves it off)")
+    parser.add_argument("--rates", help="where a GPU run writes its rates for `ddps sweep --dry-run`'s GPU-hours "
+                                        "(default: $DDPS_HOME/rates/gpu.json; a CPU run writes none)")
     args = parser.parse_args()
     for key, value in (TINY if args.tiny else PAPER).items():
         if getattr(args, key) is None:
@@ -217,14 +223,15 @@ def main() -> None:
 
     print(f"### base training: {cfg.base.arch} {cfg.base.backbone}, batch {args.base_batch} of {args.crop}^2 crops, "
           f"AdamW step (backward included)\n")
-    training_table(lambda p: base_step(cfg, classes=args.classes, batch_size=args.base_batch, crop=args.crop,
-                                       device=device, precision=p), precisions, args, device, peak, dense)
+    base_seconds = training_table(lambda p: base_step(cfg, classes=args.classes, batch_size=args.base_batch,
+                                                      crop=args.crop, device=device, precision=p),
+                                  precisions, args, device, peak, dense)
 
     print(f"\n### refiner training (stage 2): UNet-{args.size} on the frozen base's features, the base's forward "
           f"included (no feature cache), batch {args.refiner_batch} of {args.crop}^2 crops\n")
-    seconds = training_table(lambda p: refiner_step(cfg, classes=args.classes, batch_size=args.refiner_batch,
-                                                    crop=args.crop, device=device, base=True, precision=p),
-                             precisions, args, device, peak, dense)
+    seconds = seconds_refiner = training_table(
+        lambda p: refiner_step(cfg, classes=args.classes, batch_size=args.refiner_batch, crop=args.crop,
+                               device=device, base=True, precision=p), precisions, args, device, peak, dense)
     draw = noise_draw(cfg, classes=args.classes, batch_size=args.refiner_batch, crop=args.crop, device=device)
     noise = timed(draw, args.steps, warmup=1, device=device)
     print(f"\nof each refiner step, the per-sample noise draw alone (SampleRNG: one generator per sample, on the "
@@ -238,18 +245,29 @@ def main() -> None:
     denoiser = build_denoiser(cfg, args.classes, segmentor.feature_channels, process).to(device)
     images, labels = random_batch(args.eval_batch, args.crop, args.classes, device)
     batches = max(1, args.eval_images // args.eval_batch)
-    rows, speed = [], {}
+    rows, speed, calls_per_s = [], {}, {}
     for k in ks:
         for precision in precisions:
             step, calls = evaluation_step(segmentor, denoiser, process, cfg, images, labels, k, precision=precision)
             seconds = timed(step, batches, warmup=1, device=device) / args.eval_batch
             speed[precision] = 1 / seconds
+            if k == max(ks):
+                calls_per_s[precision] = calls / seconds
             rows.append([precision, str(k), str(calls), num(seconds * 1e3), num(1 / seconds),
                          num(speed[precision] / speed["fp32"]) if "fp32" in speed else NA])
     print_table(["precision", "K (test steps)", "denoiser calls per image", "ms per image", "images/s",
                  "speed vs fp32"], rows)
     print(f"\nparameters: base {count_params(segmentor) / 1e6:.1f} M, denoiser {count_params(denoiser) / 1e6:.1f} M "
           f"(UNet-{args.size} {denoiser.unet_params() / 1e6:.2f} M)")
+    if cuda:  # what `ddps sweep --dry-run` counts GPU-hours with (never a CPU's rates)
+        path = write_rates(GPURates(
+            device=name, torch=torch.__version__, measured=time.strftime("%Y-%m-%d %H:%M"),
+            shapes={"crop": args.crop, "classes": args.classes, "base": f"{cfg.base.arch}-{cfg.base.backbone}",
+                    "denoiser": f"UNet-{args.size}", "T": cfg.diffusion.steps},
+            base_images_per_s={p: args.base_batch / s for p, s in base_seconds.items()},
+            refiner_images_per_s={p: args.refiner_batch / s for p, s in seconds_refiner.items()},
+            eval_calls_per_s=calls_per_s), args.rates)
+        print(f"\nrates for `ddps sweep --dry-run`: {path}")
     print(f"\n(gpu.py ran {time.perf_counter() - start:.0f} s)")
 
 

@@ -221,7 +221,9 @@ def cmd_sweep(args) -> int:
                               f"{', '.join(sorted({a.name for e in experiments for a in e.axes}))}")
     plans = [plan(e, args.preset, parse_set(_overrides(args)), scoped) for e in experiments]
     from ddps.orchestration.sweep import finished_cells
-    print(describe(plans, finished_cells(plans, args.tracking_uri)))
+    from ddps.rates import default_path, read_rates
+    rates = Path(args.gpu_rates) if args.gpu_rates else default_path()
+    print(describe(plans, finished_cells(plans, args.tracking_uri), read_rates(rates), str(rates)))
     if args.dry_run:
         for p in plans:
             print(f"\n{p.experiment.title} ({p.preset}): {len(p.cells)} cells, {len(p.invalid)} not valid")
@@ -382,6 +384,8 @@ def _platform_commands(sub) -> None:
     sw.add_argument("--data-root", help="dataset root (e.g. the ADE20K folder for --preset paper)")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (cells, trainings against naive, "
                                                            "estimated time) and run nothing")
+    sw.add_argument("--gpu-rates", metavar="FILE", help="the rates benchmarks/gpu.py measured on a GPU, for the "
+                                                       "dry run's GPU-hours (default: $DDPS_HOME/rates/gpu.json)")
     _cluster_args(sw)
     sw.add_argument("--verbose", action="store_true", help="show the workers' output (Ray Train, Tune) here too")
     sw.set_defaults(func=cmd_sweep)

@@ -27,8 +27,8 @@ def tables(out: str) -> dict[str, list[dict[str, str]]]:
     return found
 
 
-def test_cpu_mode_prints_three_tables_of_positive_figures_and_imports_no_ray_mlflow_or_albumentations():
-    argv = [str(SCRIPT), "--device", "cpu", "--tiny", "--peak-tflops", "1"]
+def test_cpu_mode_prints_three_tables_of_positive_figures_and_imports_no_ray_mlflow_or_albumentations(tmp_path):
+    argv = [str(SCRIPT), "--device", "cpu", "--tiny", "--peak-tflops", "1", "--rates", str(tmp_path / "gpu.json")]
     code = (f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
             "bad = [m for m in ('ray', 'mlflow', 'albumentations', 'ddps.data') if m in sys.modules]\n"
             "print('imported:', bad, 'ddps from', sys.modules['ddps'].__file__)\n")
@@ -58,6 +58,7 @@ def test_cpu_mode_prints_three_tables_of_positive_figures_and_imports_no_ray_mlf
     training = [r for t, rows in found.items() if "training" in t for r in rows]
     assert all(r["MFU % of bf16 peak"] != "n/a" for r in training)  # --peak-tflops 1 given
     assert "noise draw alone" in out and "(gpu.py ran" in out
+    assert not (tmp_path / "gpu.json").exists() and "rates for" not in out  # a CPU's rates are no GPU's
 
 
 def test_the_bf16_peak_is_known_by_the_device_name_or_given():

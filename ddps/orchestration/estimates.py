@@ -4,11 +4,17 @@ The rates are measured on this 2-core machine, for its presets only (``ESTIMATED
 cpu preset's models on 2 Ray Train workers (README), times the speed of other models relative to them
 (``benchmarks/sweep_rates.py``, 2 threads; crops scale as (64 / crop) ** 1.5 there); unmeasured models count
 as the cpu preset's. The sweep's progress line starts from the same estimates (``progress.py``).
+
+Other presets (the ``paper`` one) get GPU-hours instead, from the rates ``benchmarks/gpu.py`` measured on a GPU
+(``ddps.rates``: base and refiner training images/s, evaluation denoiser calls/s, per precision, at its
+shapes); models and crops other than those measured are counted at the measured rates, scaled by their
+pixels. Without a rates file the dry run says that no GPU rate was measured.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ddps.rates import GPURates
 from ddps.refiner.steps import step_times
 
 if TYPE_CHECKING:
@@ -44,8 +50,13 @@ def trial_seconds(t: Training) -> float:
 
 
 def cell_seconds(cell: Cell) -> float:
-    """A cell's evaluation: its denoiser calls (every step, x3 with the reliance diagnostic, every scale and
-    mirror image of a multi-scale evaluation, x2 with guidance) over its images."""
+    """A cell's evaluation on this machine: its denoiser calls over its images."""
+    return EVAL_START_S + cell.images * cell_calls(cell) / EVAL_CALLS_PER_S / _pixels(cell.cfg.data.crop)
+
+
+def cell_calls(cell: Cell) -> int:
+    """Denoiser calls per image of a cell's evaluation: every step, x3 with the reliance diagnostic, every
+    scale and mirror image of a multi-scale evaluation, x2 with guidance."""
     cfg = cell.cfg
     steps = len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
     calls = 1 if cfg.denoiser.method == "head" else steps * (3 if cell.reliance else 1)
@@ -53,7 +64,30 @@ def cell_seconds(cell: Cell) -> float:
         calls += (1 if cfg.denoiser.method == "head" else steps) * len(cfg.eval.scales) * (
             2 if cfg.eval.flip else 1)
     calls *= 2 if cfg.infer.cfg_scale > 0 else 1  # guidance: a conditional and an unconditional call
-    return EVAL_START_S + cell.images * calls / EVAL_CALLS_PER_S / _pixels(cfg.data.crop)
+    return calls
+
+
+class NoRate(Exception):
+    """The rates file has no rate for this precision."""
+
+
+def gpu_training_hours(t: Training, rates: GPURates) -> float:
+    """One training on GPUs at the measured rate of its kind and precision, scaled by its crop's pixels."""
+    if t.imported:
+        return 0.0
+    table = rates.base_images_per_s if t.step == "base" else rates.refiner_images_per_s
+    if t.precision not in table:
+        raise NoRate(t.precision)
+    return t.iters * t.batch_size * (t.crop / rates.shapes["crop"]) ** 2 / table[t.precision] / 3600
+
+
+def gpu_cell_hours(cell: Cell, rates: GPURates) -> float:
+    """A cell's evaluation on a GPU: its denoiser calls over its images at the measured calls/s."""
+    precision = cell.cfg.eval.precision
+    if precision not in rates.eval_calls_per_s:
+        raise NoRate(precision)
+    scale = (cell.cfg.data.crop / rates.shapes["crop"]) ** 2
+    return cell.images * cell_calls(cell) * scale / rates.eval_calls_per_s[precision] / 3600
 
 
 def duration(seconds: float) -> str:
@@ -65,11 +99,14 @@ def _evaluations(total: int, left: int) -> str:
     return str(total) if left == total else f"{total} ({total - left} finished)"
 
 
-def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> str:
+def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None, gpu_rates: GPURates | None = None,
+             rates_source: str = "") -> str:
     """The dry run's printout: per table, cells, trainings (planned / naive), evaluations, and the estimated
     time alone (every training it needs that is not trained yet, every evaluation not finished yet) and in
     this order (after the tables above it have trained what they share with it). ``finished``: per
-    experiment name, the evaluation hashes of its cells with a FINISHED run in MLflow."""
+    experiment name, the evaluation hashes of its cells with a FINISHED run in MLflow. For presets this
+    machine's rates do not cover, GPU-hours from ``gpu_rates`` (read from ``rates_source``), or a line that no
+    GPU rate was measured."""
     finished = finished or {}
     lines = ["| experiment | preset | cells | trainings planned | naive | planned / naive | already trained | "
              "evaluations | estimated time alone | in this order |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,4 +144,27 @@ def describe(plans: list[Plan], finished: dict[str, set[str]] | None = None) -> 
     if plans and plans[0].preset not in ESTIMATED_PRESETS:
         lines.append(f"\n(no time estimate for preset {plans[0].preset}: the rates are measured on this machine "
                      f"for {', '.join(ESTIMATED_PRESETS)})")
+        lines.append(_gpu_hours(plans, finished, gpu_rates, rates_source))
+    return "\n".join(lines)
+
+
+def _gpu_hours(plans: list[Plan], finished: dict[str, set[str]], rates: GPURates | None, source: str) -> str:
+    """GPU-hours per table (what is left of it, alone) at the measured rates, or why there are none."""
+    if rates is None:
+        return (f"no GPU rate measured: benchmarks/gpu.py writes one when it runs on a GPU "
+                f"({source or '$DDPS_HOME/rates/gpu.json'}; give another with --gpu-rates FILE)")
+    shapes = ", ".join(f"{k} {v}" for k, v in sorted(rates.shapes.items()))
+    lines = [f"\nGPU-hours at the rates benchmarks/gpu.py measured on {rates.device} ({rates.measured}; {shapes}; "
+             f"{source}): other models counted at the measured models' rates, other crops scaled by their pixels; "
+             f"a training on N GPUs takes about as many GPU-hours as on one\n",
+             "| experiment | trainings | evaluations | GPU-hours alone |", "|---|---|---|---|"]
+    for p in plans:
+        done = finished.get(p.experiment.name, set())
+        try:
+            train = sum(gpu_training_hours(t, rates) for t in p.to_train)
+            evals = sum(gpu_cell_hours(c, rates) for c in p.cells if c.eval_hash not in done)
+        except NoRate as e:
+            lines.append(f"| {p.experiment.name} | no GPU rate measured for {e.args[0]} | | |")
+            continue
+        lines.append(f"| {p.experiment.name} | {train:.1f} | {evals:.1f} | {train + evals:.1f} |")
     return "\n".join(lines)

@@ -77,6 +77,7 @@ class Training:
     model: str  # what it trains: the base's arch-backbone, or the denoiser's size
     crop: int  # the side of its training crops
     imported: str = ""  # a base not trained but imported: base.pretrained (no iterations)
+    precision: str = "fp32"  # what its forward passes run in (train_base.precision, train.precision)
 
 
 @dataclass(frozen=True)
@@ -239,11 +240,12 @@ def chain_of(cfg: Config) -> list[Training]:
                           imported=cfg.base.pretrained)]
     else:
         chain = [Training("base", base_h, cfg.train_base.iters, cfg.train_base.batch_size,
-                          train_base.default_checkpoint(cfg), f"{cfg.base.arch}-{cfg.base.backbone}", cfg.data.crop)]
+                          train_base.default_checkpoint(cfg), f"{cfg.base.arch}-{cfg.base.backbone}", cfg.data.crop,
+                          precision=cfg.train_base.precision)]
     for stage in train_refiner.stages_of(cfg):
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
                               cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h),
-                              cfg.denoiser.size, cfg.data.crop))
+                              cfg.denoiser.size, cfg.data.crop, precision=cfg.train.precision))
     return chain
 
 
