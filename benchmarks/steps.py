@@ -34,7 +34,6 @@ from ddps.diffusion.rng import SampleRNG
 from ddps.engine.device import autocast, backward_step, grad_scaler, optimizer_step
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import base_batch, conditioning
-from ddps.metrics import SegMetrics
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.objective import Batch, refiner_loss
 from ddps.refiner.sampler import STEP_LISTS, refine, step_times

@@ -37,10 +37,8 @@ def _device_args(p: argparse.ArgumentParser, gpu_help: str = GPU_HELP) -> None:
 def _device(args) -> str:
     """The device of a single-process command, set up before any compute: "cuda" with --gpu (one line when no
     GPU is visible), else "cpu"; TF32 unless --no-tf32."""
-    from ddps.engine.device import configure, resolve_device
-    device = resolve_device(args.gpu)
-    configure(device, tf32=not args.no_tf32)
-    return device
+    from ddps.engine.device import setup
+    return setup(args.gpu, tf32=not args.no_tf32)
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:

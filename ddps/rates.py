@@ -35,9 +35,6 @@ class GPURates:
     refiner_images_per_s: dict = field(default_factory=dict)  # precision -> refiner training images/s
     eval_calls_per_s: dict = field(default_factory=dict)      # precision -> denoiser calls/s in evaluation
 
-    def precisions(self) -> list[str]:
-        return [p for p in self.base_images_per_s if p in self.refiner_images_per_s and p in self.eval_calls_per_s]
-
 
 def write_rates(rates: GPURates, path: str | Path | None = None) -> Path:
     """Write ``rates`` (atomically: a reader never sees half a file); the path written."""

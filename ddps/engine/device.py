@@ -2,6 +2,7 @@
 
 - ``resolve_device(gpu)``: "cuda" for ``--gpu`` (one line when no CUDA device is visible), else "cpu";
 - ``configure(device, tf32)``: TF32 for CUDA matmuls and convolutions (on unless turned off: ``--no-tf32``);
+  ``setup(gpu, tf32)`` both, for a process that computes;
 - ``autocast(device, precision)``: the context forward passes run in — fp32 as they are, bf16 / fp16 under
   ``torch.autocast`` on the device's type (losses, metrics and probabilities are computed in float32 from
   the outputs); bf16 on a GPU without it is one line naming fp16;
@@ -50,6 +51,14 @@ def configure(device, tf32: bool = True) -> None:
     if is_cuda(device):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def setup(gpu: bool, tf32: bool = True) -> str:
+    """The device of a process that computes (a command, an evaluation task), configured: resolve_device, then
+    configure."""
+    device = resolve_device(gpu)
+    configure(device, tf32)
+    return device
 
 
 def check_precision(precision: str, what: str = "precision") -> None:

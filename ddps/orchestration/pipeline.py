@@ -58,10 +58,9 @@ def evaluation(refiner_path: Path, cfg: Config, reliance: bool, gpu: bool = Fals
     """The engine's evaluation record of the refiner on val (multi-scale when eval.multiscale, the strips'
     images): on this process's CPU threads, or with ``gpu`` on its first visible GPU — the one Ray or Tune
     assigned it; a one-line DeviceError when there is none."""
-    from ddps.engine.device import configure, resolve_device
+    from ddps.engine.device import setup
     from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
-    device = resolve_device(gpu)
-    configure(device, tf32=tf32)
+    device = setup(gpu, tf32)
     result, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
                                       examples=STRIP_IMAGES, device=device)
     return result

@@ -230,10 +230,10 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     official conventions (:func:`refiner_overrides`); both content-addressed by the two files' sha256."""
     path, out = Path(path), Path(out)
     if base_file is None:
-        raise CheckpointError(f"an official DDPS checkpoint holds no classifier for its base (decode_head.conv_seg "
-                              f"is not saved with the DDPS head): pass --base with the MMSegmentation SegFormer "
-                              f"checkpoint it was trained on (MMSegmentation's model zoo, e.g. SegFormer mit-b2 "
-                              f"512x512 160k ADE20K)")
+        raise CheckpointError("an official DDPS checkpoint holds no classifier for its base (decode_head.conv_seg "
+                              "is not saved with the DDPS head): pass --base with the MMSegmentation SegFormer "
+                              "checkpoint it was trained on (MMSegmentation's model zoo, e.g. SegFormer mit-b2 "
+                              "512x512 160k ADE20K)")
     state = mmcv_state_dict(read_foreign_checkpoint(path, "official DDPS checkpoint"), str(path))
     plain, raw = split_ema(state)
     layout = official_layout(plain, str(path), dataset)
