@@ -7,11 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from procs import S3_CREDENTIALS, create_bucket, free_port, moto_command, start, stop, wait_http
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test asks the Hugging Face Hub: published weights come from a cache
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 only (read at import)
+for _key, _value in S3_CREDENTIALS.items():  # the moto bucket's fake credentials, before any Ray starts
+    os.environ.setdefault(_key, _value)
 
 
 # ---- reliability records (make reliability) --------------------------------------------------------
@@ -70,6 +74,26 @@ def ray_local():
     ensure_ray(Cluster(workers=2, cpus_per_worker=0.5))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on a free loopback port (one per test module): its endpoint URL."""
+    port, log = free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = start(moto_command(port), log, dict(os.environ))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, log, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, tmp_path):
+    """A fresh bucket on the moto server: (endpoint, bucket name)."""
+    bucket = f"ddps-{tmp_path.name.lower().replace('_', '-')[:40].strip('-')}"
+    create_bucket(s3_endpoint, bucket)
+    return s3_endpoint, bucket
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -13,9 +13,20 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: every socket stays bound until all n are chosen, so the kernel cannot
+    hand the same port out twice (two free_port() calls in a row can return the same one)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -54,3 +65,36 @@ def mlflow_server_command(store: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
             "--artifacts-destination", str(store / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
             "--workers", "1"]
+
+
+# ---- an S3-compatible object store: moto's standalone server ---------------------------------------------
+# Tests that store checkpoints in a bucket start moto's server on a free loopback port (as Ray's own storage
+# tests do) with fake credentials: moto accepts any, and pyarrow needs some (else it asks the EC2 metadata
+# service). The credentials are set in conftest before Ray starts, so every Ray worker inherits them.
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "ddps-test", "AWS_SECRET_ACCESS_KEY": "ddps-test",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def moto_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    """A bucket on the S3 endpoint (pyarrow's create_dir on a bucket name, as `aws s3 mb` would)."""
+    import pyarrow.fs
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True,
+                                 access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                 secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    s3.create_dir(bucket)
+
+
+def s3_objects(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key under ``bucket/prefix``."""
+    import pyarrow.fs
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1",
+                                 access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                 secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    root = f"{bucket}/{prefix}".rstrip("/")
+    infos = s3.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(bucket) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)

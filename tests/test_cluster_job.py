@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import free_port, mlflow_server_command, start, stop, wait_http
+from procs import free_port, free_ports, mlflow_server_command, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,14 @@ def mlflow_server(tmp_path):
 def ray_head(tmp_path):
     """`ray start --head --block`: the blocking process owns the cluster's processes; stopping its group
     stops them all."""
-    dashboard, log = free_port(), tmp_path / "ray-head.log"
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics = free_ports(7)
+    log = tmp_path / "ray-head.log"
     command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+               "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--ray-client-server-port", str(client), "--num-cpus", "2",
                # the job agent's ports too: another Ray on this machine holds the defaults (52365, ...)
-               "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-               "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+               "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
                "--object-store-memory", str(200 * 2**20), "--disable-usage-stats"]
     proc = start(command, log, base_env(tmp_path))
     try:
