@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ddps.errors import CheckpointError, reason
+from ddps.storage import Location, StoragePath, location
 
 
 def digest(data: bytes) -> str:
@@ -55,19 +56,28 @@ def shape_of(state: dict, key: str, where: str, layout: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def sidecar(path: Path) -> Path:
+def sidecar(path: Location) -> Location:
     """The sha256 sidecar beside ``path``: ``<name>.sha256``."""
     return path.with_name(path.name + ".sha256")
 
 
-def save_atomic(path: str | Path, payload, checksum: bool = False) -> Path:
+def save_atomic(path: str | Location, payload, checksum: bool = False) -> Location:
     """torch.save to a temporary name in the same folder, then rename (and, with ``checksum``, a sha256
     sidecar ``<name>.sha256`` beside it): a partial file never carries the final name. A failed write (an
-    unwritable folder, a full disk) is a one-line CheckpointError and leaves no temporary file behind."""
-    path = Path(path)
+    unwritable folder, a full disk) is a one-line CheckpointError and leaves no temporary file behind. In an
+    object store (a URI) each file is one PUT, which is visible only once whole."""
+    path = location(path)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
+    if isinstance(path, StoragePath):
+        try:
+            path.write_bytes(data)
+            if checksum:
+                sidecar(path).write_text(digest(data))
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {reason(e).splitlines()[0]}") from None
+        return path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     side = sidecar(path)
     side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
@@ -94,13 +104,17 @@ def write_checked(path: Path, payload) -> Path:
     return save_atomic(path, payload, checksum=True)
 
 
-def read_state_file(path: str | Path, what: str, require_checksum: bool = False):
+def read_state_file(path: str | Location, what: str, require_checksum: bool = False):
     """``torch.load(weights_only=True)`` of a file, with a one-line CheckpointError when it is missing or
     unreadable (truncated archive, pickled objects that are not plain tensors and values) or fails its
     sha256 sidecar. The sidecar is checked when it is there (ddps's own files); with ``require_checksum``
-    a file without one is refused too (a training state always has one)."""
-    path = Path(path)
-    if not path.is_file():
+    a file without one is refused too (a training state always has one). ``path`` may be a storage URI."""
+    path = location(path)
+    try:
+        missing = not path.is_file()
+    except OSError as e:  # a store that does not answer
+        raise CheckpointError(f"{what} {path} cannot be read ({reason(e).splitlines()[0]})") from None
+    if missing:
         raise CheckpointError(f"{what} {path} does not exist")
     side = sidecar(path)  # written beside ddps's own checkpoints (save_atomic)
     try:
@@ -160,7 +174,7 @@ def read_foreign_checkpoint(path: str | Path, what: str) -> dict:
     return payload
 
 
-def read_checked(path: Path):
+def read_checked(path: Location):
     """The payload of a file written by :func:`write_checked`; None when it is missing, has no sidecar,
     fails its checksum or cannot be read (the training-state fallback then takes the one before it)."""
     try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ddps.errors import DDPSError
+from ddps.storage import STORAGE_VAR, location, use_storage
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -28,10 +29,16 @@ CLUSTER_GPU_HELP = ("one GPU per Ray Train worker (nccl) and per evaluation; on 
 
 
 def _device_args(p: argparse.ArgumentParser, gpu_help: str = GPU_HELP) -> None:
-    """Where the command computes: --gpu and --no-tf32 (every command that computes)."""
+    """Where the command computes and keeps what it trains (every command that computes): --gpu, --no-tf32,
+    --storage."""
     p.add_argument("--gpu", action="store_true", help=gpu_help)
     p.add_argument("--no-tf32", action="store_true", help="full float32 matmuls and convolutions on the GPU "
                                                           "(TF32 is on by default; nothing changes on the CPU)")
+    p.add_argument("--storage", metavar="URI", help="where checkpoints, feature caches and Ray Train's run state "
+                                                    "live for every node: s3://bucket/prefix (endpoint: "
+                                                    "?endpoint_override=http://host:port or AWS_ENDPOINT_URL), "
+                                                    "gs://..., or an absolute folder (default: $DDPS_STORAGE, "
+                                                    "else $DDPS_HOME)")
 
 
 def _device(args) -> str:
@@ -100,7 +107,7 @@ def _print_checkpoint(path) -> None:
     """Write the checkpoint's metrics beside it as <name>.json and print both paths."""
     from ddps.segmentors.checkpoint import read_checkpoint
     metrics = read_checkpoint(path)["metrics"]
-    metrics_path = Path(path).with_suffix(".json")
+    metrics_path = location(path).with_suffix(".json")
     metrics_path.write_text(json.dumps(metrics, indent=2))
     print(f"checkpoint: {path}\nmetrics: {metrics_path}")
 
@@ -435,6 +442,8 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "storage"):  # checked before any compute; the workers get it with DDPS_STORAGE
+            use_storage(args.storage or os.environ.get(STORAGE_VAR))
         return args.func(args)
     except DDPSError as e:
         print(f"ddps: error: {one_line(e)}", file=sys.stderr)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddps.engine.device import autocast, loader_options, to_device
 from ddps.errors import DataError
+from ddps import storage
 from ddps.refiner.codecs import ResizeCodec
 from ddps.refiner.objective import Batch
 from ddps.segmentors import BaseSegmentor
@@ -111,10 +112,16 @@ def compute_cache(base: BaseSegmentor, dataset: Dataset, codec: ResizeCodec, *, 
     return cache
 
 
-def stored_cache(path: Path, compute, expected: int) -> tuple[FeatureCache, bool]:
+def stored_cache(path: Path, compute, expected: int, shared=None) -> tuple[FeatureCache, bool]:
     """The feature cache in ``path`` (memory-mapped: the pages are shared by every process that reads it),
     else ``compute()`` written there first (atomically: a reader never sees half a file); (cache, reused).
-    A file that does not load, or holds another number of images than ``expected``, is computed again."""
+    A file that does not load, or holds another number of images than ``expected``, is computed again.
+    With ``shared`` (its place in the storage, ddps.storage), a node without the file fetches it from there
+    rather than compute it, and a file computed here is published there for the other nodes and later steps."""
+    try:
+        storage.fetch(shared, path)
+    except OSError:  # the store's copy is a saving, not a need: compute it here
+        pass
     if path.exists():
         try:
             blob = torch.load(path, mmap=True, weights_only=True)
@@ -128,6 +135,7 @@ def stored_cache(path: Path, compute, expected: int) -> tuple[FeatureCache, bool
     try:
         torch.save({"features": cache.features, "base_logits": cache.base_logits, "labels": cache.labels}, tmp)
         os.replace(tmp, path)
-    except OSError:  # a full or read-only disk costs the reuse, not the training
+        storage.publish(path, shared)
+    except OSError:  # a full or read-only disk, an unreachable store: costs the reuse, not the training
         tmp.unlink(missing_ok=True)
     return cache, False

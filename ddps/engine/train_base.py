@@ -27,7 +27,8 @@ from ddps.engine.device import autocast, backward_step, grad_scaler, loader_opti
 from ddps.engine.evaluate import evaluate_base
 from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
 from ddps.engine.reporter import ConsoleReporter, Reporter
-from ddps.paths import cache_dir
+from ddps import storage
+from ddps.storage import Location
 from ddps.errors import CheckpointError, ConfigError, DataError
 from ddps.segmentors import BaseSegmentor, create_base
 from ddps.segmentors.checkpoint import base_payload, read_checkpoint
@@ -55,9 +56,11 @@ def base_hash(cfg: Config) -> str:
     return content_hash(cfg, BASE_SECTIONS)
 
 
-def default_checkpoint(cfg: Config) -> Path:
+def default_checkpoint(cfg: Config) -> Location:
+    """Where this config's base lives: content-addressed under the storage's checkpoints/ (ddps.storage), else
+    DDPS_HOME's."""
     model = "imported" if cfg.base.pretrained else f"{cfg.base.arch}-{cfg.base.backbone}"
-    return cache_dir("checkpoints") / f"base-{model}-{base_hash(cfg)[:16]}.pt"
+    return storage.folder("checkpoints") / f"base-{model}-{base_hash(cfg)[:16]}.pt"
 
 
 def plateau_gain(history: list[dict], iters: int) -> float:
@@ -98,11 +101,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | None = None,
-        device: str = "cpu", force: bool = False) -> Path:
+def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Location | None = None,
+        device: str = "cpu", force: bool = False) -> Location:
     """Train a base segmentor per ``cfg`` in this process and return its checkpoint; an existing one is reused."""
     reporter = reporter or ConsoleReporter("train-base", cfg.train_base.iters)
-    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+    path = storage.location(checkpoint) if checkpoint else default_checkpoint(cfg)
     if reuse(cfg, path, force):
         reporter.info(f"reusing {path} (same config hash)")
         return path
@@ -113,7 +116,7 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Path | 
     return path
 
 
-def import_base(cfg: Config, reporter: Reporter, path: Path | None = None) -> dict:
+def import_base(cfg: Config, reporter: Reporter, path: Location | None = None) -> dict:
     """The base ``base.pretrained`` names, checked against the dataset's classes, as a base checkpoint at ``path``
     (no training iteration; its metrics say where it came from). Returns the payload.
 
@@ -140,7 +143,7 @@ def import_base(cfg: Config, reporter: Reporter, path: Path | None = None) -> di
     return payload
 
 
-def reuse(cfg: Config, path: Path, force: bool = False) -> bool:
+def reuse(cfg: Config, path: Location, force: bool = False) -> bool:
     """Whether ``path`` already holds this config's finished base (refusing another config's file)."""
     if not path.exists() or force:
         return False

@@ -29,6 +29,8 @@ from ddps.engine.train_base import reseed_worker, seed_everything
 from ddps.diffusion.rng import SampleRNG
 from ddps.errors import CheckpointError, ConfigError, DataError
 from ddps.paths import cache_dir
+from ddps import storage
+from ddps.storage import Location
 from ddps.refiner.build import build_codec, build_denoiser, build_process
 from ddps.refiner.checkpoint import refiner_payload
 from ddps.refiner.objective import head_loss, refiner_loss
@@ -62,8 +64,10 @@ def stage_hash(cfg: Config, stage: str, base_hash: str) -> str:
     return content_hash(cfg, sections, inputs)
 
 
-def stage_checkpoint(cfg: Config, stage: str, base_hash: str, out_dir: str | Path | None = None) -> Path:
-    folder = Path(out_dir) if out_dir else cache_dir("checkpoints")
+def stage_checkpoint(cfg: Config, stage: str, base_hash: str, out_dir: str | Location | None = None) -> Location:
+    """Where a stage's checkpoint lives: in ``out_dir``, else content-addressed under the storage's checkpoints/
+    (ddps.storage), else DDPS_HOME's."""
+    folder = storage.location(out_dir) if out_dir else storage.folder("checkpoints")
     return folder / f"refiner-{cfg.denoiser.method}-{stage}-{stage_hash(cfg, stage, base_hash)[:16]}.pt"
 
 
@@ -115,6 +119,11 @@ def feature_cache_path(cfg: Config, base_hash: str) -> Path:
     return cache_dir("features") / f"train-{key[:16]}.pt"
 
 
+def shared_feature_cache(path: Path) -> Location | None:
+    """The storage's copy of a feature cache (another node computed it), when there is a storage."""
+    return storage.folder("features") / path.name if storage.storage_uri() else None
+
+
 def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = None,
                  base_hash: str | None = None, rank: int = 0) -> RefinerData:
     """The training stream's source and the held-out split that evaluations during training use: the
@@ -144,7 +153,8 @@ def prepare_data(cfg: Config, base, device="cpu", reporter: Reporter | None = No
         how = "computed"
         if base_hash:
             path = feature_cache_path(cfg, base_hash)
-            cache, reused = stored_cache(path, compute, len(train_eval) * (2 if tc.flip else 1))
+            cache, reused = stored_cache(path, compute, len(train_eval) * (2 if tc.flip else 1),
+                                         shared=shared_feature_cache(path))
             how = f"memory-mapped from {path}" if reused else f"computed, kept in {path}"
         else:
             cache = compute()
@@ -384,8 +394,8 @@ def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
     return payload
 
 
-def fit(cfg: Config, base_checkpoint: str | Path, reporter_factory=None, out_dir: str | Path | None = None,
-        device: str = "cpu", force: bool = False, log=print) -> Path:
+def fit(cfg: Config, base_checkpoint: str | Location, reporter_factory=None, out_dir: str | Location | None = None,
+        device: str = "cpu", force: bool = False, log=print) -> Location:
     """Train every stage the config asks for (reusing finished ones) and return the last stage's checkpoint."""
     base_payload = read_checkpoint(base_checkpoint)
     base = base_from_payload(base_payload, base_checkpoint).freeze().to(device)

@@ -11,6 +11,10 @@ Effective batch rule: the config's batch size is the global batch; each of N wor
 it (N must divide it), so changing the number of workers changes neither the batch nor the schedule.
 Failures: ``FailureConfig(max_failures)`` restarts the worker group, which resumes from the last reported
 training state; a resubmitted run with the same name (the step's content hash) resumes the same way.
+
+Storage: Ray Train's run state and training-state checkpoints live under the storage's ray/ (``--storage``,
+ddps.storage: a bucket, or a folder every node mounts), else DDPS_HOME/ray; the checkpoints a step reads and
+writes (``out``, ``base``, ``init``) are storage locations too, so any node can run any worker.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from ddps.config import from_flat
 from ddps.engine.loop import Worker
 from ddps.engine.reporter import ConsoleReporter, NullReporter
 from ddps.errors import DDPSError
-from ddps.paths import cache_dir
+from ddps.storage import STORAGE_VAR, location, ray_storage
 
 STATE_FILE = "state.pt"
 
@@ -58,12 +62,12 @@ class RayCheckpointer:
         with checkpoint.as_directory() as folder:
             state = read_checked(Path(folder) / STATE_FILE)
         if state is None:  # truncated or altered (checksum): the one before it, which Ray keeps beside it
-            latest = Path(checkpoint.path)
-            older = sorted(latest.parent.glob("checkpoint_*"), reverse=True) if _local(checkpoint) else []
-            for previous in (p for p in older if p.name < latest.name):
-                state = read_checked(previous / STATE_FILE)
+            latest = checkpoint.path
+            for previous in _earlier_checkpoints(checkpoint):
+                with previous.as_directory() as folder:
+                    state = read_checked(Path(folder) / STATE_FILE)
                 if state is not None:
-                    self.log(f"the last Ray checkpoint {latest} is damaged (checksum); resuming from {previous} "
+                    self.log(f"the last Ray checkpoint {latest} is damaged (checksum); resuming from {previous.path} "
                              f"(iteration {state['iter']})")
                     break
             else:
@@ -83,10 +87,20 @@ class RayCheckpointer:
             ray.train.report({"iter": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _local(checkpoint) -> bool:
-    """Whether a Ray checkpoint lives on a local (or mounted) file system, where its siblings can be listed."""
-    filesystem = getattr(checkpoint, "filesystem", None)
-    return filesystem is None or getattr(filesystem, "type_name", "local") == "local"
+def _earlier_checkpoints(checkpoint) -> list:
+    """The run's checkpoints before ``checkpoint`` (Ray keeps ``num_to_keep`` of them beside it: checkpoint_<time>
+    folders), newest first, listed on its filesystem — a local folder or a bucket alike."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+    filesystem, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = posixpath.split(latest)
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and posixpath.basename(i.path).startswith("checkpoint_")
+                    and posixpath.basename(i.path) < name), reverse=True)
+    return [ray.train.Checkpoint(path, filesystem=filesystem) for path in older]
 
 
 def model_wrap(use_gpu: bool, world: int, sync_batchnorm: bool = False) -> Callable:
@@ -111,6 +125,8 @@ def _worker_setup(config: dict, sync_batchnorm: bool = False):
     import torch
 
     from ddps.engine.device import configure
+    if config.get("storage"):  # the driver's storage, whatever the node's environment says
+        os.environ[STORAGE_VAR] = config["storage"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = max(1, int(config["cpus_per_worker"]))
@@ -140,7 +156,7 @@ def base_worker(config: dict) -> None:
     from ddps.engine.train_base import train
     worker, reporter, checkpointer = _worker_setup(config, sync_batchnorm=True)
     cfg = from_flat(config["cfg"])
-    train(cfg, reporter, worker, path=Path(config["out"]) if worker.is_main else None, checkpointer=checkpointer)
+    train(cfg, reporter, worker, path=location(config["out"]) if worker.is_main else None, checkpointer=checkpointer)
     if hasattr(reporter, "flush"):
         reporter.flush()
 
@@ -156,7 +172,7 @@ def refiner_worker(config: dict) -> None:
     data = prepare_data(cfg, base, worker.device, reporter if worker.is_main else None, base_payload["hash"],
                         rank=worker.rank)
     init_state = read_checkpoint(config["init"])["model"] if config.get("init") else None
-    fit_stage(cfg, config["stage"], base, base_payload, data, path=Path(config["out"]) if worker.is_main else None,
+    fit_stage(cfg, config["stage"], base, base_payload, data, path=location(config["out"]) if worker.is_main else None,
               init_state=init_state, reporter=reporter, worker=worker, checkpointer=checkpointer)
     if hasattr(reporter, "flush"):
         reporter.flush()
@@ -194,12 +210,14 @@ def ddps_errors():
         raise cause from None
 
 
-def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False) -> Path:
+def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False):
     """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
 
     ``name`` (the step's content hash) names the Ray run, so a resubmitted run resumes its checkpoints.
     Inside a Ray Tune trial (``tune``), what the workers report (the iteration) reaches the sweep's progress.
+    The run state lives in the storage (ddps.storage.ray_storage); the final checkpoint is checked there.
     """
+    from ddps.storage import storage_uri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     loop = {"base": base_worker, "refiner": refiner_worker}[kind]
@@ -207,20 +225,22 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
     if tune:
         from ray.tune.integration.ray_train import TuneReportCallback
         callbacks.append(TuneReportCallback())
+    storage_path, filesystem = ray_storage("ray")
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker, "use_gpu": cluster.use_gpu,
-                           "tf32": cluster.tf32, "checkpoint_every": cluster.checkpoint_every},
+                           "tf32": cluster.tf32, "checkpoint_every": cluster.checkpoint_every,
+                           "storage": storage_uri()},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(cache_dir("ray")),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep), callbacks=callbacks),
     )
     with ddps_errors():
         trainer.fit()
-    out = Path(config["out"])
+    out = location(config["out"])
     if not out.exists():
         raise RuntimeError(f"Ray Train finished {name} but {out} was not written")
     return out

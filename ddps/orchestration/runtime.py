@@ -9,9 +9,10 @@ import sys
 
 from ddps.paths import ddps_home
 
-# what every Ray worker must see as the driver does (docs/design.md, "Environment"): the work folder, offline
-# albumentations, no telemetry, the tracking store
-WORKER_ENV = ("DDPS_HOME", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED",
+# what every Ray worker must see as the driver does (docs/design.md, "Environment"): the storage, offline
+# albumentations, no telemetry, the tracking store. Not DDPS_HOME: it is each node's own cache (its datasets, Hub
+# cache, spool); what another node must read lives in the storage (DDPS_STORAGE, ddps.storage)
+WORKER_ENV = ("DDPS_STORAGE", "NO_ALBUMENTATIONS_UPDATE", "MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED",
               "MLFLOW_TRACKING_URI", "DDPS_FASHION_MNIST", "RAY_TRAIN_ENABLE_PRINT_PATCH",
               "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")  # published weights: the same Hub cache, offline alike
 

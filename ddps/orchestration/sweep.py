@@ -45,7 +45,7 @@ from ddps.orchestration.plan import Cell, Plan, Training, chain_of, eval_hash
 from ddps.orchestration.progress import Progress, say, tune_callback
 from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker, TrackingError, resolve_tracking_uri, sqlite_path
-from ddps.paths import cache_dir
+from ddps.storage import STORAGE_VAR, ray_storage, storage_uri
 
 TRIAL_CPUS = 0.25  # what a training trial itself holds beside its TorchTrainer workers (Tune refuses 0)
 WAVES = ("bases", "first stages", "second stages", "evaluations")
@@ -65,6 +65,7 @@ class SweepContext:
     sweep: str  # the sweep's hash (tag ddps.sweep)
     eval_cpus: float  # what an evaluation trial holds, and its threads
     prefix: str = ""  # before each label: the table's name where several tables run together
+    storage: str | None = field(default_factory=storage_uri)  # the driver's (--storage), whatever a node's env says
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ def _trial(config: dict) -> None:
     from ddps.orchestration.pipeline import Pipeline
     job: Job = config["trial"]["job"]
     context, cfg = job.context, from_flat(job.cfg)
+    if context.storage:
+        os.environ[STORAGE_VAR] = context.storage
     pipeline = Pipeline(cfg, context.cluster, tracking_uri=context.tracking_uri, experiment=context.table, tune=True,
                         parent=context.parent, extra_tags={names.SWEEP: context.sweep, names.TABLE: context.table})
     chain = chain_of(cfg)
@@ -278,12 +281,13 @@ def _run_wave(name: str, wave: str, jobs: list[Job], resources: dict, at_once: i
     from ray import tune
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # not a line per wave about its state files
     progress.wave = f"{wave} ({len(jobs)})"
+    storage_path, filesystem = ray_storage("ray/tune")  # Tune's state beside Ray Train's, in the storage
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
         param_space={"trial": tune.grid_search([{"label": job.label, "job": job} for job in jobs])},
         tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=name, storage_path=str(cache_dir("ray") / "tune"), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
                                   callbacks=[tune_callback(progress)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )

@@ -206,8 +206,11 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
-    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), folder)
+    def log_artifact(self, run_id: str, path, folder: str | None = None) -> None:
+        """A local file, or a checkpoint in the storage (downloaded to a temporary folder for the upload)."""
+        from ddps.storage import local_copy
+        with local_copy(path) as local:
+            self.client.log_artifact(run_id, str(local), folder)
 
     def download(self, uri: str, dst: str | Path | None = None) -> Path:
         """A ``runs:/<id>/<path>`` artifact as a local file."""
