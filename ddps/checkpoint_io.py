@@ -76,6 +76,10 @@ def save_atomic(path: str | Location, payload, checksum: bool = False) -> Locati
             if checksum:
                 sidecar(path).write_text(digest(data))
         except OSError as e:
+            try:  # a checkpoint without its sidecar would pass for a finished one
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise CheckpointError(f"cannot write {path}: {reason(e).splitlines()[0]}") from None
         return path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -22,16 +22,15 @@ def cache_dir(kind: str) -> Path:
     return writable_folder(ddps_home() / kind, "DDPS_HOME folder")
 
 
-def writable_folder(path: Path, what: str) -> Path:
-    """``path``, created if missing; a one-line ConfigError if it cannot be created or written."""
+def writable_folder(path: Path, what: str, hint: str = "set DDPS_HOME to a writable folder") -> Path:
+    """``path``, created if missing; a one-line ConfigError (ending in ``hint``) if it cannot be created or written."""
     from ddps.errors import ConfigError
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{what} {path} cannot be created ({e.strerror or e}); set DDPS_HOME to a writable "
-                          f"folder") from None
+        raise ConfigError(f"{what} {path} cannot be created ({e.strerror or e}); {hint}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path} is not writable; set DDPS_HOME to a writable folder")
+        raise ConfigError(f"{what} {path} is not writable; {hint}")
     return path
 
 

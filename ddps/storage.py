@@ -1,8 +1,8 @@
 """Where the files a later step or another node reads live: the storage (``--storage URI`` / DDPS_STORAGE).
 
-Without a storage, everything lives under DDPS_HOME, as on one machine. With one — an object store URI such as
-``s3://bucket/prefix`` (or ``gs://``; anything ``pyarrow.fs.FileSystem.from_uri`` takes, the filesystem layer Ray
-Train itself uses) or an absolute folder (an NFS/EFS mount) — these live under it::
+Without a storage, everything lives under DDPS_HOME, as on one machine. With one — an object store URI
+``s3://bucket/prefix`` or ``gs://bucket/prefix`` (opened by ``pyarrow.fs.FileSystem.from_uri``, the filesystem
+layer Ray Train itself uses) or an absolute folder (an NFS/EFS mount) — these live under it::
 
     <storage>/checkpoints/   base, stage 1, stage 2 and head checkpoints, each with its .sha256 sidecar
     <storage>/features/      feature caches (also kept in each node's DDPS_HOME, where they are memory-mapped)
@@ -34,6 +34,8 @@ from ddps.paths import cache_dir, writable_folder
 
 STORAGE_VAR = "DDPS_STORAGE"
 SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
+SCHEMES = ("s3", "gs")  # object stores whose URI is scheme://bucket/key (what StoragePath rebuilds)
+FOLDER_HINT = "give a writable absolute --storage folder, or s3://bucket/prefix"
 
 
 class StoragePath:
@@ -47,12 +49,18 @@ class StoragePath:
     def from_uri(cls, uri: str) -> "StoragePath":
         import pyarrow.fs
         parts = urlsplit(uri)
+        if parts.scheme not in SCHEMES:
+            raise ConfigError(f"{uri!r}: storage URIs are {' or '.join(f'{s}://bucket/prefix' for s in SCHEMES)} "
+                              f"(or an absolute folder), not {parts.scheme}://")
         try:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
-        except (ValueError, OSError, TypeError) as e:
-            raise ConfigError(f"storage {uri!r} is not a URI pyarrow can open ({reason(e)}); give s3://bucket/prefix "
-                              f"(endpoint: ?endpoint_override=http://host:port or AWS_ENDPOINT_URL), gs://bucket/"
-                              f"prefix, or an absolute folder") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"location {uri!r} cannot be opened ({reason(e).splitlines()[0]}); give s3://bucket/"
+                              f"prefix (endpoint: ?endpoint_override=http://host:port or AWS_ENDPOINT_URL), "
+                              f"gs://bucket/prefix, or an absolute folder") from None
+        except OSError as e:  # pyarrow asks the store for the bucket's region when the URI does not say it
+            raise ConfigError(f"location {uri!r}: the store does not answer ({reason(e).splitlines()[0]}); check the "
+                              f"endpoint and the credentials") from None
         return cls(filesystem, path, parts.scheme, parts.query)
 
     # ---- what pathlib.Path has --------------------------------------------------------------------
@@ -179,7 +187,7 @@ def check_storage(uri: str, probe: bool = True) -> str:
         if not os.path.isabs(uri):
             raise ConfigError(f"--storage {uri!r} is a relative folder; every node must find it at the same path: "
                               f"give an absolute folder (an NFS mount) or s3://bucket/prefix")
-        writable_folder(Path(uri), "--storage folder")
+        writable_folder(Path(uri), "--storage folder", FOLDER_HINT)
         return uri
     options = dict(parse_qsl(urlsplit(uri).query))
     if any(key in options for key in SECRET_OPTIONS) or urlsplit(uri).password:
@@ -220,7 +228,7 @@ def folder(kind: str) -> Location:
     if uri is None:
         return cache_dir(kind)
     if not is_uri(uri):
-        return writable_folder(Path(uri) / kind, "storage folder")
+        return writable_folder(Path(uri) / kind, "storage folder", FOLDER_HINT)
     return StoragePath.from_uri(uri) / kind
 
 
@@ -237,8 +245,9 @@ def ray_storage(kind: str = "ray") -> tuple[str, object | None]:
 def local_copy(path: Location):
     """A local file with ``path``'s content and name, for what only reads local files (an MLflow artifact upload):
     ``path`` itself when local, else a download into a temporary folder removed afterwards."""
+    path = location(path)
     if not isinstance(path, StoragePath):
-        yield Path(path)
+        yield path
         return
     with tempfile.TemporaryDirectory(prefix="ddps-") as tmp:
         yield path.download(Path(tmp) / path.name)

@@ -59,6 +59,7 @@ def ddps_home(tmp_path_factory):
     """Every test session gets its own DDPS_HOME, so caches never leak between runs."""
     home = tmp_path_factory.mktemp("ddps-home")
     os.environ["DDPS_HOME"] = str(home)
+    os.environ.pop("DDPS_STORAGE", None)  # never a developer's real bucket: the tests that want one set it
     return home
 
 

@@ -113,7 +113,7 @@ def test_cluster_readme_puts_mlflow_behind_authentication():
 def test_cluster_readme_documents_the_storage_uri_its_layout_and_nfs_as_the_alternative():
     section = _readme_section("3. Shared storage: a bucket, or NFS")
     layout = {row.split("|")[1].strip(): row.split("|")[2] for row in section.splitlines() if row.startswith("| `")}
-    assert set(layout) == {"`checkpoints/`", "`features/`", "`ray/<run name>/`", "`ray/tune/`"}
+    assert set(layout) == {"`checkpoints/`", "`features/`", "`ray/<run name>/`", "`ray/tune/`", "`spool/`"}
     assert "`.sha256`" in layout["`checkpoints/`"] and "content hash" in layout["`ray/<run name>/`"]
     text = " ".join(section.split())
     assert "`--storage URI`" in text and "`DDPS_STORAGE`" in text

@@ -28,7 +28,7 @@ def test_a_checkpoint_round_trips_through_the_bucket_with_its_checksum(s3_bucket
     save_atomic(path, payload, checksum=True)
     assert s3_objects(endpoint, bucket) == ["p/checkpoints/x.pt", "p/checkpoints/x.pt.sha256"]
     again = location(str(path))  # the full URI, endpoint included, reopens it (how a Ray worker gets it)
-    assert again == path and pickle.loads(pickle.dumps(path)) == path
+    assert again == path and pickle.loads(pickle.dumps(path)).read_bytes() == path.read_bytes()
     assert torch.equal(read_state_file(again, "checkpoint")["model"]["w"], torch.arange(6.0))
     assert path.with_suffix(".json").name == "x.json" and path.parent.name == "checkpoints"
 
@@ -54,7 +54,7 @@ def test_bad_storage_is_refused_in_one_line_before_any_compute(s3_endpoint, tmp_
         f"s3://no-such-bucket/p?endpoint_override={s3_endpoint}": "bucket 'no-such-bucket' does not exist",
         "s3://b/p?endpoint_override=http://127.0.0.1:9&access_key=AKIA&secret_key=x": "credentials do not belong",
         "s3://b/p?endpoint_override=http://127.0.0.1:9": "the store does not answer",
-        "nonsense://x/y": "not a URI pyarrow can open",
+        "hdfs://namenode:8020/x": r"storage URIs are s3://bucket/prefix or gs://bucket/prefix \(or an absolute",
     }
     for uri, message in cases.items():
         with pytest.raises(ConfigError, match=message) as e:
@@ -131,3 +131,18 @@ def test_the_single_process_commands_train_into_and_evaluate_from_the_bucket(s3_
     assert '"mIoU"' in capsys.readouterr().out
     assert main(["train-base", "--preset", "smoke"]) == 0  # DDPS_STORAGE, as a worker sees it: reused
     assert f"reusing s3://{bucket}/solo/checkpoints/{name}" in capsys.readouterr().out
+
+
+def test_a_node_without_the_feature_cache_fetches_it_from_the_storage_instead_of_computing_it(s3_bucket, tmp_path):
+    from ddps.engine.features import FeatureCache, stored_cache
+    endpoint, bucket = s3_bucket
+    shared = location(_uri(endpoint, bucket, "p")) / "features" / "train-x.pt"
+    cache = FeatureCache(torch.randn(4, 3, 2, 2).half(), torch.randn(4, 5, 2, 2).half(),
+                         torch.zeros(4, 8, 8, dtype=torch.uint8))
+    first, reused = stored_cache(tmp_path / "node-a" / "train-x.pt", lambda: cache, 4, shared=shared)
+    assert not reused and shared.is_file()  # computed on node a, published
+
+    def compute():
+        raise AssertionError("node b computed the features the storage holds")
+    second, reused = stored_cache(tmp_path / "node-b" / "train-x.pt", compute, 4, shared=shared)
+    assert reused and torch.equal(second.features, cache.features) and (tmp_path / "node-b" / "train-x.pt").is_file()

@@ -133,6 +133,7 @@ def stored_cache(path: Path, compute, expected: int, shared=None) -> tuple[Featu
     cache = compute()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"features": cache.features, "base_logits": cache.base_logits, "labels": cache.labels}, tmp)
         os.replace(tmp, path)
         storage.publish(path, shared)

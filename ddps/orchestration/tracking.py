@@ -280,11 +280,17 @@ class MLflowReporter:
         return [tuple(json.loads(line)) for line in self.spool.read_text().splitlines() if line.strip()]
 
     def _write_spool(self, batches: list) -> None:
+        text = "".join(json.dumps(list(b)) + "\n" for b in batches)
+        if not isinstance(self.spool, Path):  # in the storage: one PUT, whole or not at all
+            self.spool.write_text(text)
+            return
         tmp = self.spool.with_name(self.spool.name + ".tmp")
-        tmp.write_text("".join(json.dumps(list(b)) + "\n" for b in batches))
+        tmp.write_text(text)
         os.replace(tmp, self.spool)  # whole or not at all, as checkpoints are
 
 
-def cache_spool() -> Path:
-    from ddps.paths import cache_dir
-    return cache_dir("spool")
+def cache_spool():
+    """Where workers spool what MLflow did not take: the storage's spool/ when there is one (the driver, on
+    another node, replays it), else DDPS_HOME's."""
+    from ddps.storage import folder
+    return folder("spool")

@@ -48,6 +48,7 @@ from ddps.refiner.build import build_denoiser, build_process
 from ddps.refiner.checkpoint import refiner_payload
 from ddps.segmentors.base import check_state
 from ddps.segmentors.checkpoint import base_payload, read_checkpoint
+from ddps.storage import location
 from ddps.segmentors.mmseg import base_from_mmseg
 
 HEAD = "decode_head."
@@ -228,7 +229,7 @@ def import_official(path: str | Path, base_file: str | Path | None, out: str | P
     """An official DDPS checkpoint -> (ddps base checkpoint, ddps refiner checkpoint) in folder ``out``: the base
     from the file's frozen SegFormer and ``base_file``'s classifier, the refiner (EMA and raw weights) under the
     official conventions (:func:`refiner_overrides`); both content-addressed by the two files' sha256."""
-    path, out = Path(path), Path(out)
+    path, out = Path(path), location(out)  # out: a folder, or one in the storage (a URI)
     if base_file is None:
         raise CheckpointError("an official DDPS checkpoint holds no classifier for its base (decode_head.conv_seg "
                               "is not saved with the DDPS head): pass --base with the MMSegmentation SegFormer "
