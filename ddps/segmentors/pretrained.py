@@ -44,6 +44,7 @@ from ddps.errors import CheckpointError, ConfigError, choices, reason
 from ddps.segmentors.base import _CHANNELS_KWARG, ARCHITECTURES, BaseSegmentor, SegmentorSpec, check_state
 from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 from ddps.segmentors.mmseg import base_from_mmseg_file
+from ddps.storage import Location, StoragePath, is_uri, location
 
 IMAGENET = "imagenet"
 HUB, FOLDER, MMSEG, DDPS = "smp-hub", "folder", "mmseg", "ddps"  # the kinds of base.pretrained (source_kind)
@@ -178,10 +179,11 @@ def load_imagenet_encoder(encoder: nn.Module, backbone: str) -> None:
 
 def source_kind(value: str) -> str:
     """HUB (an smp-hub name, owner/name, not an existing path), FOLDER (a save_pretrained folder), MMSEG
-    (a *.pth file) or DDPS (a *.pt file: a ddps base checkpoint)."""
-    if value.endswith(".pth"):
+    (a *.pth file) or DDPS (a *.pt file: a ddps base checkpoint, also in the storage: s3://…/x-base.pt?…)."""
+    name = value.split("?")[0] if is_uri(value) else value
+    if name.endswith(".pth"):
         return MMSEG
-    if value.endswith(".pt"):
+    if name.endswith(".pt"):
         return DDPS
     if Path(value).expanduser().exists() or not HUB_NAME.fullmatch(value):
         return FOLDER
@@ -192,8 +194,17 @@ def _weights_file(folder: Path) -> Path | None:
     return next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
 
 
-def check_local(value: str) -> Path:
-    """The local folder or file ``base.pretrained`` names; one line naming the path when it is not there."""
+def check_local(value: str) -> Location:
+    """The local folder or file ``base.pretrained`` names, or a ddps base checkpoint in the storage (a URI, as
+    ``ddps import official --out s3://…`` writes); one line naming the path when it is not there."""
+    if is_uri(value):
+        if source_kind(value) != DDPS:
+            raise CheckpointError(f"base.pretrained={value}: from a bucket only a ddps base checkpoint (*.pt) is "
+                                  f"read; copy MMSegmentation files and smp folders to a local disk")
+        path = location(value)
+        if not path.is_file():
+            raise CheckpointError(f"base.pretrained={value}: no such ddps base checkpoint in the storage")
+        return path
     path = Path(value).expanduser()
     if source_kind(value) in (MMSEG, DDPS):
         if not path.is_file():
@@ -254,6 +265,8 @@ def source_identity(value: str) -> str:
     if kind == HUB:
         return f"{HUB}:{value}"
     path = check_local(value)
+    if isinstance(path, StoragePath):  # as a local copy of the same file would hash: its name, then its bytes
+        return "sha256:" + hashlib.sha256(path.name.encode() + b"\0" + path.read_bytes()).hexdigest()
     chosen = [path] if kind in (MMSEG, DDPS) else [path / CONFIG_FILE, _weights_file(path)]
     stats = tuple((p.name, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in chosen)
     return f"sha256:{_files_sha256(stats)}"
