@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 def base_env(tmp_path: Path) -> dict:
     return {**os.environ, "DDPS_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop at once, not after a 30 s drain
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
 
