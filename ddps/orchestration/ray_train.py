@@ -10,7 +10,8 @@ final checkpoint.
 Effective batch rule: the config's batch size is the global batch; each of N workers takes batch / N of
 it (N must divide it), so changing the number of workers changes neither the batch nor the schedule.
 Failures: ``FailureConfig(max_failures)`` restarts the worker group, which resumes from the last reported
-training state; a resubmitted run with the same name (the step's content hash) resumes the same way.
+training state; a resubmitted run with the same name (the step's content hash) resumes the same way. A ddps
+error in a worker (bad data, a damaged file) is not retried: it is no transient fault (``failures.py``).
 
 Storage: Ray Train's run state and training-state checkpoints live under the storage's ray/ (``--storage``,
 ddps.storage: a bucket, or a folder every node mounts), else DDPS_HOME/ray; the checkpoints a step reads and
@@ -115,8 +116,28 @@ def model_wrap(use_gpu: bool, world: int, sync_batchnorm: bool = False) -> Calla
         import torch
         if sync_batchnorm and use_gpu and world > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        canonical_grad_strides(model)
         return ray.train.torch.prepare_model(model, move_to_device=False)
     return wrap
+
+
+def canonical_grad_strides(model) -> None:
+    """Give each weight gradient its parameter's strides where they differ only on dimensions of size 1.
+
+    A convolution's backward may return a weight gradient whose strides differ from the weight's on a size-1
+    dimension — a 1x1 classifier's [C, K, 1, 1], a depthwise [C, 1, 3, 3] — where a stride is arbitrary: the
+    memory layout is the same. DDP compares strides literally, copies each such gradient into its bucket and
+    warns "Grad strides do not match bucket view strides" (SegFormer's depthwise and 1x1 weights). A hook on
+    the parameter re-strides the gradient (``as_strided`` over the same storage, no copy) before DDP sees it;
+    a gradient whose layout really differs is left as it is."""
+    def same_layout(grad, stride) -> bool:
+        return all(a == b or n == 1 for a, b, n in zip(grad.stride(), stride, grad.size()))
+
+    for param in model.parameters():
+        if param.requires_grad and 1 in param.shape:
+            stride = param.stride()
+            param.register_hook(lambda grad, stride=stride: grad.as_strided(grad.size(), stride)
+                                if grad.stride() != stride and same_layout(grad, stride) else grad)
 
 
 def _worker_setup(config: dict, sync_batchnorm: bool = False):
@@ -219,14 +240,16 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
     """
     from ddps.storage import storage_uri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from ddps.orchestration.failures import DDPSTorchTrainer
     loop = {"base": base_worker, "refiner": refiner_worker}[kind]
     callbacks = []
     if tune:
         from ray.tune.integration.ray_train import TuneReportCallback
         callbacks.append(TuneReportCallback())
     storage_path, filesystem = ray_storage("ray")
-    trainer = TorchTrainer(
+    trainer = DDPSTorchTrainer(
         loop,
         train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker, "use_gpu": cluster.use_gpu,
                            "tf32": cluster.tf32, "checkpoint_every": cluster.checkpoint_every,

@@ -72,10 +72,36 @@ def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True, log
     side_by_side = max(1, int((os.cpu_count() or 1) // per_trial)) if extra_cpus else 1
     cpus = max(2, math.ceil(side_by_side * (per_trial + extra_cpus) - 1e-9))
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1",
-             object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
+    gcs = own_address(env)
+    os.environ[GCS_PORT_VAR] = gcs.rsplit(":", 1)[1]  # read once, when the head node starts
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, runtime_env={"env_vars": env},
+                 log_to_driver=log_to_driver)
+    finally:
+        os.environ.pop(GCS_PORT_VAR, None)
 
+
+GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"  # the port Ray's head node gives its GCS (else a random one)
+
+
+def own_address(env: dict) -> str:
+    """The GCS address of the in-process cluster about to start (a free loopback port), named to its workers
+    as RAY_ADDRESS.
+
+    Ray Train's placement-group cleaner (a detached actor) asks the state API for the training's controller
+    every second. With no RAY_ADDRESS, the API connects to "the latest cluster" — the address ``ray start``
+    last wrote to /tmp/ray/ray_current_cluster: after any ``ray start`` on the machine (a test's, another
+    user's, long dead) an in-process cluster's cleaner polled that one, each poll timed out waiting for its GCS
+    (a 30-line RpcError traceback), and stopping the cleaner at the end of every training waited ~12 s and
+    printed "Failed to stop PlacementGroupCleaner gracefully" — a cleaner that cannot reach its own cluster
+    cannot clean up after a dead driver either. Named, the workers find this cluster and only this one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env["RAY_ADDRESS"] = address
+    return address
 
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
     """`mlflow server` over the store (one worker, no job runner: ~0.5 GB), bound to ``host``."""
