@@ -28,6 +28,10 @@ CLUSTER_GPU_HELP = ("one GPU per Ray Train worker (nccl) and per evaluation; on 
                     "for them)")
 
 
+VERBOSE_HELP = ("show the workers' own output (Ray Train, Tune) and Ray's and MLflow's start-up lines here too "
+                "(always in Ray's logs)")
+
+
 def _device_args(p: argparse.ArgumentParser, gpu_help: str = GPU_HELP) -> None:
     """Where the command computes and keeps what it trains (every command that computes): --gpu, --no-tf32,
     --storage."""
@@ -173,15 +177,24 @@ def cmd_import_official(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    run_pipeline(_resolve(args), _cluster(args), args.tracking_uri, args.mlflow_experiment)
+    run_pipeline(_resolve(args), _cluster(args), args.tracking_uri, args.mlflow_experiment, verbose=args.verbose)
     return 0
 
 
-def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
+def quiet_libraries() -> None:
+    """MLflow's start-up lines (creating a store's tables) out of the console (--verbose keeps them): MLflow sets
+    its loggers' level from MLFLOW_LOGGING_LEVEL when it is first imported, and again in each Ray worker."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None, verbose: bool = False) -> dict:
     """The pipeline on the cluster in RAY_ADDRESS, else on an in-process Ray; writes its report (from
-    MLflow, as ``ddps report`` does) and prints its table."""
-    from ddps.orchestration.pipeline import Pipeline
+    MLflow, as ``ddps report`` does) and prints its table. The console shows ddps's lines and one progress line
+    per training (all of it also in $DDPS_HOME/logs/<experiment>-<hash8>.log); with ``verbose``, the workers'
+    own output and Ray's and MLflow's start-up lines too."""
+    from ddps.orchestration.pipeline import Pipeline, pipeline_hash
     from ddps.orchestration.plan import chain_of, eval_hash
+    from ddps.orchestration.progress import Console
     from ddps.orchestration.runtime import check_gpu, ensure_ray
     from ddps.paths import cache_dir
     from ddps.report.write import write_report
@@ -189,9 +202,18 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None) -> dict:
     check_gpu(cluster)  # --gpu on a machine without one: one line before MLflow and Ray start
     check_trainable(cfg)
     check_inputs(cfg)  # before MLflow and Ray: a missing dataset or weights file is one line
-    pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment)
-    ensure_ray(cluster)
-    summary = pipeline.run()
+    if not verbose:
+        quiet_libraries()
+    name = experiment or f"ddps-{cfg.data.dataset}"
+    console = Console(cache_dir("logs") / f"{name}-{pipeline_hash(cfg)[:8]}.log")
+    try:
+        console.say(f"log: {console.log_file}")
+        pipeline = Pipeline(cfg, cluster, tracking_uri=tracking_uri, experiment=experiment, log=console.say,
+                            console=console)
+        ensure_ray(cluster, log_to_driver=verbose, log=console.say)
+        summary = pipeline.run()
+    finally:
+        console.close()
     name = pipeline.experiment_name
     out = cache_dir("reports") / name
     write_report(pipeline.tracker, [name], out, evaluations={eval_hash(cfg, chain_of(cfg))}, parquet=False,
@@ -295,7 +317,7 @@ def cmd_demo(args) -> int:
     workers = f"{args.workers} GPU workers" if args.gpu else f"{args.workers} workers"
     print(f"== 2/2 pipeline (preset {cfg.preset}): base {cfg.base.arch}-{cfg.base.backbone} -> DDPS stage 1 -> "
           f"stage 2 -> evaluation, on Ray Train with {workers}, tracked in MLflow")
-    run_pipeline(cfg, cluster)
+    run_pipeline(cfg, cluster, verbose=args.verbose)
     return 0
 
 
@@ -375,6 +397,7 @@ def _platform_commands(sub) -> None:
     _config_args(pl)
     _cluster_args(pl)
     pl.add_argument("--mlflow-experiment", help="MLflow experiment name (default: ddps-<dataset>)")
+    pl.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     pl.set_defaults(func=cmd_pipeline)
 
     sw = sub.add_parser("sweep", help="run experiment grids with Ray Tune: every training once, every cell evaluated")
@@ -392,7 +415,7 @@ def _platform_commands(sub) -> None:
     sw.add_argument("--gpu-rates", metavar="FILE", help="the rates benchmarks/gpu.py measured on a GPU, for the "
                                                        "dry run's GPU-hours (default: $DDPS_HOME/rates/gpu.json)")
     _cluster_args(sw)
-    sw.add_argument("--verbose", action="store_true", help="show the workers' output (Ray Train, Tune) here too")
+    sw.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", help="Markdown tables, findings and figures from the MLflow runs (no torch)")
@@ -419,6 +442,7 @@ def _platform_commands(sub) -> None:
     demo.add_argument("--cpus-per-worker", type=float, default=1.0)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     _device_args(demo, CLUSTER_GPU_HELP)
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(func=cmd_demo)
 
 

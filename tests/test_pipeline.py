@@ -3,6 +3,7 @@
 Slow (Ray start-up, several TorchTrainer runs): marked ``slow``; ``make test-fast`` skips them.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -142,14 +143,27 @@ def test_pipeline_tracks_nested_runs_reuses_steps_and_serves_its_refiner(ray_loc
     assert local.exists() and local.suffix == ".pt"
 
 
-def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(ray_local, tmp_path, monkeypatch, capsys):
-    """`make demo`'s command on the smoke preset: data, the 2-worker pipeline, the base / step 1 / last table."""
-    from ddps.cli import main
-    monkeypatch.setenv("DDPS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["demo", "--preset", "smoke", "--cpus-per-worker", "0.5"]) == 0
-    out = capsys.readouterr().out
+def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(tmp_path):
+    """`make demo`'s command on the smoke preset, as a user runs it (its own process and in-process Ray): data,
+    the 2-worker pipeline, the base / step 1 / last table — and a console a person can read: one progress line
+    per training, none of Ray's worker prefixes, tracebacks or start-up chatter, the rest in the log file."""
+    import subprocess
+    import sys
+    env = {**os.environ, "DDPS_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_LOGGING_LEVEL", None)
+    done = subprocess.run([sys.executable, "-m", "ddps", "demo", "--preset", "smoke", "--cpus-per-worker", "0.5"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "== 1/2 build fashion-scenes" in out and "Ray Train with 2 workers" in out
+    for noise in ("RayTrainWorker", "TrainController", "PlacementGroupCleaner", "Traceback", "Grad strides",
+                  "core_worker.cc", "INFO mlflow", "Started a local Ray instance"):
+        assert noise not in out + done.stderr, noise
+    for step, iters in (("base", 20), ("stage1", 6), ("stage2", 6)):
+        assert re.search(rf"^\[{step}\] it {iters}/{iters} \| loss [0-9.]+ \| [0-9]+ img/s .*\| ETA 0s$", out, re.M), step
+    log = next((tmp_path / "home" / "logs").glob("ddps-fashion-scenes-*.log")).read_text()
+    assert f"log: {tmp_path / 'home' / 'logs'}" in out and "[stage2] it 6/6  loss " in log  # every record, in full
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["base (segformer-mit_b0)", "DDPS step 1", "DDPS step 5 (last)"]
     report = tmp_path / "home" / "reports" / "ddps-fashion-scenes"  # written from MLflow, as `ddps report` does
@@ -176,7 +190,18 @@ def test_bad_data_in_a_ray_train_worker_is_the_one_line_error_not_rays_traceback
         Image.fromarray(np.full((40, 40), i % 3, np.uint8)).save(root / "masks" / f"s{i}.png")
     (root / "images" / "s5.png").write_bytes(b"not a png")
     (root / "classes.txt").write_text("bg\nshirt\nbag\n")
+    workers_before = len(_train_workers())
     rc = main(["pipeline", "--preset", "smoke", "--set", "data.dataset=folder", "--set", f"data.root={root}",
-               "--max-failures", "0", "--cpus-per-worker", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+               "--max-failures", "2", "--cpus-per-worker", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("ddps: error: cannot read image ") and "s5.png" in err[-1], err[-3:]
+    # a ddps error is no transient fault: one worker group of 2 was started, not 3 (--max-failures 2 restarts)
+    assert len(_train_workers()) - workers_before == 2
+
+
+def _train_workers() -> list:
+    """Every Ray Train worker actor this cluster has started (Ray's state API keeps dead ones)."""
+    import ray
+    from ray.util.state import list_actors
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker")],
+                       limit=10_000, raise_on_missing_output=False)

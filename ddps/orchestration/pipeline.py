@@ -82,6 +82,7 @@ class Pipeline:
     tune: bool = False  # inside a Ray Tune trial (a sweep): trainings report their iterations to it
     parent: str | None = None  # the run its step runs nest under (a sweep's); run() starts its own
     extra_tags: dict = field(default_factory=dict)  # on every run it starts, beside run_tags (a sweep's, a table's)
+    console: object = None  # progress.Console: where each training's progress line goes (not in a sweep)
 
     def __post_init__(self):
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
@@ -133,7 +134,8 @@ class Pipeline:
             config = self._train_config("", t.step, t.iters, t.path, stage=t.step, base=str(base.path), init=init)
             kind = "refiner"
         return self.step(t.step, t.hash, t.path, lambda run_id: ray_train.run(
-            kind, {**config, "run_id": run_id}, self.cluster, name=f"{t.step}-{t.hash[:16]}", tune=self.tune))
+            kind, {**config, "run_id": run_id}, self.cluster, name=f"{t.step}-{t.hash[:16]}", tune=self.tune,
+            console=self.console))
 
     def _import_base(self, path: Path) -> None:
         from ddps.engine.reporter import ConsoleReporter

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,6 +105,24 @@ def _earlier_checkpoints(checkpoint) -> list:
     return [ray.train.Checkpoint(path, filesystem=filesystem) for path in older]
 
 
+class FeedReporter(ConsoleReporter):
+    """Rank 0's console reporter: its lines go to the worker's output (Ray's logs; the driver's console with
+    --verbose) and, through the ``ProgressFeed`` actor the driver polls, to the pipeline's progress line."""
+
+    def __init__(self, name: str, total: int | None, feed):
+        super().__init__(name, total)
+        self.feed = feed
+
+    def log(self, metrics: dict, step: int) -> None:
+        super().log(metrics, step)
+        eta = (time.perf_counter() - self.start) / step * (self.total - step) if self.total and step > 0 else None
+        self.feed.post.remote(("log", self.name, step, self.total, dict(metrics), eta))
+
+    def info(self, message: str) -> None:
+        super().info(message)
+        self.feed.post.remote(("info", self.name, message))
+
+
 def model_wrap(use_gpu: bool, world: int, sync_batchnorm: bool = False) -> Callable:
     """The Worker's ``wrap``: DDP by ray.train.torch.prepare_model (the model is already on its device).
 
@@ -160,7 +179,8 @@ def _worker_setup(config: dict, sync_batchnorm: bool = False):
         Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
     reporter = NullReporter()
     if rank == 0:
-        echo = ConsoleReporter(config["label"], config.get("iters"))
+        echo = (FeedReporter(config["label"], config.get("iters"), config["feed"]) if config.get("feed")
+                else ConsoleReporter(config["label"], config.get("iters")))
         reporter = echo
         if config.get("tracking_uri") and config.get("run_id"):
             from ddps.orchestration.tracking import MLflowReporter, Tracker
@@ -231,11 +251,12 @@ def ddps_errors():
         raise cause from None
 
 
-def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False):
+def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False, console=None):
     """Run one training on Ray Train and return its final checkpoint path (``config['out']``).
 
     ``name`` (the step's content hash) names the Ray run, so a resubmitted run resumes its checkpoints.
-    Inside a Ray Tune trial (``tune``), what the workers report (the iteration) reaches the sweep's progress.
+    Inside a Ray Tune trial (``tune``), what the workers report (the iteration) reaches the sweep's progress;
+    with a ``console`` (progress.Console), rank 0's progress reaches its line.
     The run state lives in the storage (ddps.storage.ray_storage); the final checkpoint is checked there.
     """
     from ddps.storage import storage_uri
@@ -249,6 +270,11 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
         from ray.tune.integration.ray_train import TuneReportCallback
         callbacks.append(TuneReportCallback())
     storage_path, filesystem = ray_storage("ray")
+    pump = contextlib.nullcontext()
+    if console is not None and not tune:
+        from ddps.orchestration.progress import FeedPump, new_feed
+        config = {**config, "feed": new_feed()}
+        pump = FeedPump(config["feed"], console)
     trainer = DDPSTorchTrainer(
         loop,
         train_loop_config={**config, "cpus_per_worker": cluster.cpus_per_worker, "use_gpu": cluster.use_gpu,
@@ -261,7 +287,7 @@ def run(kind: str, config: dict, cluster: Cluster, name: str, tune: bool = False
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep), callbacks=callbacks),
     )
-    with ddps_errors():
+    with ddps_errors(), pump:
         trainer.fit()
     out = location(config["out"])
     if not out.exists():

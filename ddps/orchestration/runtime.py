@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -75,11 +76,16 @@ def ensure_ray(cluster, extra_cpus: float = 0.0, log_to_driver: bool = True, log
     gcs = own_address(env)
     os.environ[GCS_PORT_VAR] = gcs.rsplit(":", 1)[1]  # read once, when the head node starts
     try:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20, runtime_env={"env_vars": env},
-                 log_to_driver=log_to_driver)
+        context = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20,
+                           runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
+                           logging_level=logging.INFO if log_to_driver else logging.WARNING)
     finally:
         os.environ.pop(GCS_PORT_VAR, None)
+    if not log_to_driver:  # Ray's own start-up line is quieted: say where things are
+        logs = os.path.join(ray._private.worker.global_worker.node.get_session_dir_path(), "logs")
+        log(f"Ray: in-process on 127.0.0.1 ({cpus} CPUs), dashboard http://{context.dashboard_url}; the workers' "
+            f"output is in {logs} (--verbose shows it here)")
 
 
 GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"  # the port Ray's head node gives its GCS (else a random one)
