@@ -90,6 +90,7 @@ def test_the_pipeline_keeps_every_checkpoint_in_the_bucket_and_a_rerun_from_an_e
     uri = _uri(endpoint, bucket, "ddps")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv(STORAGE_VAR, "")  # restored after the test: main() sets it from --storage
+    monkeypatch.setenv("DDPS_HOME", str(tmp_path / "home"))  # the session's has other tests' checkpoints
     args = ["pipeline", "--preset", "smoke", "--cpus-per-worker", "0.5", "--storage", uri, "--tracking-uri", tracking]
     assert main(args) == 0
     first = capsys.readouterr().out
@@ -99,8 +100,7 @@ def test_the_pipeline_keeps_every_checkpoint_in_the_bucket_and_a_rerun_from_an_e
     assert all(f"{o}.sha256" in objects for o in checkpoints)
     assert any(o.startswith("ddps/features/train-") for o in objects)  # published for the other nodes
     assert any(o.startswith("ddps/ray/stage2-") for o in objects)  # Ray Train's run state
-    home = Path(os.environ["DDPS_HOME"])
-    assert not list((home / "checkpoints").glob("*.pt")) if (home / "checkpoints").exists() else True
+    assert not list((tmp_path / "home").glob("checkpoints/*.pt"))  # none in DDPS_HOME: all in the bucket
 
     monkeypatch.setenv("DDPS_HOME", str(tmp_path / "fresh-home"))  # a node that has never seen this run
     assert main(args) == 0
