@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -180,7 +181,13 @@ class Pipeline:
             self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: run_id})
         with self.tracker.ending(run_id):
             self.tracker.log_params(run_id, to_flat(self.cfg))
+            where = "on a GPU" if self.cluster.use_gpu else "on CPU threads"
+            self.log(f"[{name}] evaluating on val ({self.cfg.infer.steps} refinement steps"
+                     f"{', and the mask-reliance trajectories' if reliance else ''}) {where}")
+            started = time.monotonic()
             summary = self._log_evaluation(run_id, refiner_path, reliance)
+            self.log(f"[{name}] done in {time.monotonic() - started:.0f} s: last-step mIoU "
+                     f"{summary.get(names.LAST_MIOU, float('nan')):.2f}")
             if log_model:
                 self.tracker.log_artifact(run_id, refiner_path, names.ARTIFACT_MODEL)
                 uri = f"runs:/{run_id}/{names.ARTIFACT_MODEL}/{refiner_path.name}"
