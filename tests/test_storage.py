@@ -146,6 +146,8 @@ def test_a_node_without_the_feature_cache_fetches_it_from_the_storage_instead_of
         raise AssertionError("node b computed the features the storage holds")
     second, reused = stored_cache(tmp_path / "node-b" / "train-x.pt", compute, 4, shared=shared)
     assert reused and torch.equal(second.features, cache.features) and (tmp_path / "node-b" / "train-x.pt").is_file()
+    shared.unlink()  # a storage that lacks it gets it from a node that holds it
+    assert stored_cache(tmp_path / "node-b" / "train-x.pt", compute, 4, shared=shared)[1] and shared.is_file()
     # a base in the bucket as base.pretrained (what `ddps import official --out s3://…` leaves there): loaded from
     # the bucket, and hashed as a local copy of the same file would be
     from ddps.segmentors.pretrained import load_pretrained, source_identity

@@ -117,7 +117,7 @@ def stored_cache(path: Path, compute, expected: int, shared=None) -> tuple[Featu
     else ``compute()`` written there first (atomically: a reader never sees half a file); (cache, reused).
     A file that does not load, or holds another number of images than ``expected``, is computed again.
     With ``shared`` (its place in the storage, ddps.storage), a node without the file fetches it from there
-    rather than compute it, and a file computed here is published there for the other nodes and later steps."""
+    rather than compute it, and a file computed (or held) here is published there for the other nodes."""
     try:
         storage.fetch(shared, path)
     except OSError:  # the store's copy is a saving, not a need: compute it here
@@ -127,6 +127,7 @@ def stored_cache(path: Path, compute, expected: int, shared=None) -> tuple[Featu
             blob = torch.load(path, mmap=True, weights_only=True)
             cache = FeatureCache(blob["features"], blob["base_logits"], blob["labels"])
             if len(cache) == expected == len(cache.base_logits) == len(cache.labels):
+                _publish(path, shared)  # a node that has it and a storage that lacks it: the others need it
                 return cache, True
         except Exception:  # noqa: BLE001 - a damaged or foreign file is replaced below
             pass
@@ -136,7 +137,17 @@ def stored_cache(path: Path, compute, expected: int, shared=None) -> tuple[Featu
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"features": cache.features, "base_logits": cache.base_logits, "labels": cache.labels}, tmp)
         os.replace(tmp, path)
-        storage.publish(path, shared)
-    except OSError:  # a full or read-only disk, an unreachable store: costs the reuse, not the training
+    except OSError:  # a full or read-only disk costs the reuse, not the training
         tmp.unlink(missing_ok=True)
+        return cache, False
+    _publish(path, shared)
     return cache, False
+
+
+def _publish(path: Path, shared) -> None:
+    """Copy the node's feature cache to the storage when the storage lacks it; an unreachable store costs the
+    other nodes a recomputation, not this training."""
+    try:
+        storage.publish(path, shared)
+    except OSError:
+        pass
