@@ -131,6 +131,14 @@ def test_the_single_process_commands_train_into_and_evaluate_from_the_bucket(s3_
     assert '"mIoU"' in capsys.readouterr().out
     assert main(["train-base", "--preset", "smoke"]) == 0  # DDPS_STORAGE, as a worker sees it: reused
     assert f"reusing s3://{bucket}/solo/checkpoints/{name}" in capsys.readouterr().out
+    # a base in the bucket as base.pretrained (what `ddps import official --out s3://…` leaves there): loaded from
+    # the bucket, and hashed as a local copy of the same file would be
+    from ddps.segmentors.pretrained import load_pretrained, source_identity
+    local = location(checkpoint).download(Path(os.environ["DDPS_HOME"]) / "copies" / name)
+    assert source_identity(checkpoint) == source_identity(str(local))
+    assert load_pretrained(checkpoint).spec.num_classes == load_pretrained(str(local)).spec.num_classes
+    with pytest.raises(CheckpointError, match="no such ddps base checkpoint in the storage"):
+        load_pretrained(checkpoint.replace(name, "missing.pt"))
 
 
 def test_a_node_without_the_feature_cache_fetches_it_from_the_storage_instead_of_computing_it(s3_bucket, tmp_path):
@@ -148,11 +156,3 @@ def test_a_node_without_the_feature_cache_fetches_it_from_the_storage_instead_of
     assert reused and torch.equal(second.features, cache.features) and (tmp_path / "node-b" / "train-x.pt").is_file()
     shared.unlink()  # a storage that lacks it gets it from a node that holds it
     assert stored_cache(tmp_path / "node-b" / "train-x.pt", compute, 4, shared=shared)[1] and shared.is_file()
-    # a base in the bucket as base.pretrained (what `ddps import official --out s3://…` leaves there): loaded from
-    # the bucket, and hashed as a local copy of the same file would be
-    from ddps.segmentors.pretrained import load_pretrained, source_identity
-    local = location(checkpoint).download(Path(os.environ["DDPS_HOME"]) / "copies" / name)
-    assert source_identity(checkpoint) == source_identity(str(local))
-    assert load_pretrained(checkpoint).spec.num_classes == load_pretrained(str(local)).spec.num_classes
-    with pytest.raises(CheckpointError, match="no such ddps base checkpoint in the storage"):
-        load_pretrained(checkpoint.replace(name, "missing.pt"))
