@@ -61,12 +61,19 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training states")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite in $DDPS_HOME)")
+    _system_metrics_arg(p)
+
+
+def _system_metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-system-metrics", action="store_true", help="no MLflow system metrics (CPU, memory, GPU) "
+                                                                    "on the training runs")
 
 
 def _cluster(args):
     from ddps.orchestration.ray_train import Cluster
     return Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                   max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, tf32=not args.no_tf32)
+                   max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, tf32=not args.no_tf32,
+                   system_metrics=not args.no_system_metrics)
 
 
 def _resolve(args):
@@ -221,8 +228,9 @@ def run_pipeline(cfg, cluster, tracking_uri=None, experiment=None, verbose: bool
     table = (out / f"{name}.md").read_text().split("\n## Figures")[0]  # the table, without its figure links
     print(table.split("\n", 4)[-1].rstrip())  # below the title and the header line
     print(f"report: {out}/{name}.md (figures in {out}/figures)")
+    from ddps.orchestration.tracking import runs_url
     print(f"MLflow: {pipeline.tracker.uri} (experiment {name}); to browse it: ddps ui, then open "
-          f"http://127.0.0.1:5000")
+          f"{runs_url('http://127.0.0.1:5000', pipeline.experiment_id)}")
     return summary
 
 
@@ -269,7 +277,8 @@ def cmd_sweep(args) -> int:
             check_weights(base)
     from ddps.orchestration.sweep import run_sweeps
     run_sweeps(plans, _cluster(args), args.tracking_uri, verbose=args.verbose)
-    print("MLflow: one experiment per table; browse with ddps ui, then open http://127.0.0.1:5000")
+    from ddps.orchestration.tracking import runs_url
+    print(f"MLflow: one experiment per table; browse with ddps ui, then open {runs_url('http://127.0.0.1:5000')}")
     return 0
 
 
@@ -306,7 +315,7 @@ def cmd_demo(args) -> int:
     from ddps.orchestration.runtime import check_gpu
     cfg = resolve(args.preset, None, args.overrides)
     cluster = Cluster(workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
-                      tf32=not args.no_tf32)
+                      tf32=not args.no_tf32, system_metrics=not args.no_system_metrics)
     check_gpu(cluster)  # before the dataset is built
     if cfg.data.dataset == "fashion-scenes":
         print("== 1/2 build fashion-scenes")
@@ -443,6 +452,7 @@ def _platform_commands(sub) -> None:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     _device_args(demo, CLUSTER_GPU_HELP)
     demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _system_metrics_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
 

@@ -26,6 +26,20 @@ AXIS = "axis."                      # prefix: axis.<name> = the cell's label on 
 STEP_LINK = "step."                 # prefix, on a pipeline's parent: step.<name> = that step's run id
 REFINER_URI = "refiner_uri"         # runs:/ URI of the logged refiner checkpoint
 IMPORTED_FROM = "ddps.imported_from"  # runs of a config whose base is imported (base.pretrained): its source
+BASE_URI = "base_uri"               # runs:/ URI of the base checkpoint logged beside the refiner
+GIT_COMMIT = "git_commit"           # the code version (also as MLflow's SOURCE_GIT_COMMIT)
+
+# ---- MLflow's own names, which its UI reads (ddps sets them on every run and experiment it creates) ----
+EXPERIMENT_KIND = "mlflow.experimentKind"     # experiment tag: what the experiment is for
+KIND_MODEL_TRAINING = "custom_model_development"  # MLflow 3's kind for model training (not GenAI)
+SOURCE_NAME = "mlflow.source.name"            # the runs table's Source column: the ddps command
+SOURCE_TYPE = "mlflow.source.type"            # LOCAL (a command run on a machine)
+SOURCE_GIT_COMMIT = "mlflow.source.git.commit"  # the runs table's Version column
+SOURCE_GIT_BRANCH = "mlflow.source.git.branch"
+USER = "mlflow.user"                          # the runs table's User column
+DATA_CONTEXT = "mlflow.data.context"          # a dataset input's tag: what the run did with the data
+CONTEXT_TRAINING, CONTEXT_EVALUATION = "training", "evaluation"
+SYSTEM_METRICS = "system/"                    # prefix of the system metrics of a training run (CPU, memory, GPU)
 
 STEP_EVAL = "eval"
 STEP_PIPELINE = "pipeline"
@@ -63,7 +77,8 @@ SUMMARY_KEYS = (BASE_MIOU, BASE_MBIOU, STEP1_MIOU, STEP1_MBIOU, LAST_MIOU, LAST_
 ARTIFACT_CONFIG = "config.yaml"               # the resolved config, as its params
 ARTIFACT_STRIPS = "strips"                    # folder: strip-<image index>.png, image | truth | base | steps
 ARTIFACT_PROBABILITIES = "probabilities.npz"  # the first strip image's class probabilities, base and steps
-ARTIFACT_MODEL = "model"                      # folder: the refiner checkpoint (REFINER_URI points at it)
+ARTIFACT_MODEL = "model"                      # folder: the refiner checkpoint (REFINER_URI points at it) and
+                                              # its base's (BASE_URI)
 
 # what the held-out checks during a refiner's training report (as <split>_<key>) and keep in its checkpoint
 CHECK_KEYS = (BASE_MIOU, STEP1_MIOU, LAST_MIOU, LAST_MBIOU)

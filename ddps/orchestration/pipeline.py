@@ -11,8 +11,11 @@ own GPU. MLflow logging stays in the driver (the trial).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,22 +36,90 @@ from ddps.segmentors.checkpoint import read_checkpoint
 STRIP_IMAGES = (0, 1, 2, 3)
 
 
-def git_commit() -> str:
+@functools.lru_cache(maxsize=None)
+def _git(*args: str) -> str:
+    """What ``git`` says about the checkout ddps runs from ("" outside one, or without git); asked once per
+    process (the code a process runs does not change under it)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+COMMANDS = ("pipeline", "sweep", "demo")  # the ddps commands that start runs
+
+
+def command_name() -> str:
+    """This process's ddps command, e.g. "ddps pipeline" (the runs' Source); "ddps" where it is not the ddps
+    command line (a Ray Tune trial, a test)."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("-")]
+    main = Path(sys.argv[0]).name if sys.argv else ""
+    if main in ("ddps", "__main__.py", "cli.py") and argv and argv[0] in COMMANDS:
+        return f"ddps {argv[0]}"
+    return "ddps"
+
+
+def source_tags(command: str | None = None) -> dict:
+    """MLflow's standard source tags, which its runs table shows (Source, Version, User): the ddps command,
+    LOCAL, the git commit and branch of the code (where ddps runs from a checkout), the user."""
+    commit, branch = git_commit(), _git("rev-parse", "--abbrev-ref", "HEAD")
+    tags = {names.SOURCE_NAME: command or command_name(), names.SOURCE_TYPE: "LOCAL", names.USER: _user()}
+    if commit != "unknown":
+        tags[names.SOURCE_GIT_COMMIT] = commit
+    if branch and branch != "HEAD":
+        tags[names.SOURCE_GIT_BRANCH] = branch
+    return tags
+
+
+def _user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (a container)
         return "unknown"
 
 
-def run_tags(cfg: Config) -> dict:
-    """What ran; an imported base (base.pretrained) is named by its source, on every run, and tagged
-    ddps.imported_from."""
+def run_tags(cfg: Config, command: str | None = None) -> dict:
+    """What ran and from which code (MLflow's source tags, and ``git_commit`` that the report reads); an
+    imported base (base.pretrained) is named by its source, on every run, and tagged ddps.imported_from."""
     imported = {names.IMPORTED_FROM: cfg.base.pretrained} if cfg.base.pretrained else {}
     return {"dataset": cfg.data.dataset, "base": cfg.base.pretrained or f"{cfg.base.arch}-{cfg.base.backbone}",
             "denoiser": f"{cfg.denoiser.method}-UNet-{cfg.denoiser.size}", "preset": cfg.preset,
-            "git_commit": git_commit(), **imported}
+            names.GIT_COMMIT: git_commit(), **source_tags(command), **imported}
+
+
+def data_hash(cfg: Config) -> str:
+    """The content hash of the data section: what the data is (the dataset, its root, its scenes) and how a
+    training reads it."""
+    return content_hash(cfg, ("data",))
+
+
+DIGEST_CHARS = 16  # a dataset input's digest: the data hash's first 16 characters (MLflow keeps 36 at most)
+
+
+def dataset_input(cfg: Config, split: str, context: str) -> dict:
+    """The keyword arguments of ``Tracker.log_dataset`` for one split of the config's data: name
+    ``<dataset>-<split>``, digest the data hash (its full value in the input tag ddps.content_hash), source
+    the data root — for fashion-scenes the Fashion-MNIST folder its scenes are built from."""
+    data, digest = cfg.data, data_hash(cfg)
+    profile = {"dataset": data.dataset, "split": split, names.CONTENT_HASH: digest}
+    if data.dataset == "fashion-scenes":
+        from ddps.data import idx
+        source = str(Path(data.root or os.environ.get(idx.ENV_VAR) or idx.DEBIAN_FOLDER).expanduser().resolve())
+        profile.update(built_from="Fashion-MNIST", scenes={"train": data.train_scenes, "holdout": data.holdout,
+                                                           "val": data.val_scenes}.get(split))
+    elif data.root and "://" not in data.root:
+        source = str(Path(data.root).expanduser().resolve())
+    else:
+        source = data.root or "(data.root not set)"
+    return {"name": f"{data.dataset}-{split}", "digest": digest[:DIGEST_CHARS], "source": source,
+            "context": context, "tags": {names.CONTENT_HASH: digest}, "profile": profile}
 
 
 def pipeline_hash(cfg: Config) -> str:
@@ -89,12 +160,13 @@ class Pipeline:
         self.tracker = Tracker(self.tracking_uri)  # an unreachable server fails here, before any compute
         self.experiment_name = safe_name(self.experiment or f"ddps-{self.cfg.data.dataset}", "MLflow experiment")
         self.experiment_id = self.tracker.experiment(self.experiment_name)
-        self.tags = {**run_tags(self.cfg), **self.extra_tags}
+        self.tags = {**run_tags(self.cfg, "ddps sweep" if self.tune else None), **self.extra_tags}
 
     # ---- one step ---------------------------------------------------------------------------------
-    def step(self, name: str, digest: str, path: Path, train: Callable[[str], None]) -> str:
+    def step(self, name: str, digest: str, path: Path, train: Callable[[str], None], data: bool = True) -> str:
         """Train (unless its checkpoint exists) and log (unless a FINISHED run of this hash exists in any
-        experiment: a model trained by another table or pipeline is reused, not retrained) one step; its run id."""
+        experiment: a model trained by another table or pipeline is reused, not retrained) one step; its run id.
+        Its run has the training split as its dataset input (``data``; not an imported base's, which read none)."""
         key = {names.STEP: name, names.CONTENT_HASH: digest}
         done = self.tracker.find_run(self.tracker.experiment_ids(), key)
         if path.exists() and done:
@@ -105,6 +177,8 @@ class Pipeline:
         self.tracker.log_params(run_id, to_flat(self.cfg))
         self.tracker.set_tags(self.parent, {names.STEP_LINK + name: run_id})
         with self.tracker.ending(run_id):
+            if data:
+                self.tracker.log_dataset(run_id, **dataset_input(self.cfg, "train", names.CONTEXT_TRAINING))
             if path.exists():
                 self.log(f"[{name}] checkpoint {path} exists: logging it, not retraining")
             else:
@@ -119,14 +193,15 @@ class Pipeline:
 
     def _train_config(self, run_id: str, label: str, iters: int, out: Path, **extra) -> dict:
         return {"cfg": to_flat(self.cfg), "out": str(out), "label": label, "iters": iters,
-                "tracking_uri": self.tracker.uri, "run_id": run_id, "pid_dir": self.pid_dir, **extra}
+                "tracking_uri": self.tracker.uri, "run_id": run_id, "pid_dir": self.pid_dir,
+                "system_metrics": self.cluster.system_metrics, **extra}
 
     def train(self, chain: list[Training], i: int) -> str:
         """The i-th training of a chain (base, then the refiner's stages) on Ray Train; its MLflow run id.
         The trainings before it must be done: a stage reads the base's checkpoint, stage 2 stage 1's."""
         t, base = chain[i], chain[0]
         if t.step == "base" and t.imported:  # published weights: written as a base checkpoint here, no training
-            return self.step(t.step, t.hash, t.path, lambda run_id: self._import_base(t.path))
+            return self.step(t.step, t.hash, t.path, lambda run_id: self._import_base(t.path), data=False)
         if t.step == "base":
             config = self._train_config("", "base", t.iters, t.path)
             kind = "base"
@@ -157,14 +232,16 @@ class Pipeline:
             chain = chain_of(cfg)
             for i in range(len(chain)):
                 self.train(chain, i)
-            return self.evaluate(chain[-1].path, eval_hash(cfg, chain))
+            return self.evaluate(chain[-1].path, eval_hash(cfg, chain), base_path=chain[0].path)
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
-                 log_model: bool = True, name: str = names.STEP_EVAL) -> dict:
-        """Evaluate the refiner (the engine's one evaluation) and log its record: per-step metrics as MLflow
-        history (step 0 = the base's own prediction), per-class IoU per step, the mask-reliance diagnostic,
-        strips and probabilities of fixed val images, the refiner itself; the summary, which it returns.
+                 log_model: bool = True, name: str = names.STEP_EVAL, base_path: Path | None = None) -> dict:
+        """Evaluate the refiner (the engine's one evaluation) and log its record: the val split as its
+        dataset input, per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU
+        per step, the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner
+        itself and beside it its base's checkpoint (``base_path``, else the config's); the summary, which it
+        returns.
 
         A sweep's cell passes its own tags (``cell``: table, row, column, its training run); the pipeline's
         parent then keeps no ``step.eval`` link (a sweep has many)."""
@@ -181,6 +258,7 @@ class Pipeline:
             self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: run_id})
         with self.tracker.ending(run_id):
             self.tracker.log_params(run_id, to_flat(self.cfg))
+            self.tracker.log_dataset(run_id, **dataset_input(self.cfg, "val", names.CONTEXT_EVALUATION))
             where = "on a GPU" if self.cluster.use_gpu else "on CPU threads"
             self.log(f"[{name}] evaluating on val ({self.cfg.infer.steps} refinement steps"
                      f"{', and the mask-reliance trajectories' if reliance else ''}) {where}")
@@ -189,10 +267,17 @@ class Pipeline:
             self.log(f"[{name}] done in {time.monotonic() - started:.0f} s: last-step mIoU "
                      f"{summary.get(names.LAST_MIOU, float('nan')):.2f}")
             if log_model:
-                self.tracker.log_artifact(run_id, refiner_path, names.ARTIFACT_MODEL)
-                uri = f"runs:/{run_id}/{names.ARTIFACT_MODEL}/{refiner_path.name}"
-                self.tracker.set_tags(run_id if cell else self.parent, {names.REFINER_URI: uri})
+                self._log_model(run_id, refiner_path, base_path or chain_of(self.cfg)[0].path, cell)
         return summary
+
+    def _log_model(self, run_id: str, refiner_path: Path, base_path: Path, cell: dict | None) -> None:
+        """The refiner and its base's checkpoint, side by side in the run's model/ folder; their runs:/ URIs
+        tagged on the cell's run, or on the pipeline's parent."""
+        uris = {}
+        for tag, path in ((names.REFINER_URI, refiner_path), (names.BASE_URI, base_path)):
+            self.tracker.log_artifact(run_id, path, names.ARTIFACT_MODEL)
+            uris[tag] = f"runs:/{run_id}/{names.ARTIFACT_MODEL}/{path.name}"
+        self.tracker.set_tags(run_id if cell else self.parent, uris)
 
     def _evaluation(self, refiner_path: Path, reliance: bool):
         """The evaluation record, computed here (on CPU threads; with --gpu inside a sweep's trial, on the GPU

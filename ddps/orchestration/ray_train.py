@@ -47,6 +47,7 @@ class Cluster:
     checkpoint_every: int = 500
     keep: int = 2
     tf32: bool = True  # TF32 matmuls and convolutions on the GPUs (--no-tf32: off)
+    system_metrics: bool = True  # MLflow's system metrics on each training run (--no-system-metrics: off)
 
 
 class RayCheckpointer:
@@ -188,6 +189,10 @@ def _worker_setup(config: dict, sync_batchnorm: bool = False):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             reporter = MLflowReporter(Tracker(config["tracking_uri"], check=False), config["run_id"], echo=echo)
+    if config.get("system_metrics") and config.get("run_id") and context.get_local_rank() == 0:  # one per machine
+        from ddps.orchestration.tracking import system_metrics
+        node = f"node_{context.get_node_rank()}" if world > context.get_local_world_size() else None
+        system_metrics(config["tracking_uri"], config["run_id"], node, log=reporter.info)
     return worker, reporter, RayCheckpointer(config["checkpoint_every"], rank, log=reporter.info,
                                                pid_dir=config.get("pid_dir"))
 

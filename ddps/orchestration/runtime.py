@@ -1,6 +1,7 @@
 """Starting what the pipeline runs on: a Ray cluster to join or an in-process one, and the MLflow UI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -110,17 +111,87 @@ def own_address(env: dict) -> str:
     return address
 
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
-    """`mlflow server` over the store (one worker, no job runner: ~0.5 GB), bound to ``host``."""
-    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri, sqlite_path
+    """`mlflow server` over the store (one worker, no job runner: ~0.5 GB), bound to ``host``, in a process group
+    of its own that SIGTERM, SIGINT (Ctrl-C) or SIGHUP to `ddps ui` stops whole (``run_group``): nothing of it
+    is left listening on the port. Prints where the runs are: links that open each experiment on its runs."""
+    from ddps.orchestration.tracking import Tracker, resolve_tracking_uri, runs_url, sqlite_path
     uri = resolve_tracking_uri(tracking_uri)
-    if sqlite_path(uri):
-        Tracker(uri, check=False)  # a new store is created under its lock, not raced by a sweep starting beside
+    # a new store is created under its lock, not raced by a sweep starting beside
+    tracker = Tracker(uri, check=False) if sqlite_path(uri) else None
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
                "--port", str(port), "--workers", "1",
                "--artifacts-destination", str(ddps_home() / "mlartifacts")]
+    server = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops it)")
+    experiments = [e for e in tracker.client.search_experiments(max_results=100) if e.experiment_id != "0"] \
+        if tracker else []
+    for e in sorted(experiments, key=lambda e: e.name):
+        print(f"  {e.name}: {runs_url(server, e.experiment_id)}")
+    if not experiments:
+        print(f"  runs: {runs_url(server)}")
+    return run_group(command, env)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+class _Stop(Exception):
+    """A stop signal reached the process that runs a group (run_group)."""
+
+
+def run_group(command: list[str], env: dict, grace_s: float = 10.0) -> int:
+    """Run ``command`` in a new session (its own process group) until it exits: its exit status. When SIGTERM,
+    SIGINT or SIGHUP reaches this process first, the group and every process below the command stop — SIGTERM,
+    then SIGKILL to what is left after ``grace_s`` — and it returns 0. (The group is its own so that a terminal's
+    Ctrl-C reaches it once, through here, and a `kill` of this process alone does not orphan it.)"""
+    import signal
+
+    def stop(signum, frame):
+        raise _Stop(signum)
+
+    signals = [getattr(signal, name) for name in STOP_SIGNALS]
+    previous = {s: signal.signal(s, stop) for s in signals}
+    proc = None
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        status = proc.wait()
+        stop_group(proc, grace_s)  # what the command left behind, if anything
+        return status
+    except _Stop:
+        for s in signals:  # a second Ctrl-C does not interrupt the stopping
+            signal.signal(s, signal.SIG_IGN)
+        if proc is not None:
+            stop_group(proc, grace_s)
         return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the process group led by ``proc`` and every process below it (found before any is signalled, so a
+    child that left the group is stopped too): SIGTERM, then SIGKILL after ``grace_s`` seconds."""
+    import signal
+
+    import psutil
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the leader is gone (reaped): its group may still have members
+        tree = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything the group started meanwhile
+    proc.wait()

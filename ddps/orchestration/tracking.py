@@ -8,6 +8,10 @@
 - A new SQLite store is created under a file lock (``<store>.lock``): MLflow migrates a fresh file in
   several steps, and two processes doing so at once (a sweep and `ddps ui`, two sweeps, a driver and its
   trials) leave one of them with "table ... already exists".
+- MLflow as its UI expects (docs/design.md, "The MLflow contract"): every experiment ddps creates or opens is
+  of MLflow 3's kind for model training (``mlflow.experimentKind``); a run's data is a dataset input
+  (``log_dataset``); a training's system metrics come from MLflow's own monitor (``system_metrics``), started
+  where the training runs.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ddps import names
 from ddps.errors import DDPSError
 from ddps.paths import ddps_home
 
@@ -109,13 +114,18 @@ class Tracker:
 
     # ---- experiments and runs -----------------------------------------------------------------------
     def experiment(self, name: str) -> str:
+        """The experiment's id, created if new; either way of MLflow 3's kind for model training (an
+        experiment that names another kind keeps it: someone chose it in the UI)."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if names.EXPERIMENT_KIND not in found.tags:  # made before ddps set it
+                self.client.set_experiment_tag(found.experiment_id, names.EXPERIMENT_KIND, names.KIND_MODEL_TRAINING)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # an absolute artifact root, whatever the working directory
             location = (ddps_home() / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={names.EXPERIMENT_KIND: names.KIND_MODEL_TRAINING})
 
     def start_run(self, experiment_id: str, name: str, tags: dict | None = None, parent: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -206,6 +216,19 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, context: str,
+                    tags: dict | None = None, profile: dict | None = None) -> None:
+        """One dataset input of the run (the runs table's Dataset column): ``name``, ``digest`` (MLflow keeps
+        36 characters at most), ``source`` (a local folder or a URI), ``context`` (training, evaluation) and
+        ``tags`` as input tags, ``profile`` as its JSON profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.data.meta_dataset import MetaDataset
+        described = MetaDataset(dataset_source(source), name=name, digest=digest).to_dict()
+        dataset = Dataset(name=described["name"], digest=described["digest"], source_type=described["source_type"],
+                          source=described["source"], profile=json.dumps(profile) if profile else None)
+        input_tags = [InputTag(names.DATA_CONTEXT, context)] + [InputTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, input_tags)])
+
     def log_artifact(self, run_id: str, path, folder: str | None = None) -> None:
         """A local file, or a checkpoint in the storage (downloaded to a temporary folder for the upload)."""
         from ddps.storage import local_copy
@@ -218,6 +241,51 @@ class Tracker:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per small file
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
                                                         tracking_uri=self.uri))
+
+
+def dataset_source(source: str):
+    """An MLflow DatasetSource for a local folder (``local``) or a URI (s3, gs, http, ...: MLflow's resolvers)."""
+    import warnings
+
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    if "://" in source:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        with warnings.catch_warnings():  # several resolvers claim some URIs; MLflow picks one and says so
+            warnings.simplefilter("ignore")
+            try:
+                return resolve_dataset_source(source)
+            except Exception:  # a scheme MLflow has no source for: kept as it is written
+                pass
+    return LocalArtifactDatasetSource(source)
+
+
+def system_metrics(tracking_uri: str, run_id: str, node: str | None = None, log=None):
+    """MLflow's system metrics monitor on this machine (CPU, memory, disk, network; each NVIDIA GPU's use,
+    memory and power when pynvml finds one) for the run ``run_id``: a sample every
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (10 unless set), logged as ``system/<name>``
+    (``system/<node>/<name>`` when ``node`` is given: one per machine of a multi-node training), its steps
+    going on after those a restarted worker group left. The monitor stops when the run ends (or the server
+    cannot be reached). Returns it, or None where it cannot start (then says why through ``log``)."""
+    import logging
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not a line per start and stop
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, node_id=node, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # psutil missing, the store unreachable: training goes on without them
+        if log:
+            log(f"no system metrics for run {run_id}: {type(e).__name__}: {e}")
+        return None
+
+
+def runs_url(server: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs (or the experiments list) in its Model training view:
+    MLflow 3.17's UI opens an experiment on the tab its sidebar switch (GenAI / Model training, kept in the
+    browser, GenAI at first) chooses, and ``workflowType=machine_learning`` in the address chooses Model
+    training whatever the browser kept."""
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{server.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 class MLflowReporter:
