@@ -128,7 +128,7 @@ def cmd_train_base(args) -> int:
     device = _device(args)
     cfg = _resolve(args)
     check_inputs(cfg)  # the dataset read in place, then the published weights: one line before any compute
-    path = fit(cfg, checkpoint=args.out, device=device, force=args.force)
+    path = fit(cfg, checkpoint=args.out, device=device, force=args.force, checkpoint_every=args.checkpoint_every)
     _print_checkpoint(path)
     return 0
 
@@ -149,9 +149,10 @@ def cmd_train(args) -> int:
         elif not base.exists():
             print(f"no base checkpoint for this config yet: training it first ({cfg.base.arch}-{cfg.base.backbone},"
                   f" {cfg.train_base.iters} iterations); pass --base to use another")
-        base = train_base.fit(cfg, device=device)
+        base = train_base.fit(cfg, device=device, checkpoint_every=args.checkpoint_every)
     path = train_refiner.fit(cfg, base, reporter_factory=lambda stage, iters: ConsoleReporter(stage, iters),
-                             out_dir=args.out, device=device, force=args.force)
+                             out_dir=args.out, device=device, force=args.force,
+                             checkpoint_every=args.checkpoint_every)
     _print_checkpoint(path)
     return 0
 
@@ -330,6 +331,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _iterations(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of iterations (an integer >= 0)")
+    return int(value)
+
+
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    """Training states of a single-process training, which a rerun of the same command resumes from."""
+    p.add_argument("--checkpoint-every", type=_iterations, default=500, metavar="N",
+                   help="save the training state every N iterations (in $DDPS_STORAGE or $DDPS_HOME states/, "
+                        "removed once the checkpoint is written); rerunning the same command after an interruption "
+                        "resumes from the last one (default: %(default)s; 0: none)")
+
+
 def _training_commands(sub) -> None:
     """data build, train-base, train."""
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -342,7 +357,9 @@ def _training_commands(sub) -> None:
     train = sub.add_parser("train-base", help="train a base segmentor and save its checkpoint")
     _config_args(train)
     train.add_argument("--out", help="checkpoint path (default: content-addressed under $DDPS_HOME)")
-    train.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    train.add_argument("--force", action="store_true", help="retrain from iteration 0 even if the checkpoint or "
+                                                            "a training state exists")
+    _resume_args(train)
     _device_args(train)
     train.set_defaults(func=cmd_train_base)
 
@@ -351,7 +368,9 @@ def _training_commands(sub) -> None:
     _config_args(tr)
     tr.add_argument("--base", help="base segmentor checkpoint (default: the config's, trained first if missing)")
     tr.add_argument("--out", help="checkpoint folder (default: $DDPS_HOME/checkpoints, content-addressed)")
-    tr.add_argument("--force", action="store_true", help="retrain stages even if their checkpoints exist")
+    tr.add_argument("--force", action="store_true", help="retrain stages from iteration 0 even if their "
+                                                         "checkpoints or training states exist")
+    _resume_args(tr)
     _device_args(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -483,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddps: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ddps: interrupted", file=sys.stderr)
+        resumable = args.func in (cmd_train_base, cmd_train) and args.checkpoint_every > 0
+        print("ddps: interrupted" + ("; rerun the same command to resume from its last training state"
+                                     if resumable else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into head & co.: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

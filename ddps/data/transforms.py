@@ -102,6 +102,28 @@ class TrainTransform:
         """Give this copy its own random stream (call it in each DataLoader worker)."""
         self.steps.set_random_seed(seed % 2**32)
 
+    def _random_parts(self) -> list:
+        """The Compose and every step in it, each with its own random generators."""
+        parts, todo = [], [self.steps]
+        while todo:
+            part = todo.pop(0)
+            parts.append(part)
+            if isinstance(part, A.BaseCompose):
+                todo += list(part.transforms)
+        return parts
+
+    def random_state(self) -> list:
+        """Where this copy's random streams are (each albumentations step has its own python and numpy
+        generator): plain values a training state keeps, so that a resumed run draws what an uninterrupted
+        one would."""
+        return [(part.py_random.getstate(), part.random_generator.bit_generator.state)
+                for part in self._random_parts()]
+
+    def set_random_state(self, state: list) -> None:
+        for part, (py_state, np_state) in zip(self._random_parts(), state, strict=True):
+            part.py_random.setstate(py_state)
+            part.random_generator.bit_generator.state = np_state
+
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) uint8, (H, W) -> the augmented crop (3, h, w) uint8 (a view of (h, w, 3)), its mask (h, w)."""
         out = self.steps(image=image, mask=mask)

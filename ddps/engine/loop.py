@@ -7,20 +7,28 @@ and periodic training-state checkpoints to resume from.
   ``batch_size`` samples is cut into ``world_size`` equal shards, rank r taking the r-th. The effective
   batch is always the config's ``batch_size``, whatever the number of workers (it must divide it).
 - ``FolderCheckpointer``: every N iterations the whole training state (model, EMA, optimiser, iteration,
-  data position, RNG) is written to a temporary name, checksummed and renamed (``ddps.checkpoint_io``); the
-  last K are kept. A truncated or altered file fails its checksum and the previous one is used, with a message.
+  data position, RNG) is written to a temporary name, checksummed and renamed (``ddps.checkpoint_io``; in an
+  object store, one PUT); the last K are kept. A truncated or altered file fails its checksum and the previous
+  one is used, with a message. Single-process trainings (``ddps train-base``, ``ddps train``) keep theirs in
+  :func:`state_folder` — the storage's ``states/<checkpoint name>/`` — which a rerun of the same config finds
+  and which is removed once the final checkpoint is written; Ray Train keeps its own (``RayCheckpointer``).
 """
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
+from ddps import storage
 from ddps.checkpoint_io import read_checked, sidecar, write_checked
-from ddps.errors import ConfigError
+from ddps.errors import CheckpointError, ConfigError, reason
+from ddps.storage import Location, StoragePath
+
+STATE_NAME = re.compile(r"state-(\d+)\.pt")
 
 
 @dataclass
@@ -95,30 +103,75 @@ class Checkpointer(Protocol):
 
 @dataclass
 class FolderCheckpointer:
-    """Training-state checkpoints ``state-<iter>.pt`` in ``folder``, every ``every`` iterations, last ``keep``."""
-    folder: Path
+    """Training-state checkpoints ``state-<iter>.pt`` in ``folder`` (a local folder or a storage URI's), every
+    ``every`` iterations, the last ``keep``. :attr:`source` is the file :meth:`latest` returned."""
+    folder: Location | str
     every: int = 500
     keep: int = 2
     log: Callable[[str], None] = print
     skipped: list = field(default_factory=list)
+    source: Location | None = None
 
-    def files(self) -> list[Path]:
-        return sorted(Path(self.folder).glob("state-*.pt"))
+    def __post_init__(self):
+        self.folder = storage.location(self.folder)
+
+    def files(self) -> list[Location]:
+        """The state files, oldest first (by iteration); none when the folder does not exist."""
+        try:
+            entries = list(self.folder.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = [(int(m.group(1)), p) for p in entries if (m := STATE_NAME.fullmatch(p.name))]
+        return [p for _, p in sorted(found, key=lambda pair: pair[0])]
 
     def latest(self) -> dict | None:
         for path in reversed(self.files()):
             state = read_checked(path)
             if state is not None:
+                self.source = path
                 return state
             self.skipped.append(path)
             self.log(f"checkpoint {path} is damaged (checksum mismatch or unreadable); using the one before it")
         return None
 
     def save(self, state: dict, step: int) -> None:
-        write_checked(Path(self.folder) / f"state-{step:08d}.pt", state)
+        write_checked(self.folder / f"state-{step:08d}.pt", state)
         for old in self.files()[:-self.keep]:
             old.unlink(missing_ok=True)
             sidecar(old).unlink(missing_ok=True)
+
+    def clear(self, strict: bool = True) -> None:
+        """Remove every state and the folder: a forced training starts over (``strict``: a state that cannot be
+        removed is a one-line CheckpointError, as it would be resumed from), a finished one needs none (not
+        ``strict``: what cannot be removed is said and left, as the finished checkpoint is reused first)."""
+        try:
+            if isinstance(self.folder, StoragePath):
+                for path in self.folder.iterdir():
+                    path.unlink(missing_ok=True)
+            elif self.folder.exists():
+                shutil.rmtree(self.folder)
+        except OSError as e:
+            message = f"cannot remove the training states in {self.folder}: {reason(e)}"
+            if strict:
+                raise CheckpointError(message) from None
+            self.log(message)
+
+
+def state_folder(name: str) -> Location:
+    """Where a single-process training keeps its states: ``states/<name>`` in the storage (ddps.storage), else
+    in DDPS_HOME; ``name`` is the default checkpoint's stem, addressed by the training's content hash, so a
+    rerun of the same config finds them and another config never does."""
+    return storage.folder("states") / name
+
+
+def single_process_states(name: str, every: int | None, fresh: bool = False,
+                          log: Callable[[str], None] = print) -> FolderCheckpointer:
+    """The FolderCheckpointer of a single-process training in :func:`state_folder` (``every`` None or 0: it
+    only clears); ``fresh`` (--force) removes what an earlier run left, so the training starts over."""
+    states = FolderCheckpointer(state_folder(name), every=every or 0, log=log)
+    if fresh:
+        states.clear()
+    return states
 
 
 def rng_state() -> dict:

@@ -25,7 +25,7 @@ from ddps.config import Config, TrainBaseConfig, content_hash, to_flat
 from ddps.data import SegmentationDataset, build_dataset, selection_split
 from ddps.engine.device import autocast, backward_step, grad_scaler, loader_options, optimizer_step, to_device
 from ddps.engine.evaluate import evaluate_base
-from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
+from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state, single_process_states
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps import storage
 from ddps.storage import Location
@@ -102,8 +102,14 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Location | None = None,
-        device: str = "cpu", force: bool = False) -> Location:
-    """Train a base segmentor per ``cfg`` in this process and return its checkpoint; an existing one is reused."""
+        device: str = "cpu", force: bool = False, checkpoint_every: int | None = None) -> Location:
+    """Train a base segmentor per ``cfg`` in this process and return its checkpoint; an existing one is reused.
+
+    With ``checkpoint_every`` the training state is saved every that many iterations in the storage's
+    ``states/<default checkpoint's stem>/`` (addressed by :func:`base_hash`), and a rerun with the same config
+    resumes from the latest one: the same iteration, data position, weights, optimiser and RNG (with
+    train_base.num_workers = 0 also the augmentation's draws, so the weights equal an uninterrupted run's).
+    The states are removed once the checkpoint is written; ``force`` starts over and removes them first."""
     reporter = reporter or ConsoleReporter("train-base", cfg.train_base.iters)
     path = storage.location(checkpoint) if checkpoint else default_checkpoint(cfg)
     if reuse(cfg, path, force):
@@ -111,8 +117,10 @@ def fit(cfg: Config, reporter: Reporter | None = None, checkpoint: str | Locatio
         return path
     if cfg.base.pretrained:
         import_base(cfg, reporter, path)
-    else:
-        train(cfg, reporter, Worker(device=device), path=path)
+        return path
+    states = single_process_states(default_checkpoint(cfg).stem, checkpoint_every, fresh=force, log=reporter.info)
+    train(cfg, reporter, Worker(device=device), path=path, checkpointer=states if checkpoint_every else None)
+    states.clear(strict=False)  # the checkpoint is written: nothing left to resume
     return path
 
 
@@ -160,8 +168,11 @@ def train(cfg: Config, reporter: Reporter, worker: Worker | None = None, path: P
 
     Each rank takes its shard of every global batch of train_base.batch_size images (GlobalOrder); with a
     ``checkpointer`` the training state is saved every ``checkpointer.every`` iterations and a restarted
-    run resumes from the latest (augmentation draws are re-seeded from (seed, iteration) at resumption,
-    so a resumed run is close to, not bit-identical with, an uninterrupted one).
+    run resumes from the latest at the same iteration and data position. In one process with
+    train_base.num_workers = 0 the state also holds the augmentation's random streams, and the resumed run
+    ends bit-identical to an uninterrupted one; otherwise (DataLoader worker processes, or several ranks) the
+    augmentation draws are re-seeded from (seed, iteration) at resumption, so it is close to, not
+    bit-identical with, an uninterrupted run.
 
     Stages, in this order (the order of the random draws): config -> data -> model -> optimiser ->
     start or resume -> loop -> checkpoint.
@@ -212,6 +223,7 @@ class _Progress:
     history: list[dict] = field(default_factory=list)  # held-out scores: {"iter", "mIoU", "mBIoU"}
     start: int = 0  # the iteration this run starts at
     seen: int = 0   # images trained on so far (global)
+    rng: dict | None = None  # a resumed run's RNG state, set again once the DataLoader has drawn its seed
 
 
 def _data(cfg: Config, worker: Worker) -> _Data:
@@ -245,10 +257,20 @@ def _start_or_resume(cfg: Config, reporter: Reporter, worker: Worker, model: Bas
         scaler.load_state_dict(state["scaler"])
     data.order.seek(state["position"])
     set_rng_state(state["rng"])
-    progress = _Progress(list(state["history"]), int(state["iter"]), int(state["images_seen"]))
-    data.train.transform.reseed(tc.seed * 100_003 + progress.start * 7 + worker.rank)
-    reporter.info(f"resuming at iteration {progress.start} from the last checkpoint")
+    progress = _Progress(list(state["history"]), int(state["iter"]), int(state["images_seen"]), state["rng"])
+    if state.get("augment") is not None and _augment_in_process(cfg, worker):
+        data.train.transform.set_random_state(state["augment"])  # where an uninterrupted run's draws are
+    else:
+        data.train.transform.reseed(tc.seed * 100_003 + progress.start * 7 + worker.rank)
+    source = getattr(checkpointer, "source", None)
+    reporter.info(f"resuming from iteration {progress.start} ({f'state {source}' if source else 'the last checkpoint'})")
     return progress
+
+
+def _augment_in_process(cfg: Config, worker: Worker) -> bool:
+    """Whether the augmentation draws in this process, in the loop's order (no DataLoader workers prefetching
+    ahead of it), and in one rank only (a state holds rank 0's): then a state can hold where its streams are."""
+    return cfg.train_base.num_workers == 0 and worker.world_size == 1
 
 
 def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, optimizer, scaler, data: _Data,
@@ -260,7 +282,9 @@ def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor,
     loader = DataLoader(data.train, batch_sampler=(index.tolist() for index, _ in data.order),
                         num_workers=tc.num_workers, worker_init_fn=reseed_worker, collate_fn=data.train.collate,
                         **loader_options(device))
-    batches = iter(loader)
+    batches = iter(loader)  # draws the loader's seed from the global RNG
+    if progress.rng is not None:  # resumed: the RNG where the state left it, as an uninterrupted run's is
+        set_rng_state(progress.rng)
     window_start, window_images = time.perf_counter(), 0
     model.train()
     for it in range(progress.start, tc.iters):
@@ -291,7 +315,9 @@ def _loop(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor,
             checkpointer.save({"iter": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "position": data.order.after(step), "rng": rng_state(), "history": history,
                                "images_seen": progress.seen,
-                               "scaler": scaler.state_dict() if scaler is not None else None}, step)
+                               "scaler": scaler.state_dict() if scaler is not None else None,
+                               "augment": data.train.transform.random_state() if _augment_in_process(cfg, worker)
+                               else None}, step)
 
 
 def _finish(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmentor, data: _Data,

@@ -23,7 +23,7 @@ from ddps.engine.device import autocast, backward_step, grad_scaler, loader_opti
 from ddps.engine.evaluate_refiner import evaluate_refiner
 from ddps.engine.features import (FeatureCache, base_batch, compute_cache, conditioning,
                                   stored_cache)
-from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state
+from ddps.engine.loop import Checkpointer, GlobalOrder, Worker, rng_state, set_rng_state, single_process_states
 from ddps.engine.reporter import ConsoleReporter, Reporter
 from ddps.engine.train_base import reseed_worker, seed_everything
 from ddps.diffusion.rng import SampleRNG
@@ -243,7 +243,9 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     # ---- model, optimiser, EMA, data order (or the state a restarted run resumes from) --------------
     run = _StageRun.build(cfg, stage, base, data, worker, init_state)
     if run.resume(checkpointer.latest() if checkpointer else None):
-        reporter.info(f"{stage}: resuming at iteration {run.start} from the last checkpoint")
+        source = getattr(checkpointer, "source", None)
+        reporter.info(f"{stage}: resuming from iteration {run.start} "
+                      f"({f'state {source}' if source else 'the last checkpoint'})")
     model = worker.wrap(run.denoiser) if worker.wrap else run.denoiser
     rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
     stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual, tc=tc)
@@ -298,6 +300,7 @@ class _StageRun:
     history: list
     scaler: torch.amp.GradScaler | None = None  # fp16 training's loss scaling
     start: int = 0
+    augment: object | None = None  # the image path's augmentation when it draws in this process, in order
 
     @classmethod
     def build(cls, cfg: Config, stage: str, base, data: RefinerData, worker: Worker,
@@ -314,7 +317,12 @@ class _StageRun:
         ema = EMA(denoiser, tc.ema_decay, tc.ema_every) if tc.ema else None
         order = GlobalOrder(train_size(data), tc.batch_size, tc.seed + 11, worker.rank, worker.world_size)
         worker.local_batch(tc.batch_size, "train.batch_size")
-        return cls(codec, process, denoiser, optimizer, ema, order, [], grad_scaler(worker.device, tc.precision))
+        augment = None  # the feature cache has no augmentation; loader workers and other ranks draw their own
+        if data.train_set is not None and tc.num_workers == 0 and worker.world_size == 1:
+            augment = getattr(data.train_set, "transform", None)
+            augment = augment if hasattr(augment, "random_state") else None
+        return cls(codec, process, denoiser, optimizer, ema, order, [], grad_scaler(worker.device, tc.precision),
+                   augment=augment)
 
     def resume(self, state: dict | None) -> bool:
         """Weights, EMA, optimiser, data position, RNG and iteration from a saved state, if there is one."""
@@ -329,6 +337,8 @@ class _StageRun:
         set_rng_state(state["rng"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.augment is not None and state.get("augment") is not None:
+            self.augment.set_random_state(state["augment"])
         self.history, self.start = list(state["history"]), int(state["iter"])
         return True
 
@@ -337,7 +347,8 @@ class _StageRun:
         return {"iter": step, "model": self.denoiser.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state if self.ema else None, "position": self.order.after(step),
                 "rng": rng_state(), "history": self.history,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "augment": self.augment.random_state() if self.augment is not None else None}
 
 
 def _accumulate(model, run: _StageRun, batch, cfg: Config, stage: str, rng_seed: int, ignore_index: int,
@@ -395,8 +406,14 @@ def _save(path, cfg, stage, denoiser, ema, base_payload, metrics, history, data)
 
 
 def fit(cfg: Config, base_checkpoint: str | Location, reporter_factory=None, out_dir: str | Location | None = None,
-        device: str = "cpu", force: bool = False, log=print) -> Location:
-    """Train every stage the config asks for (reusing finished ones) and return the last stage's checkpoint."""
+        device: str = "cpu", force: bool = False, log=print, checkpoint_every: int | None = None) -> Location:
+    """Train every stage the config asks for (reusing finished ones) and return the last stage's checkpoint.
+
+    With ``checkpoint_every`` each stage's training state is saved every that many iterations in the
+    storage's ``states/<the stage's default checkpoint stem>/`` (addressed by :func:`stage_hash`), and a rerun
+    with the same config resumes the unfinished stage from the latest one, ending with the weights and EMA an
+    uninterrupted run has (every random draw is keyed by sample, and the state holds the rest). A stage's
+    states are removed once its checkpoint is written; ``force`` starts every stage over, removing them first."""
     base_payload = read_checkpoint(base_checkpoint)
     base = base_from_payload(base_payload, base_checkpoint).freeze().to(device)
     if cfg.train.threads:
@@ -414,8 +431,12 @@ def fit(cfg: Config, base_checkpoint: str | Location, reporter_factory=None, out
         else:
             if data is None:
                 data = prepare_data(cfg, base, device, ConsoleReporter("data"), base_payload["hash"])
-            reporter = reporter_factory(stage, stage_iters(cfg, stage)) if reporter_factory else None
+            reporter = (reporter_factory or ConsoleReporter)(stage, stage_iters(cfg, stage))
+            name = stage_checkpoint(cfg, stage, base_payload["hash"]).stem
+            states = single_process_states(name, checkpoint_every, fresh=force, log=reporter.info)
             payload = fit_stage(cfg, stage, base, base_payload, data, path=path, init_state=init_state,
-                                reporter=reporter, worker=Worker(device=device))
+                                reporter=reporter, worker=Worker(device=device),
+                                checkpointer=states if checkpoint_every else None)
+            states.clear(strict=False)  # the stage's checkpoint is written: nothing left to resume
         init_state = payload["model"]  # stage 2 starts from stage 1's weights (not its EMA)
     return path
