@@ -7,6 +7,8 @@ layer Ray Train itself uses) or an absolute folder (an NFS/EFS mount) — these 
     <storage>/checkpoints/   base, stage 1, stage 2 and head checkpoints, each with its .sha256 sidecar
     <storage>/features/      feature caches (also kept in each node's DDPS_HOME, where they are memory-mapped)
     <storage>/ray/           Ray Train's run state and training-state checkpoints; ray/tune/ a sweep's Tune state
+    <storage>/states/        single-process trainings' states (ddps train-base / train), removed once finished
+    <storage>/spool/         metrics a worker could not send while MLflow was down, replayed by the driver
 
 and DDPS_HOME becomes a per-node cache (datasets, the Hub cache, the MLflow spool) that a node may or may not
 have. An S3-compatible server's endpoint is the URI's ``?endpoint_override=http://host:port`` or the usual
