@@ -2,6 +2,7 @@
 stopped by its process group (its PID), never by name."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,11 +61,26 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180)
     raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def mlflow_server_command(store: Path, port: int) -> list[str]:
-    """`mlflow server` over a SQLite store, one worker, on 127.0.0.1."""
+def mlflow_server_command(store: Path, port: int, artifacts: str | None = None) -> list[str]:
+    """`mlflow server` over a SQLite store, one worker, on 127.0.0.1; its artifacts in ``artifacts`` (a folder or
+    a URI such as s3://bucket/mlflow), else the store's mlartifacts/."""
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-            "--artifacts-destination", str(store / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1"]
+            "--artifacts-destination", artifacts or str(store / "mlartifacts"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]
+
+
+@contextlib.contextmanager
+def serving_mlflow(command: list[str], log: Path, env: dict):
+    """The `mlflow server` of ``command`` (mlflow_server_command), started, answering /health: its URL; stopped
+    by its process group on exit."""
+    port = command[command.index("--port") + 1]
+    proc = start(command, log, env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc, log)
+        yield url
+    finally:
+        stop(proc)
 
 
 # ---- an S3-compatible object store: moto's standalone server ---------------------------------------------
@@ -98,3 +114,18 @@ def s3_objects(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
     root = f"{bucket}/{prefix}".rstrip("/")
     infos = s3.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
     return sorted(i.path[len(bucket) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
+
+
+def start_ui(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """`python -m ddps ui` on a free loopback port over the embedded store of a fresh DDPS_HOME (``tmp_path``),
+    answering /health: (its process, the port, its log)."""
+    port, log = free_port(), tmp_path / "ui.log"
+    env = {**os.environ, "DDPS_HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    ui = start([sys.executable, "-m", "ddps", "ui", "--port", str(port)], log, env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", ui, log)
+    except BaseException:
+        stop(ui)
+        raise
+    return ui, port, log

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import free_port, free_ports, mlflow_server_command, start, stop, wait_http
+from procs import free_port, free_ports, mlflow_server_command, serving_mlflow, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,9 @@ def base_env(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port, log = free_port(), tmp_path / "mlflow-server.log"
-    proc = start(mlflow_server_command(tmp_path, port), log, base_env(tmp_path))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc, log)
+    with serving_mlflow(mlflow_server_command(tmp_path, free_port()), tmp_path / "mlflow-server.log",
+                       base_env(tmp_path)) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from ddps import names
 from ddps.config import resolve
 from ddps.orchestration.pipeline import data_hash, dataset_input, git_commit, run_tags
 from ddps.orchestration.tracking import Tracker, runs_url
-from procs import free_port, start, stop, wait_http
+from procs import free_port, start, start_ui, stop
 from sockets import descendants, listening
 
 SYSTEM_CPU = names.SYSTEM_METRICS + "cpu_utilization_percentage"  # MLflow 3.17's name (its CPUMonitor)
@@ -74,12 +74,8 @@ def test_the_printed_links_open_the_runs_in_the_model_training_view():
 
 @pytest.mark.reliability(kind="fault", case="ddps ui stopped by SIGTERM leaves nothing listening")
 def test_ddps_ui_stopped_by_sigterm_takes_its_server_and_uvicorn_down(tmp_path):
-    port, log = free_port(), tmp_path / "ui.log"
-    env = {**os.environ, "DDPS_HOME": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    ui = start([sys.executable, "-m", "ddps", "ui", "--port", str(port)], log, env)
+    ui, port, log = start_ui(tmp_path)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", ui, log)
         tree = descendants(ui.pid)
         assert any(p == port for _, _, p in listening(tree)) and len(tree) >= 3  # ddps, mlflow server, uvicorn
         os.kill(ui.pid, signal.SIGTERM)  # to `ddps ui` alone, as `kill PID` or a service manager does

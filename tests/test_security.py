@@ -1,7 +1,6 @@
 """Security: the local MLflow UI and Ray listen on loopback only, names cannot escape their folder, a
 checkpoint cannot run code when it is read. (Ray's own loopback test: tests/test_pipeline.py.)"""
 import os
-import sys
 
 import pytest
 import torch
@@ -9,18 +8,14 @@ import torch
 from ddps.config.load import resolve
 from ddps.errors import CheckpointError, ConfigError
 from messages import one_line
-from procs import free_port, start, stop, wait_http
+from procs import start_ui, stop
 from sockets import descendants, is_loopback, listening
 
 
 @pytest.mark.reliability(kind="security", case="MLflow UI listens on 127.0.0.1 only")
 def test_the_mlflow_ui_listens_on_loopback_only(tmp_path):
-    port, log = free_port(), tmp_path / "ui.log"
-    env = {**os.environ, "DDPS_HOME": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    ui = start([sys.executable, "-m", "ddps", "ui", "--port", str(port)], log, env)
+    ui, port, _ = start_ui(tmp_path)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", ui, log)
         ports = listening(descendants(ui.pid))
         assert any(p == port for _, _, p in ports)
         assert [p for p in ports if not is_loopback(p[1])] == []

@@ -53,7 +53,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from procs import S3_CREDENTIALS, free_ports, s3_objects, start, stop, wait_http
+from procs import S3_CREDENTIALS, free_ports, mlflow_server_command, s3_objects, serving_mlflow, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -132,18 +132,10 @@ def mlflow_s3(s3_bucket, tmp_path):
     port, = free_ports(1)
     store, log = tmp_path / "mlflow", tmp_path / "mlflow-server.log"
     store.mkdir()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-               "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
     env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": endpoint,
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    proc = start(command, log, env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc, log)
+    with serving_mlflow(mlflow_server_command(store, port, f"s3://{bucket}/mlflow"), log, env) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def submit(cluster, argv: list[str]) -> str:

@@ -35,16 +35,26 @@ class ConsoleReporter:
 
     def log(self, metrics: dict, step: int) -> None:
         self.history.append((step, dict(metrics)))
-        parts = [f"[{self.name}] it {step}" + (f"/{self.total}" if self.total else "")]
-        for key, value in metrics.items():
-            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-        if self.total and step > 0:
-            elapsed = time.perf_counter() - self.start
-            parts.append(f"eta {format_seconds(elapsed / step * (self.total - step))}")
-        print("  ".join(parts), file=self.stream, flush=True)
+        print(record_line(self.name, step, self.total, metrics, self.eta(step)), file=self.stream, flush=True)
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the mean step time so far; None without a total or before the first step."""
+        if not self.total or step <= 0:
+            return None
+        return (time.perf_counter() - self.start) / step * (self.total - step)
 
     def info(self, message: str) -> None:
         print(f"[{self.name}] {message}", file=self.stream, flush=True)
+
+
+def record_line(name: str, step: int, total: int | None, metrics: dict, eta_s: float | None = None) -> str:
+    """One progress record in full: ``[name] it step/total  key value ...  eta 1m20s``."""
+    parts = [f"[{name}] it {step}" + (f"/{total}" if total else "")]
+    for key, value in metrics.items():
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    if eta_s is not None:
+        parts.append(f"eta {format_seconds(eta_s)}")
+    return "  ".join(parts)
 
 
 class NullReporter:

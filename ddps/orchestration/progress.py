@@ -211,6 +211,8 @@ class FeedPump:
 
     def drain(self) -> None:
         import ray
+
+        from ddps.engine.reporter import record_line
         try:
             records = ray.get(self.feed.take.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - progress is a courtesy: a lost record never stops a training
@@ -221,9 +223,8 @@ class FeedPump:
                 continue
             _, label, step, total, metrics, eta_s = record
             self.metrics.update(metrics)
-            full = "  ".join([f"[{label}] it {step}" + (f"/{total}" if total else "")]
-                             + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()])
-            self.console.update(progress_text(label, step, total, self.metrics, eta_s), record=full)
+            self.console.update(progress_text(label, step, total, self.metrics, eta_s),
+                                record=record_line(label, step, total, metrics, eta_s))
 
 
 class ProgressFeed:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,8 +115,7 @@ class FeedReporter(ConsoleReporter):
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)
-        eta = (time.perf_counter() - self.start) / step * (self.total - step) if self.total and step > 0 else None
-        self.feed.post.remote(("log", self.name, step, self.total, dict(metrics), eta))
+        self.feed.post.remote(("log", self.name, step, self.total, dict(metrics), self.eta(step)))
 
     def info(self, message: str) -> None:
         super().info(message)
