@@ -50,7 +50,7 @@ def test_train_base_then_eval_prints_the_row(tmp_path):
      "Fashion-MNIST file /nonexistent/fmnist/train-images-idx3-ubyte.gz is missing"),
     (["data", "build", "fashion-scenes", "--preset", "smoke"], {"DDPS_FASHION_MNIST": "/nowhere"},
      "Fashion-MNIST file /nowhere/train-images-idx3-ubyte.gz is missing"),
-    (["train-base", "--preset", "huge"], {}, "unknown preset 'huge'; choose from: cpu, paper, smoke"),
+    (["train-base", "--preset", "huge"], {}, "unknown preset 'huge'; choose from: cpu, demo, paper, smoke"),
     (["eval", "/nonexistent.pt"], {}, "checkpoint /nonexistent.pt does not exist"),
 ])
 def test_bad_input_is_one_line_on_stderr_without_traceback(args, env, message):

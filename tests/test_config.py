@@ -62,7 +62,7 @@ def test_exponent_without_a_dot_is_a_float():
 
 @pytest.mark.reliability(kind="bad_input", case="unknown preset, missing experiment file")
 def test_unknown_preset_and_missing_experiment(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown preset 'gpu'; choose from: cpu, paper, smoke"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpu'; choose from: cpu, demo, paper, smoke"):
         resolve("gpu")
     with pytest.raises(ConfigError, match=r"experiment file .*nope.yaml does not exist"):
         resolve("cpu", tmp_path / "nope.yaml")
