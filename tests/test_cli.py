@@ -107,7 +107,10 @@ def test_train_refiner_then_eval_and_refine_a_users_image(tmp_path):
     mask = Image.open(tmp_path / "out" / "mine.png")
     strip = Image.open(tmp_path / "out" / "mine-strip.png")
     assert mask.mode == "P" and mask.size == (50, 40) and max(np.asarray(mask).ravel()) < 11
-    assert strip.size == (50 * 7 + 2 * 6, 40)  # image | base | 5 steps
+    width, height = strip.size
+    assert width == 50 * 7 + 2 * 6 and height > 40  # image | base | 5 steps, under a band of captions
+    band = np.asarray(strip.convert("L"))[: height - 40]
+    assert all((band[:, x:x + 50] < 128).any() for x in range(0, width, 52))  # each tile has its caption
     bad = ddps("refine", str(tmp_path / "missing.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and "image" in bad.stderr and "missing.png does not exist" in bad.stderr
     wrong = ddps("eval", str(ckpt), "--set", "infer.steps=50")

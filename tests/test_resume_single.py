@@ -151,7 +151,7 @@ def test_train_cli_ctrl_c_then_the_same_command_resumes_to_the_weights_of_an_uni
 
     again = rerun(command)
     assert "[stage1] reusing" in again
-    assert f"[stage2] stage2: resuming from iteration {resume_at} (state {states}/state-{resume_at:08d}.pt)" in again
+    assert f"[stage2] resuming from iteration {resume_at} (state {states}/state-{resume_at:08d}.pt)" in again
     assert logged_steps(again, "stage2") == list(range(resume_at + 1, REFINER["train.stage2_iters"] + 1))
     assert not states.exists()  # finished: no state left
 
@@ -174,7 +174,7 @@ def test_a_damaged_last_state_falls_back_to_the_one_before_with_a_message(base, 
     payload, reporters = fit_refiner(cfg, base, tmp_path, every=1)
     said = reporters["stage1"].messages
     assert any(f"{last} is damaged" in m and "using the one before it" in m for m in said), said
-    assert f"stage1: resuming from iteration 1 (state {states / 'state-00000001.pt'})" in said
+    assert f"resuming from iteration 1 (state {states / 'state-00000001.pt'})" in said
     assert reporters["stage1"].steps() == [2, 3, 4]
     assert reporters["stage2"].steps() == [1]  # stage 2 then trains from its start
     same_tensors(straight["stage1"]["model"], payload["model"])

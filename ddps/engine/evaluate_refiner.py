@@ -206,11 +206,11 @@ def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, devic
 
 
 def save_examples(evaluation: Evaluation, folder: Path) -> list[tuple[Path, str | None]]:
-    """The record's examples as files in ``folder``: a refinement strip per image (ground truth, base, each
-    step; ignore pixels black) and the first image's probabilities (float16 .npz). [(file, artifact folder)]."""
+    """The record's examples as files in ``folder``: a refinement strip per image (image, ground truth, base,
+    each step, named above each tile; ignore pixels black) and the first image's probabilities (float16 .npz). [(file, artifact folder)]."""
     from PIL import Image
 
-    from ddps.engine.refine_images import palette, strip
+    from ddps.engine.refine_images import palette, step_captions, strip
     if not evaluation.examples:
         return []
     num_classes = evaluation.examples[0].base_probs.shape[0]
@@ -219,7 +219,8 @@ def save_examples(evaluation: Evaluation, folder: Path) -> list[tuple[Path, str 
         masks = [ex.label, ex.base_probs.argmax(0)] + [p.argmax(0) for p in ex.step_probs]
         masks = [np.where(m >= num_classes, 0, m) for m in masks]
         path = folder / f"strip-{ex.index}.png"
-        Image.fromarray(strip(ex.image, masks, colours)).save(path)
+        captions = ["image", "truth", "base"] + step_captions(len(ex.step_probs))
+        Image.fromarray(strip(ex.image, masks, colours, captions)).save(path)
         written.append((path, names.ARTIFACT_STRIPS))
     first = evaluation.examples[0]
     path = folder / names.ARTIFACT_PROBABILITIES

@@ -1,7 +1,8 @@
 """``ddps refine IMAGE...``: a trained refiner on a user's own images.
 
 For each image: the refined mask as an indexed PNG (one palette colour per class, the class index as the
-pixel value) and a trajectory strip, image | base | step 1 | ... | step K, as an RGB PNG.
+pixel value) and a trajectory strip, image | base | step 1 | ... | step K, as an RGB PNG with each tile's name
+above it.
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: int = 2) -> np.ndarray:
-    """Side by side: the RGB image then each label map in colour, separated by white gaps."""
+def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, captions: list[str] | None = None,
+          gap: int = 2) -> np.ndarray:
+    """Side by side: the RGB image then each label map in colour, separated by white gaps; with ``captions``
+    (one per tile), each tile's name on a white band above it."""
     tiles = [image] + [colours[m] for m in masks]
     h = image.shape[0]
     out = []
@@ -47,7 +50,28 @@ def strip(image: np.ndarray, masks: list[np.ndarray], colours: np.ndarray, gap: 
         out.append(tile)
         if i + 1 < len(tiles):
             out.append(np.full((h, gap, 3), 255, np.uint8))
-    return np.concatenate(out, axis=1)
+    row = np.concatenate(out, axis=1)
+    return row if captions is None else _captioned(row, [t.shape[1] for t in tiles], captions, gap)
+
+
+def step_captions(steps: int) -> list[str]:
+    """``step 1`` ... ``step K``: what each refinement step's tile is called in a strip."""
+    return [f"step {k}" for k in range(1, steps + 1)]
+
+
+def _captioned(row: np.ndarray, widths: list[int], captions: list[str], gap: int) -> np.ndarray:
+    """``row`` under a white band naming each tile (centred; the font scaled to the tiles, at least 9 px)."""
+    from PIL import ImageDraw, ImageFont
+    if len(captions) != len(widths):
+        raise ValueError(f"{len(captions)} captions for {len(widths)} tiles")
+    size = max(9, min(16, min(widths) // 6))
+    font = ImageFont.load_default(size=size)
+    band = Image.new("RGB", (row.shape[1], size + 6), (255, 255, 255))
+    draw, x = ImageDraw.Draw(band), 0
+    for width, caption in zip(widths, captions):
+        draw.text((x + width / 2, 2), caption, fill=(0, 0, 0), font=font, anchor="ma")
+        x += width + gap
+    return np.concatenate([np.asarray(band), row], axis=0)
 
 
 @torch.no_grad()
@@ -81,6 +105,7 @@ def refine_images(images: list[str | Path], checkpoint: str | Path, out: str | P
         mask_png.putpalette(colours.reshape(-1).tolist())
         mask_path, strip_path = out / f"{path.stem}.png", out / f"{path.stem}-strip.png"
         mask_png.save(mask_path)
-        Image.fromarray(strip(rgb, [base_mask] + masks, colours)).save(strip_path)
+        captions = ["image", "base"] + step_captions(len(masks))
+        Image.fromarray(strip(rgb, [base_mask] + masks, colours, captions)).save(strip_path)
         written += [mask_path, strip_path]
     return written

@@ -330,8 +330,9 @@ def _finish(cfg: Config, reporter: Reporter, worker: Worker, model: BaseSegmento
     payload = base_payload(model, config=to_flat(cfg), class_names=data.train.class_names, metrics=final,
                            history=history, content_hash=base_hash(cfg))
     if worker.is_main:
-        reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}, "
-                      f"gain over the last fifth {final['plateau_gain']:+.2f}")
+        gain = final["plateau_gain"]  # nan without a held-out check at <= 80 % of the schedule
+        reporter.info(f"done: {split} mIoU {final[f'{split}_mIoU']:.2f}, mBIoU {final[f'{split}_mBIoU']:.2f}"
+                      + ("" if math.isnan(gain) else f", gain over the last fifth {gain:+.2f}"))
         if path is not None:
             write_checked(path, payload)
     return payload

@@ -244,13 +244,13 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
     run = _StageRun.build(cfg, stage, base, data, worker, init_state)
     if run.resume(checkpointer.latest() if checkpointer else None):
         source = getattr(checkpointer, "source", None)
-        reporter.info(f"{stage}: resuming from iteration {run.start} "
+        reporter.info(f"resuming from iteration {run.start} "
                       f"({f'state {source}' if source else 'the last checkpoint'})")
     model = worker.wrap(run.denoiser) if worker.wrap else run.denoiser
     rng_seed = tc.seed * 1000 + {"stage1": 1, "stage2": 2}.get(stage, 3)
     stream = batches(data, base, run.codec, run.order, device, residual=cfg.denoiser.residual, tc=tc)
     if run.start == 0:
-        reporter.info(f"{stage}: UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
+        reporter.info(f"UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
                       f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s) ({device}, "
                       f"{tc.precision}), "
                       f"T={run.process.steps}, target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
