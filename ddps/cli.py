@@ -13,8 +13,11 @@ from ddps.storage import STORAGE_VAR, location, use_storage
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+PRESET_HELP = "smoke | demo | cpu | paper (ddps/config/presets.py; default: %(default)s)"
+
+
 def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None:
-    p.add_argument("--preset", default=preset, help="smoke | cpu | paper (default: %(default)s)")
+    p.add_argument("--preset", default=preset, help=PRESET_HELP)
     p.add_argument("--config", help="experiment YAML; its presets.<preset> overrides the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train_base.iters=100")
@@ -431,7 +434,7 @@ def _platform_commands(sub) -> None:
     sw = sub.add_parser("sweep", help="run experiment grids with Ray Tune: every training once, every cell evaluated")
     sw.add_argument("experiments", nargs="*", help="experiment YAMLs (experiments/*.yaml)")
     sw.add_argument("--all", action="store_true", help="every experiment file in experiments/")
-    sw.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default: %(default)s)")
+    sw.add_argument("--preset", default="cpu", help=PRESET_HELP)
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config value in every cell (repeatable)")
     sw.add_argument("--cell-set", dest="cell_overrides", action="append", default=[],
@@ -465,7 +468,7 @@ def _platform_commands(sub) -> None:
     ui.set_defaults(func=cmd_ui)
 
     demo = sub.add_parser("demo", help="the embedded default: build data, run the pipeline, print its table")
-    demo.add_argument("--preset", default="cpu")
+    demo.add_argument("--preset", default="demo", help=PRESET_HELP + "; cpu: the full run, ~2.5 h on 2 cores")
     demo.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
     demo.add_argument("--cpus-per-worker", type=float, default=1.0)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

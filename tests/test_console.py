@@ -40,6 +40,20 @@ def test_in_a_log_the_progress_line_is_printed_every_so_often_and_before_the_nex
     assert "[base] it 10/20" in (tmp_path / "run.log").read_text()  # every record in the log file
 
 
+def test_in_a_log_a_line_held_back_and_then_outdated_is_not_printed_at_the_end(tmp_path, monkeypatch):
+    from ddps.orchestration import progress
+    clock = iter([100.0, 100.0, 110.0, 140.0, 140.0])  # A due, B held back (10 s < 30 s), C due
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    console = Console(tmp_path / "run.log", stream=stream, every_s=30)
+    console.update("[stage2] it 250/300 | loss 0.49")
+    console.update("[stage2] it 300/300 | loss 0.49")
+    console.update("[stage2] it 300/300 | loss 0.49 | holdout last mIoU 35.58")
+    console.end()
+    assert stream.getvalue().splitlines() == ["[stage2] it 250/300 | loss 0.49",
+                                              "[stage2] it 300/300 | loss 0.49 | holdout last mIoU 35.58"]
+
+
 def test_the_progress_text_shows_iteration_loss_images_per_second_scores_and_eta():
     text = progress_text("stage1", 120, 400, {"loss": 0.5312, "lr": 1e-4, "img_per_s": 95.4, "val_last_mIoU": 61.234},
                          80.0)

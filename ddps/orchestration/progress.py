@@ -147,7 +147,7 @@ class Console:
             elif time.monotonic() - self.printed >= self.every_s:
                 self.stream.write(text + "\n")
                 self.stream.flush()
-                self.printed = time.monotonic()
+                self.live, self.printed = "", time.monotonic()  # nothing held back for end()
             else:
                 self.live = text  # printed by end() if it is the last
 
