@@ -90,3 +90,15 @@ PRESETS: dict[str, dict] = {
         "train.num_workers": 4,
     },
 }
+
+# demo: what `make demo` runs — the `cpu` preset's models and method, trained briefly on a smaller
+# fashion-scenes so that the whole pipeline shows its gain in minutes (`ddps demo --preset cpu`: the full run).
+PRESETS["demo"] = {
+    **PRESETS["cpu"],
+    "data.train_scenes": 4000, "data.holdout": 200, "data.val_scenes": 500,
+    "train_base.iters": 800, "train_base.warmup_iters": 100, "train_base.eval_every": 800,
+    "train_base.log_every": 50,
+    "infer.steps": 10,
+    "train.stage1_iters": 100, "train.stage2_iters": 300, "train.warmup_iters": 50, "train.halve_every": 150,
+    "train.eval_every": 300, "train.log_every": 50,
+}
