@@ -127,9 +127,9 @@ def _print_checkpoint(path) -> None:
 
 
 def cmd_train_base(args) -> int:
+    cfg = _resolve(args)  # a bad value is one line before torch is even imported
     from ddps.engine.train_base import fit
     device = _device(args)
-    cfg = _resolve(args)
     check_inputs(cfg)  # the dataset read in place, then the published weights: one line before any compute
     path = fit(cfg, checkpoint=args.out, device=device, force=args.force, checkpoint_every=args.checkpoint_every)
     _print_checkpoint(path)
@@ -137,10 +137,10 @@ def cmd_train_base(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _resolve(args)  # a bad value is one line before torch is even imported
     from ddps.engine import train_base, train_refiner
     from ddps.engine.reporter import ConsoleReporter
     device = _device(args)
-    cfg = _resolve(args)
     train_refiner.check_trainable(cfg)
     base = args.base
     if not base:
@@ -160,7 +160,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_exists(checkpoint: str) -> None:
+    """A local checkpoint that is not there: one line before torch is even imported (a URI is read later)."""
+    from ddps.errors import CheckpointError
+    from ddps.storage import is_uri
+    if not checkpoint.startswith("runs:/") and not is_uri(checkpoint) and not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+
+
 def cmd_eval(args) -> int:
+    _check_exists(args.checkpoint)
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
     device = _device(args)
     print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset,
@@ -169,6 +178,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_refine(args) -> int:
+    from ddps.errors import DataError
+    missing = next((image for image in args.images if not Path(image).is_file()), None)
+    if missing:  # before the model is loaded
+        raise DataError(f"image {missing} does not exist")
+    _check_exists(args.checkpoint)
     from ddps.engine.refine_images import refine_images
     device = _device(args)
     checkpoint = args.checkpoint

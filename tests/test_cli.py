@@ -22,6 +22,7 @@ def test_data_build_prints_counts_and_class_shares(tiny_fashion):
     assert sum(shares) == pytest.approx(100, abs=0.1)
 
 
+@pytest.mark.slow
 def test_train_base_then_eval_prints_the_row(tmp_path):
     ckpt = tmp_path / "base.pt"
     out = ddps("train-base", "--preset", "smoke", "--out", str(ckpt))
@@ -81,6 +82,7 @@ def test_eval_of_a_users_state_dict_file_and_its_mismatch_error(tmp_path):
     assert bad.returncode == 2 and "does not fit" in bad.stderr and "shape mismatches" in bad.stderr
 
 
+@pytest.mark.slow
 def test_train_refiner_then_eval_and_refine_a_users_image(tmp_path):
     import numpy as np
     from PIL import Image

@@ -126,9 +126,12 @@ def test_a_sigkilled_worker_is_replaced_and_the_stage_ends_with_the_same_weights
     assert replacement != killed["pid"]  # a new worker group took over: the kill landed mid-run
     with pytest.raises(ProcessLookupError):
         os.kill(killed["pid"], 0)
-    assert resumed == {killed["iter"]}  # both ranks resumed mid-stage from the last checkpoint, not at 0
+    # both ranks resumed mid-stage from the same checkpoint, not at 0: the one registered when the kill landed or,
+    # when the ranks' next report was already on its way to the controller (a loaded machine), that one
+    (resumed_at,) = resumed
+    assert resumed_at in range(killed["iter"], ITERS, EVERY), (resumed_at, killed)
     _same_weights(straight, interrupted)
-    reliability.update(killed_at=killed["iter"], resumed_at=min(resumed), weights="bit-identical")
+    reliability.update(killed_at=killed["iter"], resumed_at=resumed_at, weights="bit-identical")
 
 
 @pytest.mark.reliability(kind="fault", case="last Ray checkpoint truncated, then a worker SIGKILLed")

@@ -130,6 +130,8 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None
         print(f"  {e.name}: {runs_url(server, e.experiment_id)}")
     if not experiments:
         print(f"  runs: {runs_url(server)}")
+    print("  (MLflow keeps its GenAI / Model training choice only once its sidebar switch is clicked: click "
+          "'Model training' once to see training runs everywhere)")
     return run_group(command, env)
 
 
