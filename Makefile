@@ -17,12 +17,9 @@ bootstrap:
 demo: bootstrap
 	$(PY) -m ddps demo
 
-# The suite in TEST_WORKERS pytest-xdist processes, a test file per process at a time (its module fixtures,
-# e.g. an in-process Ray, shared by its tests): most of the real-system tests wait on processes starting,
-# so 4 processes fill 2 cores. --durations: the 15 slowest tests at the end.
-TEST_WORKERS ?= 4
+# --durations: the 15 slowest tests at the end
 test: bootstrap
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # the suite without the tests marked slow (Ray Train, full pipelines)

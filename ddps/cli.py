@@ -169,9 +169,9 @@ def _check_exists(checkpoint: str) -> None:
 
 
 def cmd_eval(args) -> int:
+    device = _device(args)
     _check_exists(args.checkpoint)
     from ddps.engine.evaluate_checkpoint import evaluate_checkpoint
-    device = _device(args)
     print(evaluate_checkpoint(args.checkpoint, args.overrides, multiscale=not args.no_ms, preset=args.preset,
                               all_steps=args.all_steps, split=args.split, as_json=args.json, device=device))
     return 0
@@ -179,12 +179,12 @@ def cmd_eval(args) -> int:
 
 def cmd_refine(args) -> int:
     from ddps.errors import DataError
+    device = _device(args)
     missing = next((image for image in args.images if not Path(image).is_file()), None)
     if missing:  # before the model is loaded
         raise DataError(f"image {missing} does not exist")
     _check_exists(args.checkpoint)
     from ddps.engine.refine_images import refine_images
-    device = _device(args)
     checkpoint = args.checkpoint
     if checkpoint.startswith("runs:/"):  # a refiner logged by `ddps pipeline`
         from ddps.orchestration.tracking import Tracker

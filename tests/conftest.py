@@ -54,14 +54,6 @@ def pytest_runtest_makereport(item, call):
         outcome.get_result().reliability_marker = {"kind": marker.kwargs["kind"], "case": case}
 
 
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first (those marked slow, file by file): `make test` runs the files in several pytest-xdist
-    processes (--dist loadfile), which take files in this order — so the long Ray and MLflow tests start at once
-    and the quick ones fill the gaps, instead of a long file starting last."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: a file's tests keep their order
-
-
 @pytest.fixture(autouse=True, scope="session")
 def ddps_home(tmp_path_factory):
     """Every test session gets its own DDPS_HOME, so caches never leak between runs."""

@@ -70,9 +70,12 @@ def test_gpu_without_one_is_one_line_before_any_compute(argv, tmp_path, monkeypa
     (["refine", "photo.png", "--checkpoint", "refiner.pt", "--out", "masks"], "ddps.engine.refine_images",
      "refine_images"),
 ], ids=["train-base", "train", "eval", "refine"])
-def test_gpu_reaches_the_engine_as_cuda_and_no_tf32_turns_tf32_off(argv, module, name, monkeypatch):
+def test_gpu_reaches_the_engine_as_cuda_and_no_tf32_turns_tf32_off(argv, module, name, monkeypatch, tmp_path):
     """Where CUDA is there (here: said to be), the command hands the engine "cuda", with TF32 as asked."""
     import importlib
+    monkeypatch.chdir(tmp_path)
+    for given in ("refiner.pt", "photo.png"):  # the files a command checks for before it loads anything
+        (tmp_path / given).write_bytes(b"")
 
     import ddps.cli as cli
     calls = []
