@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from ddps.orchestration.runtime import stop_group  # SIGTERM to the process group, then SIGKILL
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["experiments/table3c.yaml", "--preset", "smoke", "--workers", "1"]
@@ -108,18 +109,6 @@ class Chromium:
 
     def stop(self) -> None:
         stop_group(self.proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group this script started (its PID is the group's), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def free_port() -> int:
