@@ -207,7 +207,8 @@ def _multiscale(denoiser, process, base, dataset, cfg: Config, head: bool, devic
 
 def save_examples(evaluation: Evaluation, folder: Path) -> list[tuple[Path, str | None]]:
     """The record's examples as files in ``folder``: a refinement strip per image (image, ground truth, base,
-    each step, named above each tile; ignore pixels black) and the first image's probabilities (float16 .npz). [(file, artifact folder)]."""
+    each step, named above each tile; ignore pixels black) and the first image's probabilities (float16 .npz).
+    [(file, artifact folder)]."""
     from PIL import Image
 
     from ddps.engine.refine_images import palette, step_captions, strip
