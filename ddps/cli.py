@@ -7,13 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from ddps.config.presets import PRESETS
 from ddps.errors import DDPSError
 from ddps.storage import STORAGE_VAR, location, use_storage
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-PRESET_HELP = "smoke | demo | cpu | paper (ddps/config/presets.py; default: %(default)s)"
+PRESET_HELP = " | ".join(PRESETS) + " (ddps/config/presets.py; default: %(default)s)"
 
 
 def _config_args(p: argparse.ArgumentParser, preset: str | None = "cpu") -> None:

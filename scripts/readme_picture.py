@@ -9,19 +9,20 @@ each tile named above it). The scenes are 64 x 64 pixels: the picture repeats ea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ddps.paths import ddps_home
+
 SCALE, GAP = 3, 4
 
 
 def default_report() -> Path:
-    home = Path(os.environ.get("DDPS_HOME", Path.home() / ".cache" / "ddps"))
-    return home / "reports" / "ddps-fashion-scenes"
+    """Where `make demo` writes its report: DDPS_HOME's reports/ (ddps.paths), its experiment's folder."""
+    return ddps_home() / "reports" / "ddps-fashion-scenes"
 
 
 def picture(strips: list[Path]) -> Image.Image:
