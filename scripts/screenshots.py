@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ddps.orchestration.runtime import stop_group  # SIGTERM to the process group, then SIGKILL
+from ddps.orchestration.runtime import free_ports, stop_group  # stop_group: SIGTERM to the group, then SIGKILL
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["experiments/table3c.yaml", "--preset", "smoke", "--workers", "1"]
@@ -109,12 +108,6 @@ class Chromium:
 
     def stop(self) -> None:
         stop_group(self.proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ui(port: int, log: Path) -> subprocess.Popen:
@@ -220,7 +213,7 @@ def main() -> int:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     print(f"DDPS_HOME={home}")
 
-    port = args.port or free_port()
+    port = args.port or free_ports(1)[0]
     server = f"http://127.0.0.1:{port}"
     ui = start_ui(port, home / "screenshots-ui.log")
     try:

@@ -5,29 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from ddps.orchestration.runtime import free_ports  # noqa: F401 (the tests' one port picker)
+
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports: every socket stays bound until all n are chosen, so the kernel cannot
-    hand the same port out twice (two free_port() calls in a row can return the same one)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -59,6 +47,24 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180)
         except OSError:
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def alive_nodes(dashboard: str) -> list:
+    """The ALIVE nodes of the Ray cluster whose dashboard is at ``dashboard``."""
+    from ray.util.state import list_nodes
+    return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
+
+
+def wait_ray_nodes(dashboard: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> list:
+    """The cluster's ALIVE nodes once there are ``n`` of them; an error with the log's tail if ``proc`` (the
+    `ray start` that adds the last) exits first or ``timeout`` passes (a raylet that died at start-up: its
+    dashboard answers, its node never registers)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := alive_nodes(dashboard)) < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{n} Ray node(s) did not come up at {dashboard}:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    return nodes
 
 
 def mlflow_server_command(store: Path, port: int, artifacts: str | None = None) -> list[str]:

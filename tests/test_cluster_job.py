@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import free_port, free_ports, mlflow_server_command, serving_mlflow, start, stop, wait_http
+from procs import free_port, free_ports, mlflow_server_command, serving_mlflow, start, stop, wait_http, wait_ray_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +52,7 @@ def ray_head(tmp_path):
     try:
         url = f"http://127.0.0.1:{dashboard}"
         wait_http(f"{url}/api/version", proc, log)
+        wait_ray_nodes(url, 1, proc, log)  # the head's raylet registered (its dashboard answers before)
         yield url
     finally:
         stop(proc)

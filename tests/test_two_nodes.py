@@ -53,7 +53,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from procs import S3_CREDENTIALS, free_ports, mlflow_server_command, s3_objects, serving_mlflow, start, stop, wait_http
+from procs import (S3_CREDENTIALS, free_ports, mlflow_server_command, s3_objects, serving_mlflow, start,
+                   stop, wait_http, wait_ray_nodes)
 
 pytestmark = pytest.mark.slow
 
@@ -85,11 +86,6 @@ def node_options(temp_dir: Path, ports: list[int]) -> list[str]:
             "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
 
 
-def alive_nodes(dashboard: str) -> list:
-    from ray.util.state import list_nodes
-    return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
-
-
 @pytest.fixture
 def two_nodes(tmp_path):
     """`ray start --head` and a second `ray start --address`, each with its own DDPS_HOME and temp dir; the
@@ -111,11 +107,7 @@ def two_nodes(tmp_path):
         procs.append(start(head, logs["head"], node_env(homes["head"])))
         wait_http(f"{dashboard}/api/version", procs[0], logs["head"])
         procs.append(start(node, logs["node"], node_env(homes["node"])))
-        deadline = time.monotonic() + 120
-        while len(nodes := alive_nodes(dashboard)) < 2:
-            if procs[1].poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the second node did not join:\n{logs['node'].read_text()[-3000:]}")
-            time.sleep(1)
+        nodes = wait_ray_nodes(dashboard, 2, procs[1], logs["node"])
         ids = {"head" if n.is_head_node else "node": n.node_id for n in nodes}
         ips = {"head" if n.is_head_node else "node": n.node_ip for n in nodes}
         yield SimpleNamespace(dashboard=dashboard, homes=homes, temps=temps, ids=ids, ips=ips, logs=logs)

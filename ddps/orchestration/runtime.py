@@ -103,12 +103,54 @@ def own_address(env: dict) -> str:
     (a 30-line RpcError traceback), and stopping the cleaner at the end of every training waited ~12 s and
     printed "Failed to stop PlacementGroupCleaner gracefully" — a cleaner that cannot reach its own cluster
     cannot clean up after a dead driver either. Named, the workers find this cluster and only this one."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_ports(1)[0]}"
     env["RAY_ADDRESS"] = address
     return address
+
+
+RAY_WORKER_PORTS = (10002, 19999)  # Ray's default --min-worker-port / --max-worker-port
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free on ``host`` now, for servers about to start on them (a Ray GCS, a dashboard,
+    an `mlflow server`).
+
+    Drawn at random from above Ray's worker-port range and below the kernel's ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range), never by binding port 0: a port-0 bind gets an ephemeral port, and
+    every process that binds port 0 meanwhile (Ray's raylet and gRPC servers starting beside it) draws from the
+    same range — a Ray head's metrics port chosen that way went to another of its processes before its agent
+    bound it, and the head's raylet died. Each socket stays bound until all ``n`` are chosen (no port twice)."""
+    import random
+    import socket
+    low = RAY_WORKER_PORTS[1] + 1
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default
+    candidates = random.sample(range(low, ephemeral), ephemeral - low) if ephemeral - low >= 4 * n else []
+    sockets, ports = [], []
+    try:
+        for port in candidates:
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+        while len(ports) < n:  # no range between the two (a machine configured otherwise): the kernel's choice
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
     """`mlflow server` over the store (one worker, no job runner: ~0.5 GB), bound to ``host``, in a process group
