@@ -4,7 +4,7 @@ checkpoint logged beside the refiner, system metrics on training runs (and none 
 leaving nothing behind when it is stopped.
 
 The fast tests use a SQLite store and no Ray; the pipeline tests share one smoke pipeline (module fixture) and
-are marked slow."""
+are marked slow: its nested runs, its reuse when submitted again and its refiner served from the store too."""
 import os
 import signal
 import subprocess
@@ -140,7 +140,8 @@ def _alive(pids: set[int], within: float) -> set[int]:
 def pipeline_runs(tmp_path_factory):
     """A smoke pipeline on an in-process Ray (system metrics sampled every second), then the stage 2 of the same
     config with another length and system metrics off (--no-system-metrics; its base and stage 1 reused):
-    the client, the pipeline and the experiment's runs, oldest first."""
+    the client, the pipeline (its ``summary`` kept) and the experiment's runs, oldest first. The one smoke
+    pipeline that the tests of nested runs, reuse and the MLflow contract share (a training each would repeat)."""
     from mlflow.tracking import MlflowClient
 
     from ddps.orchestration.pipeline import Pipeline
@@ -160,7 +161,7 @@ def pipeline_runs(tmp_path_factory):
         ensure_ray(cluster)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         on = Pipeline(resolve("smoke"), cluster, tracking_uri=uri, log=lambda m: None)
-        on.run()
+        on.summary = on.run()
         off_cfg = resolve("smoke", overrides={"train.stage2_iters": 8})
         off = Pipeline(off_cfg, Cluster(workers=2, cpus_per_worker=0.5, system_metrics=False), tracking_uri=uri,
                        log=lambda m: None)
@@ -229,6 +230,40 @@ def test_training_runs_have_system_metrics_unless_they_are_off(pipeline_runs):
     assert "loss" in off[0].data.metrics  # the run did train
     evaluations = [r for r in runs if r.data.tags.get(names.STEP) == "eval"]
     assert not [k for r in evaluations for k in r.data.metrics if k.startswith(names.SYSTEM_METRICS)]
+
+
+@pytest.mark.slow
+def test_pipeline_tracks_nested_runs_reuses_steps_and_serves_its_refiner(pipeline_runs, tmp_path):
+    from ddps.orchestration.pipeline import Pipeline
+    from ddps.orchestration.ray_train import Cluster
+    client, pipeline, runs = pipeline_runs
+    summary = pipeline.summary
+    assert set(summary) >= {"base_mIoU", "step1_mIoU", "last_mIoU", "reliance_oracle"}
+    parent = next(r for r in runs if r.info.run_name.startswith("pipeline-"))  # the first pipeline's
+    steps = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(steps) == {"base", "stage1", "stage2", "eval"}
+    for step in steps.values():
+        assert step.info.status == "FINISHED"
+        assert step.data.tags["dataset"] == "fashion-scenes" and "git_commit" in step.data.tags
+        assert step.data.params["train.stage1_iters"] == "6"
+    history = client.get_metric_history(steps["eval"].info.run_id, "mIoU")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(6))  # base + 5 steps
+    assert len(client.get_metric_history(steps["eval"].info.run_id, "IoU.Trouser")) == 6
+    assert len(client.get_metric_history(steps["stage2"].info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(steps["eval"].info.run_id)}
+    assert {"config.yaml", "strips", "probabilities.npz", "model"} <= artifacts
+    # submitted again: nothing retrained, nothing re-logged, a new parent
+    before = client.search_runs([pipeline.experiment_id])
+    again = Pipeline(pipeline.cfg, Cluster(workers=2, cpus_per_worker=0.5), tracking_uri=pipeline.tracker.uri,
+                     log=lambda m: None).run()
+    assert again == summary
+    after = client.search_runs([pipeline.experiment_id])
+    new = {r.info.run_id for r in after} - {r.info.run_id for r in before}
+    assert len(new) == 1 and next(r for r in after if r.info.run_id in new).info.run_name.startswith("pipeline-")
+    # the logged refiner serves `ddps refine --checkpoint runs:/...`
+    refiner_uri = client.get_run(parent.info.run_id).data.tags["refiner_uri"]
+    local = Tracker(pipeline.tracker.uri).download(refiner_uri, tmp_path / "dl")
+    assert local.exists() and local.suffix == ".pt"
 
 
 def test_no_system_metrics_is_a_flag_of_every_command_that_trains():

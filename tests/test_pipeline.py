@@ -10,7 +10,6 @@ import torch
 
 from ddps.config import resolve, to_flat
 from ddps.engine.loop import Worker
-from ddps.orchestration.ray_train import Cluster
 from ddps.orchestration.tracking import Tracker, TrackingError, is_secret, loggable_params, resolve_tracking_uri
 from sockets import descendants, is_loopback, listening
 
@@ -106,41 +105,6 @@ def test_two_workers_of_batch_b_equal_one_worker_of_batch_2b(ray_local, tmp_path
     initial = build_denoiser(cfg, 11, cfg.base.feature_channels, process).state_dict()
     changed = sum(not torch.equal(initial[k], one[k]) for k in one if one[k].dtype.is_floating_point)
     assert changed > 10  # the weights did move
-
-
-def test_pipeline_tracks_nested_runs_reuses_steps_and_serves_its_refiner(ray_local, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from ddps.orchestration.pipeline import Pipeline
-    monkeypatch.setenv("DDPS_HOME", str(tmp_path / "home"))
-    cfg = resolve("smoke")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = Pipeline(cfg, Cluster(workers=2, cpus_per_worker=0.5), tracking_uri=uri, log=lambda m: None).run()
-    assert set(summary) >= {"base_mIoU", "step1_mIoU", "last_mIoU", "reliance_oracle"}
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ddps-fashion-scenes")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    parent = next(r for n, r in runs.items() if n.startswith("pipeline-"))
-    for step in ("base", "stage1", "stage2", "eval"):
-        assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert runs[step].info.status == "FINISHED"
-        assert runs[step].data.tags["dataset"] == "fashion-scenes" and "git_commit" in runs[step].data.tags
-        assert runs[step].data.params["train.stage1_iters"] == "6"
-    history = client.get_metric_history(runs["eval"].info.run_id, "mIoU")
-    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(6))  # base + 5 steps
-    assert len(client.get_metric_history(runs["eval"].info.run_id, "IoU.Trouser")) == 6
-    assert len(client.get_metric_history(runs["stage2"].info.run_id, "loss")) >= 2
-    artifacts = {a.path for a in client.list_artifacts(runs["eval"].info.run_id)}
-    assert {"config.yaml", "strips", "probabilities.npz", "model"} <= artifacts
-    # submitted again: nothing retrained, nothing re-logged
-    again = Pipeline(cfg, Cluster(workers=2, cpus_per_worker=0.5), tracking_uri=uri, log=lambda m: None).run()
-    assert again == summary
-    runs2 = client.search_runs([exp.experiment_id])
-    assert sum(r.info.run_name == "stage2" for r in runs2) == 1 and len(runs2) == len(runs) + 1  # a new parent
-    # the logged refiner serves `ddps refine --checkpoint runs:/...`
-    refiner_uri = client.get_run(parent.info.run_id).data.tags["refiner_uri"]
-    local = Tracker(uri).download(refiner_uri, tmp_path / "dl")
-    assert local.exists() and local.suffix == ".pt"
 
 
 def test_demo_builds_the_data_runs_the_pipeline_and_prints_its_table(tmp_path):
