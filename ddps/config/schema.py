@@ -13,6 +13,7 @@ from ddps.errors import ConfigError, choices
 
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")  # ddps.engine.device.DTYPES; checked to match
+EVAL_SPLITS = ("val", "holdout")  # what a refiner evaluation scores (ddps.engine.evaluate_checkpoint.evaluation_split)
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -131,6 +132,7 @@ class EvalConfig:
     batch_size: int = 32
     max_images: int = 0            # 0 = the whole val split
     precision: str = "fp32"        # evaluation, refinement and sampling: fp32 | bf16 | fp16 (autocast)
+    split: str = "val"             # what refiner evaluations score: val | holdout (data.holdout training scenes)
 
     def __post_init__(self):
         _require(self.mode in ("whole", "slide"), "eval.mode", self.mode, "whole or slide")
@@ -141,6 +143,7 @@ class EvalConfig:
         _require(self.max_images >= 0, "eval.max_images", self.max_images, ">= 0 (0 = all)")
         _require(self.crop >= 32, "eval.crop", self.crop, ">= 32")
         _choose("eval.precision", self.precision, PRECISION_NAMES)
+        _choose("eval.split", self.split, EVAL_SPLITS)
 
 
 DENOISER_SIZES = ("XXS", "XS", "T", "S", "M", "L")  # ddps.denoiser.UNET_SIZES; tested to match
@@ -230,6 +233,7 @@ class TrainConfig:
     feature_cache: bool = True      # compute the frozen base's features once (no augmentation; flips kept)
     flip: bool = True               # horizontal flips (with the cache: features of flipped images, cached too)
     eval_every: int = 1000
+    check_reliance: bool = False    # every held-out check also scores the reliance trajectories (oracle, random)
     log_every: int = 100
     threads: int = 0
     num_workers: int = 0            # loader processes of the image path (train.feature_cache=false)
@@ -302,6 +306,8 @@ class Config:
         _require(not self.diffusion.ignore_state or (self.diffusion.kind == "discrete" and not self.denoiser.residual),
                  "diffusion.ignore_state", self.diffusion.ignore_state,
                  "only with diffusion.kind=discrete and without denoiser.residual (the official checkpoints' layout)")
+        _require(self.eval.split != "holdout" or self.data.holdout > 0, "eval.split", self.eval.split,
+                 "val, or holdout with data.holdout > 0 (the training scenes held out)")
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "preset"}
