@@ -313,7 +313,7 @@ def cmd_report(args) -> int:
                           f"or give --tracking-uri")
     written = write_report(Tracker(uri), None if args.all else args.experiments, args.out,
                            with_figures=not args.no_figures, log_figures=not args.no_log,
-                           parquet=not args.no_parquet)
+                           parquet=not args.no_parquet, split=args.split)
     if len(written.tables) == 1:
         print(next(p for p in written.files if p.suffix == ".md").read_text().split("\n## Figures")[0].rstrip())
     print(f"report: {Path(args.out) / 'index.md'}")
@@ -403,8 +403,8 @@ def _model_commands(sub) -> None:
     ev.add_argument("--all-steps", action="store_true", help="refiners: metrics after every refinement step")
     ev.add_argument("--json", action="store_true", help="print every score at full precision as one JSON "
                                                         "object (per step, per class, mask reliance)")
-    ev.add_argument("--split", default="val", help="val (default) | holdout (the data.holdout training images "
-                                                   "kept out of every training, for choosing hyper-parameters)")
+    ev.add_argument("--split", choices=("val", "holdout"), help="val | holdout (the data.holdout training images "
+                    "kept out of every training, for choosing hyper-parameters); default: the config's eval.split, val")
     _device_args(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -474,6 +474,8 @@ def _platform_commands(sub) -> None:
     rp.add_argument("--no-figures", action="store_true", help="Markdown only")
     rp.add_argument("--no-log", action="store_true", help="do not log the figures to the tables' parent runs")
     rp.add_argument("--no-parquet", action="store_true", help="no parquet export of the runs")
+    rp.add_argument("--split", choices=("val", "holdout"), help="the evaluations on this split (eval.split); "
+                    "default: each table's val evaluations, or its holdout ones when it has no val")
     rp.set_defaults(func=cmd_report)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the embedded store, on 127.0.0.1")

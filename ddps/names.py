@@ -28,6 +28,7 @@ REFINER_URI = "refiner_uri"         # runs:/ URI of the logged refiner checkpoin
 IMPORTED_FROM = "ddps.imported_from"  # runs of a config whose base is imported (base.pretrained): its source
 BASE_URI = "base_uri"               # runs:/ URI of the base checkpoint logged beside the refiner
 GIT_COMMIT = "git_commit"           # the code version (also as MLflow's SOURCE_GIT_COMMIT)
+EVAL_SPLIT = "ddps.eval_split"      # on an evaluation run: the split it scored (eval.split; none before it: val)
 
 # ---- MLflow's own names, which its UI reads (ddps sets them on every run and experiment it creates) ----
 EXPERIMENT_KIND = "mlflow.experimentKind"     # experiment tag: what the experiment is for

@@ -1,4 +1,5 @@
 """The command line, run as a user runs it: real subprocesses, one-line errors, printed tables."""
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,9 @@ def test_train_refiner_then_eval_and_refine_a_users_image(tmp_path):
     assert bad.returncode == 2 and "image" in bad.stderr and "missing.png does not exist" in bad.stderr
     wrong = ddps("eval", str(ckpt), "--set", "infer.steps=50")
     assert wrong.returncode == 2 and "infer.steps=50 is out of range" in wrong.stderr
+    # the holdout scenes (eval.split, or --split): 8 composed for the evaluation; none in the smoke preset
+    holdout = ddps("eval", str(ckpt), "--set", "eval.split=holdout", "--set", "data.holdout=8", "--json")
+    assert holdout.returncode == 0, holdout.stderr
+    assert json.loads(holdout.stdout.strip().splitlines()[-1])["images"] == 8
+    none = ddps("eval", str(ckpt), "--split", "holdout")
+    assert none.returncode == 2 and "the holdout split needs data.holdout > 0" in none.stderr

@@ -154,3 +154,18 @@ def test_a_published_base_per_cell_is_imported_and_one_base_for_different_cells_
     assert "has no value 'MiT-B9'" in one_line(e.value)
     with pytest.raises(ConfigError):
         parse_cell_set(["backbone:base.pretrained=x"])
+
+
+def test_cells_evaluated_on_the_holdout_split_share_every_training_and_count_its_images():
+    """eval.split=holdout: the same trainings as on val (the split is not part of a training's hash), other
+    evaluations (it is part of theirs), each scoring the data.holdout scenes; a preset without holdout scenes
+    refuses it in one line."""
+    table7 = load_experiment(ROOT / "experiments" / "table7.yaml")
+    fewer_val = {"data.val_scenes": 600, "eval.max_images": 0}  # the cpu preset: as many val as holdout scenes
+    val, holdout = plan(table7, "cpu", fewer_val), plan(table7, "cpu", {**fewer_val, "eval.split": "holdout"})
+    assert [t.hash for t in holdout.trainings] == [t.hash for t in val.trainings]
+    assert not {c.eval_hash for c in holdout.cells} & {c.eval_hash for c in val.cells}
+    assert {c.images for c in val.cells} == {600}
+    assert {c.images for c in holdout.cells} == {holdout.cells[0].cfg.data.holdout} != {600}
+    with pytest.raises(ConfigError, match=r"eval.split='holdout'.*data.holdout > 0"):
+        plan(table7, "smoke", {"eval.split": "holdout"})

@@ -203,3 +203,29 @@ def test_unknown_experiments_and_empty_stores_are_one_line_errors(store, tmp_pat
     from ddps.cli import main
     assert main(["report", "--all", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert not (tmp_path / "none.db").exists()  # nothing created by asking
+
+
+def test_a_table_is_scored_on_one_split_val_unless_asked_or_it_has_only_holdout(tmp_path):
+    """The same cells evaluated on val and on the holdout scenes (eval.split; runs logged before it have no
+    tag and scored val): the table holds one split's cells, never both, and its header says holdout."""
+    from ddps.report.runs import load_table
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    eid = tracker.experiment("prior")
+    cells = [({"row": "a"}, 61.0, 62.0, 40.0), ({"row": "b"}, 63.0, 64.0, 41.0)]
+    for i, (coords, step1, last, mbiou) in enumerate(cells):
+        _eval_run(tracker, eid, None, "prior", coords, step1, last, mbiou, i)  # no split tag: val
+        run = _eval_run(tracker, eid, None, "prior", coords, step1 - 5, last - 5, mbiou, 10 + i)
+        tracker.set_tags(run, {"ddps.eval_split": "holdout"})
+    val, holdout = load_table(tracker, "prior"), load_table(tracker, "prior", split="holdout")
+    assert (val.split, holdout.split) == ("val", "holdout")
+    assert sorted(c.get("last_mIoU") for c in val.cells) == [62.0, 64.0]
+    assert sorted(c.get("last_mIoU") for c in holdout.cells) == [57.0, 59.0]
+    write_report(tracker, ["prior"], tmp_path / "out", with_figures=False, parquet=False, split="holdout",
+                 log=lambda _: None)
+    header = (tmp_path / "out" / "prior.md").read_text().splitlines()[2]
+    assert "scored on the holdout split" in header and "2 cells" in header
+    only = tracker.experiment("only-holdout")
+    run = _eval_run(tracker, only, None, "only-holdout", {"row": "a"}, 50.0, 51.0, 30.0, 0)
+    tracker.set_tags(run, {"ddps.eval_split": "holdout"})
+    assert load_table(tracker, "only-holdout").split == "holdout"
+    assert load_table(tracker, "only-holdout", split="val") is None

@@ -195,7 +195,10 @@ NOT_HASHED = frozenset({"train_base.log_every", "train_base.eval_every", "train_
 # keys added after stores existed: hashed only when set to another value than this, so that the checkpoints
 # and MLflow runs made before them keep their hashes (and are reused, not recomputed)
 LATER_DEFAULTS = {"train_base.precision": "fp32", "train.precision": "fp32", "train.num_workers": 0,
-                  "eval.precision": "fp32", "eval.split": "val", "train.check_reliance": False}
+                  "eval.precision": "fp32", "eval.split": "val",
+                  # not a watching key as train.eval_every: the checkpoint's history of held-out checks (the
+                  # curve a study reads) differs, so a stage trained without it is not reused for it
+                  "train.check_reliance": False}
 
 
 def content_hash(cfg: Config, sections: Iterable[str], inputs: Iterable[str] = (), exclude: Iterable[str] = ()) -> str:

@@ -26,10 +26,11 @@ from ddps.engine.record import Evaluation
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multiscale: bool = True,
-                        preset: str = "cpu", all_steps: bool = False, split: str = "val",
+                        preset: str = "cpu", all_steps: bool = False, split: str | None = None,
                         as_json: bool = False, device="cpu") -> str:
     """Evaluate single-scale (and multi-scale + flip) on ``device`` and return the header and the row, or with
-    ``as_json`` every score at full precision as one JSON object (Evaluation.to_json, or the base's scores)."""
+    ``as_json`` every score at full precision as one JSON object (Evaluation.to_json, or the base's scores).
+    ``split``: val or holdout; by default the config's eval.split (val unless set)."""
     overrides = list(overrides)
     payload = read_state_file(path, "checkpoint")  # read once, whichever kind it is
     if is_checkpoint(payload) and payload["kind"] == KIND_REFINER:
@@ -37,11 +38,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
                                            device=device, as_json=as_json)
     if is_checkpoint(payload):
         cfg = from_flat({**payload["config"], **parse_set(overrides)})
-        val_set = evaluation_split(cfg, split)
+        val_set = evaluation_split(cfg, split or cfg.eval.split)
         model = base_from_payload(payload, path, num_classes=val_set.num_classes)
     else:  # a user's weights: the config says what model it is
         cfg = resolve(preset, None, overrides)
-        val_set = evaluation_split(cfg, split)
+        val_set = evaluation_split(cfg, split or cfg.eval.split)
         model = create_base(cfg.base.arch, cfg.base.backbone, val_set.num_classes,
                             feature_channels=cfg.base.feature_channels)
         apply_state(model, payload, f"{cfg.base.arch}-{cfg.base.backbone} weights in {path}")
@@ -68,11 +69,12 @@ REFINER_HEADER = ("| Method | Backbone | Denoiser | #P(M) | mIoU (base / step 1 
 
 
 def evaluate_refiner_checkpoint(path, payload: dict, overrides: Iterable[str] = (), all_steps: bool = False,
-                                split: str = "val", device="cpu", as_json: bool = False) -> str:
+                                split: str | None = None, device="cpu", as_json: bool = False) -> str:
     """Evaluate a refiner on its dataset's val split, or on the training scenes it held out for choosing
-    hyper-parameters (``split='holdout'``); ``overrides`` may change infer.* / eval.* keys."""
+    hyper-parameters (``split='holdout'``; by default the config's eval.split); ``overrides`` may change
+    infer.* / eval.* keys."""
     cfg = from_flat({**payload["config"], **parse_set(list(overrides))})
-    result, base = evaluate_refiner_file(path, cfg, split=split, payload=payload, device=device)
+    result, base = evaluate_refiner_file(path, cfg, split=split or cfg.eval.split, payload=payload, device=device)
     if as_json:
         return json.dumps(result.to_json())
     return refiner_report(result, cfg, base, all_steps)

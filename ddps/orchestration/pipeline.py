@@ -127,14 +127,14 @@ def pipeline_hash(cfg: Config) -> str:
 
 
 def evaluation(refiner_path: Path, cfg: Config, reliance: bool, gpu: bool = False, tf32: bool = True):
-    """The engine's evaluation record of the refiner on val (multi-scale when eval.multiscale, the strips'
-    images): on this process's CPU threads, or with ``gpu`` on its first visible GPU — the one Ray or Tune
+    """The engine's evaluation record of the refiner on eval.split — val, or the holdout scenes for choosing
+    settings (multi-scale when eval.multiscale, the strips' images): on this process's CPU threads, or with ``gpu`` on its first visible GPU — the one Ray or Tune
     assigned it; a one-line DeviceError when there is none."""
     from ddps.engine.device import setup
     from ddps.engine.evaluate_checkpoint import evaluate_refiner_file
     device = setup(gpu, tf32)
-    result, _ = evaluate_refiner_file(refiner_path, cfg, reliance=reliance, multiscale=cfg.eval.multiscale,
-                                      examples=STRIP_IMAGES, device=device)
+    result, _ = evaluate_refiner_file(refiner_path, cfg, split=cfg.eval.split, reliance=reliance,
+                                      multiscale=cfg.eval.multiscale, examples=STRIP_IMAGES, device=device)
     return result
 
 
@@ -237,9 +237,9 @@ class Pipeline:
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, refiner_path: Path, digest: str, cell: dict | None = None, reliance: bool = True,
                  log_model: bool = True, name: str = names.STEP_EVAL, base_path: Path | None = None) -> dict:
-        """Evaluate the refiner (the engine's one evaluation) and log its record: the val split as its
-        dataset input, per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU
-        per step, the mask-reliance diagnostic, strips and probabilities of fixed val images, the refiner
+        """Evaluate the refiner (the engine's one evaluation) and log its record: the split it scores
+        (eval.split: val, or the holdout scenes; tagged ddps.eval_split) as its dataset input, per-step metrics as MLflow history (step 0 = the base's own prediction), per-class IoU
+        per step, the mask-reliance diagnostic, strips and probabilities of fixed images of that split, the refiner
         itself and beside it its base's checkpoint (``base_path``, else the config's); the summary, which it
         returns.
 
@@ -252,15 +252,17 @@ class Pipeline:
             if cell is None:
                 self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: done})
             return json.loads(self.tracker.client.get_run(done).data.tags.get(names.SUMMARY, "{}"))
-        run_id = self.tracker.start_run(self.experiment_id, name, {**self.tags, **(cell or {}), **key},
+        split = self.cfg.eval.split
+        run_id = self.tracker.start_run(self.experiment_id, name,
+                                        {**self.tags, **(cell or {}), **key, names.EVAL_SPLIT: split},
                                         parent=self.parent)
         if cell is None:
             self.tracker.set_tags(self.parent, {names.STEP_LINK + names.STEP_EVAL: run_id})
         with self.tracker.ending(run_id):
             self.tracker.log_params(run_id, to_flat(self.cfg))
-            self.tracker.log_dataset(run_id, **dataset_input(self.cfg, "val", names.CONTEXT_EVALUATION))
+            self.tracker.log_dataset(run_id, **dataset_input(self.cfg, split, names.CONTEXT_EVALUATION))
             where = "on a GPU" if self.cluster.use_gpu else "on CPU threads"
-            self.log(f"[{name}] evaluating on val ({self.cfg.infer.steps} refinement steps"
+            self.log(f"[{name}] evaluating on {split} ({self.cfg.infer.steps} refinement steps"
                      f"{', and the mask-reliance trajectories' if reliance else ''}) {where}")
             started = time.monotonic()
             summary = self._log_evaluation(run_id, refiner_path, reliance)
@@ -291,7 +293,7 @@ class Pipeline:
             return ray.get(task.remote(refiner_path, self.cfg, reliance, gpu, tf32))
 
     def _log_evaluation(self, run_id: str, refiner_path: Path, reliance: bool) -> dict:
-        """The engine's evaluation record of the refiner on val, logged to ``run_id``; its summary."""
+        """The engine's evaluation record of the refiner on eval.split, logged to ``run_id``; its summary."""
         from ddps.engine.evaluate_refiner import save_examples
         cfg = self.cfg
         result = self._evaluation(refiner_path, reliance)

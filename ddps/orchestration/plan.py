@@ -90,7 +90,11 @@ class Cell:
 
     @property
     def images(self) -> int:
-        return min(self.cfg.data.val_scenes, self.cfg.eval.max_images or self.cfg.data.val_scenes)
+        """The images its evaluation scores: the split of eval.split (val, or the holdout scenes), capped by
+        eval.max_images."""
+        data = self.cfg.data
+        count = data.holdout if self.cfg.eval.split == "holdout" else data.val_scenes
+        return min(count, self.cfg.eval.max_images or count)
 
 
 @dataclass(frozen=True)

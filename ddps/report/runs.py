@@ -45,6 +45,7 @@ class Table:
     dataset: str = "?"
     commits: list[str] = field(default_factory=list)
     parent: str | None = None       # the sweep's (or pipeline's) parent run: where figures are logged
+    split: str = "val"              # what its evaluations scored (eval.split): val, or the holdout scenes
 
     def labels(self, axis: str) -> list[str]:
         """An axis's labels in table order: the file's order, else numeric, else alphabetical."""
@@ -86,12 +87,20 @@ def _newest_first(df):
     return df.sort_values(["start_time", "run_id"], ascending=[False, True], kind="stable")
 
 
-def load_table(tracker, name: str, evaluations: set[str] | None = None) -> Table | None:
-    """The table of experiment ``name`` (only these evaluations' content hashes, if given); None if it has
-    no FINISHED evaluation run."""
+def load_table(tracker, name: str, evaluations: set[str] | None = None, split: str | None = None
+               ) -> Table | None:
+    """The table of experiment ``name`` (only these evaluations' content hashes, if given) on one split:
+    ``split`` (val or holdout), else val when the experiment has val evaluations, else holdout — a cell
+    evaluated on both is never two cells of one table. None if it has no FINISHED evaluation run there."""
     evals = tracker.search([name], {names.STEP: names.STEP_EVAL})
     if not evals.empty and evaluations is not None:
         evals = evals[evals["tags." + names.CONTENT_HASH].isin(evaluations)]
+    if evals.empty:
+        return None
+    column = "tags." + names.EVAL_SPLIT  # runs logged before eval.split existed scored val
+    splits = evals[column].fillna("val") if column in evals.columns else evals["run_id"].map(lambda _: "val")
+    split = split or ("val" if (splits == "val").any() else "holdout")
+    evals = evals[splits == split]
     if evals.empty:
         return None
     evals = _newest_first(evals).drop_duplicates("tags." + names.CONTENT_HASH, keep="first")  # one per cell
@@ -127,4 +136,4 @@ def load_table(tracker, name: str, evaluations: set[str] | None = None) -> Table
     commits = sorted({c.tags.get("git_commit", "unknown") for c in cells})
     first = cells[0].tags
     return Table(name, title, rows, columns, order, cells, len(everything), first.get("preset", "?"),
-                 first.get("dataset", "?"), commits, parent)
+                 first.get("dataset", "?"), commits, parent, split)

@@ -184,7 +184,8 @@ def base_line(cells: list[Cell]) -> str:
 def header(table: Table) -> str:
     commits = ", ".join(c[:12] for c in table.commits)
     cells = f"{len(table.cells)} cell{'' if len(table.cells) == 1 else 's'}"
-    return (f"dataset {table.dataset} · preset {table.preset} · {cells}, {table.runs} FINISHED "
+    split = "" if table.split == "val" else f" · scored on the {table.split} split (training scenes held out)"
+    return (f"dataset {table.dataset}{split} · preset {table.preset} · {cells}, {table.runs} FINISHED "
             f"runs in MLflow experiment `{table.name}` · git commit {commits}")
 
 

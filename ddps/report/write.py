@@ -50,9 +50,10 @@ def experiments_with_evaluations(tracker) -> list[str]:
 
 def write_report(tracker, names: list[str] | None, out: str | Path, with_figures: bool = True,
                  log_figures: bool = True, parquet: bool = True, evaluations: set[str] | None = None,
-                 log=print) -> Written:
+                 split: str | None = None, log=print) -> Written:
     """Tables of these experiments (None: every experiment with a FINISHED evaluation) into ``out``;
-    ``evaluations``: only the cells with these content hashes (the demo reports its own run)."""
+    ``evaluations``: only the cells with these content hashes (the demo reports its own run); ``split``: the
+    evaluations on val or on holdout (eval.split), else each table's own (load_table)."""
     out = Path(out)
     known = tracker.experiment_names()
     if names:
@@ -73,9 +74,9 @@ def write_report(tracker, names: list[str] | None, out: str | Path, with_figures
     names = sorted(names, key=table_order)
     written = Written()
     for name in names:
-        table = load_table(tracker, name, evaluations)
+        table = load_table(tracker, name, evaluations, split)
         if table is None:
-            log(f"[report] {name}: no FINISHED evaluation run yet, skipped")
+            log(f"[report] {name}: no FINISHED evaluation run{f' on {split}' if split else ''} yet, skipped")
             continue
         written.tables[name] = table
     if not written.tables:
