@@ -229,3 +229,32 @@ def test_a_table_is_scored_on_one_split_val_unless_asked_or_it_has_only_holdout(
     tracker.set_tags(run, {"ddps.eval_split": "holdout"})
     assert load_table(tracker, "only-holdout").split == "holdout"
     assert load_table(tracker, "only-holdout", split="val") is None
+
+
+def test_the_prior_study_table_gives_gain_reliance_and_ddps_against_the_head_of_its_setting(tmp_path):
+    """experiments/prior.yaml's layout: per cell base, step 1, last, last − step 1, own / oracle / random,
+    own − random, and DDPS − the UNet head that shares its other coordinates."""
+    from ddps.report.runs import load_table
+    from ddps.report.tables import render
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    eid = tracker.experiment("prior")
+    parent = tracker.start_run(eid, "sweep-prior", {"ddps.step": "sweep", "ddps.sweep": "prior",
+                                                    "ddps.title": "The mask prior", "ddps.rows": "iters,method",
+                                                    "ddps.columns": "", "ddps.order": "{}"})
+    cells = [({"iters": "400", "method": "DDPS"}, 61.0, 62.5, 40.0),
+             ({"iters": "400", "method": "head"}, 61.8, 61.8, 40.0),
+             ({"iters": "2000", "method": "DDPS"}, 63.0, 63.25, 41.0)]
+    for i, (coords, step1, last, mbiou) in enumerate(cells):
+        run = _eval_run(tracker, eid, parent, "prior", coords, step1, last, mbiou, i)
+        if coords["method"] == "head":
+            tracker.set_tags(run, {"denoiser": "head-UNet-XS"})
+    tracker.end_run(parent, "FINISHED")
+    lines = render(load_table(tracker, "prior")).splitlines()
+    assert lines[4] == ("| iters | method | base | step 1 | last | last − step 1 | own / oracle / random | own − random "
+                        "| DDPS − head |")
+    rows = [line for line in lines if line.startswith("| 400 ") or line.startswith("| 2000 ")]
+    # _eval_run: base 62.00, reliance own = last, oracle = last + 0.5, random = last - 0.1
+    assert rows == [
+        "| 400 | DDPS | 62.00 | 61.00 (-1.00) | 62.50 (+0.50) | +1.50 | 62.50 / 63.00 / 62.40 | +0.10 | +0.70 |",
+        "| 400 | head | 62.00 | 61.80 (-0.20) | 61.80 (-0.20) | – | 61.80 / 62.30 / 61.70 | +0.10 | – |",
+        "| 2000 | DDPS | 62.00 | 63.00 (+1.00) | 63.25 (+1.25) | +0.25 | 63.25 / 63.75 / 63.15 | +0.10 | – |"]

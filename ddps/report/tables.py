@@ -151,8 +151,49 @@ def pipeline(table: Table) -> list[str]:
     return lines
 
 
+def _is_head(cell: Cell) -> bool:
+    return cell.tags.get("denoiser", "").startswith("head-")  # run_tags: "<method>-UNet-<size>"
+
+
+def _head_axis(table: Table) -> str | None:
+    """The axis that tells UNet-head cells from DDPS cells: the one whose labels they never share."""
+    heads = [c for c in table.cells if _is_head(c)]
+    ddps = [c for c in table.cells if not _is_head(c)]
+    axes = [a for a in table.rows + table.columns
+            if heads and ddps and not {c.coords.get(a) for c in heads} & {c.coords.get(a) for c in ddps}]
+    return axes[0] if len(axes) == 1 else None
+
+
+def study(table: Table) -> list[str]:
+    """A study of the mask prior (experiments/prior.yaml), one row per cell: base, step 1 and last-step mIoU,
+    the multi-step gain (last − step 1), the reliance diagnostic — last-step mIoU fed its own trajectory, the
+    ground truth re-noised (oracle), a fresh random mask at each step — with own − random (how much the
+    denoiser reads its mask), and DDPS − the UNet head of the same other coordinates (the head trained as
+    long: the prior against a decode head)."""
+    axes = table.rows + table.columns
+    method = _head_axis(table)
+    heads = {tuple(c.coords.get(a) for a in axes if a != method): c for c in table.cells if _is_head(c)}
+    rows = []
+    for c in table.sorted_cells():
+        last, first = c.get(names.LAST_MIOU), c.get(names.STEP1_MIOU)
+        own, random = c.get(names.RELIANCE_OWN), c.get(names.RELIANCE_RANDOM)
+        head = None if _is_head(c) or method is None else heads.get(tuple(c.coords.get(a) for a in axes
+                                                                           if a != method))
+        gain = DASH if _is_head(c) or c.steps < 2 else f"{last - first:+.2f}"
+        rows.append(_coords(c, axes) + [
+            num(c.get(names.BASE_MIOU)), delta(first, c.get(names.BASE_MIOU)), delta(last, c.get(names.BASE_MIOU)),
+            gain, f"{num(own)} / {num(c.get(names.RELIANCE_ORACLE))} / {num(random)}",
+            DASH if math.isnan(own - random) else f"{own - random:+.2f}",
+            DASH if head is None else f"{last - head.get(names.LAST_MIOU):+.2f}"])
+    return _md(axes + ["base", "step 1", "last", "last − step 1", "own / oracle / random", "own − random",
+                       "DDPS − head"], rows) + [
+        "", "mIoU. Reliance: last-step mIoU fed the denoiser's own trajectory / the ground truth re-noised / a "
+            "fresh random mask at every step; own − random near 0: the mask input is not read."]
+
+
 LAYOUTS = {"table1": bases, "table2": bases, "table4": bases, "table3e": matrix, "table6": matrix,
-           "table3f": trajectory, "table5": denoisers, "table7": methods, "seeds": seeds}
+           "table3f": trajectory, "table5": denoisers, "table7": methods, "seeds": seeds,
+           "prior": study}
 
 
 def layout(table: Table):
