@@ -83,3 +83,6 @@ ARTIFACT_MODEL = "model"                      # folder: the refiner checkpoint (
 
 # what the held-out checks during a refiner's training report (as <split>_<key>) and keep in its checkpoint
 CHECK_KEYS = (BASE_MIOU, STEP1_MIOU, LAST_MIOU, LAST_MBIOU)
+MULTISTEP_GAIN = "multistep_gain"   # last_mIoU - step1_mIoU: what the steps after the first add
+# and, with train.check_reliance, what a multi-step stage's checks report besides (the diagnostic's last-step mIoUs)
+CHECK_RELIANCE_KEYS = (RELIANCE_OWN, RELIANCE_ORACLE, RELIANCE_RANDOM, MULTISTEP_GAIN)

@@ -1,14 +1,16 @@
 """The refiner's training loop: it learns, stage 2 starts from stage 1, a crashed run resumes to the same
-weights, a damaged checkpoint is skipped, and the data order shards by worker without changing the batch."""
+weights, a damaged checkpoint is skipped, the data order shards by worker without changing the batch, and the
+held-out checks measure mask reliance when asked."""
 import pytest
 import torch
 
+from ddps import names
 from ddps.checkpoint_io import read_checked, write_checked
 from ddps.config import resolve
 from ddps.engine.loop import FolderCheckpointer, GlobalOrder, Worker
 from ddps.engine.reporter import NullReporter
 from ddps.engine.train_base import fit as fit_base
-from ddps.engine.train_refiner import fit, fit_stage, prepare_data, stage_checkpoint
+from ddps.engine.train_refiner import checks_reliance, fit, fit_stage, prepare_data, stage_checkpoint
 from ddps.errors import ConfigError
 from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 
@@ -55,6 +57,63 @@ def test_stage2_starts_from_stage1_weights(smoke_base, smoke_data, tmp_path):
                        init_state=stage1["model"], reporter=NullReporter())
     for key, value in stage1["model"].items():
         assert torch.allclose(value, stage2["model"][key], atol=1e-6), key  # lr ~ 0: unchanged from stage 1
+
+
+class Recording(NullReporter):
+    """A NullReporter that keeps its messages too."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+
+@pytest.mark.parametrize("stage, check_reliance, measured", [
+    ("stage2", True, True), ("stage2", False, False), ("stage1", True, False)])
+def test_held_out_checks_measure_mask_reliance_when_asked_in_multi_step_stages(smoke_base, smoke_data, stage,
+                                                                               check_reliance, measured):
+    """train.check_reliance: every held-out check of a multi-step stage keeps and reports (as <split>_<key>)
+    the diagnostic's last-step mIoUs and its multi-step gain; without it, and in stage 1 (one step), the
+    checks are what they were."""
+    cfg = resolve("smoke", overrides={"train.stage1_iters": 2, "train.stage2_iters": 4, "train.eval_every": 2,
+                                      "train.check_reliance": check_reliance})
+    reporter = Recording()
+    payload = fit_stage(cfg, stage, smoke_base[2], smoke_base[1], smoke_data, path=None, reporter=reporter)
+    history, split = payload["history"], smoke_data.select_name
+    assert [h["iter"] for h in history] == {"stage1": [2], "stage2": [2, 4]}[stage]
+    reported = {step: m for step, m in reporter.history if f"{split}_{names.LAST_MIOU}" in m}
+    assert sorted(reported) == [h["iter"] for h in history]
+    keys = {"iter", *names.CHECK_KEYS, *(names.CHECK_RELIANCE_KEYS if measured else ())}
+    for check in history:
+        assert set(check) == keys
+        assert reported[check["iter"]] == {f"{split}_{k}": v for k, v in check.items() if k != "iter"}
+        if measured:
+            for key in (names.RELIANCE_OWN, names.RELIANCE_ORACLE, names.RELIANCE_RANDOM):
+                assert 0 <= check[key] <= 100, key
+            assert check[names.RELIANCE_OWN] == check[names.LAST_MIOU]  # its own trajectory: normal inference
+            assert check[names.MULTISTEP_GAIN] == check[names.LAST_MIOU] - check[names.STEP1_MIOU]
+    assert payload["metrics"] == {"select_split": split, **history[-1]}
+    assert ("evaluated on " + split + " (with the mask-reliance trajectories)" in reporter.messages[0]) == measured
+    assert checks_reliance(cfg, "multistep") == check_reliance  # the multi-step-only ablation: as stage 2
+    assert not checks_reliance(cfg, "head")  # the UNet head: one call
+
+
+def test_reliance_checks_reach_the_stages_mlflow_run_as_history_by_iteration(smoke_base, smoke_data, tmp_path):
+    """What the worker's MLflowReporter sends: each check's reliance keys at once (not held back with the
+    throttled loss), one point per check at its iteration."""
+    from ddps.orchestration.tracking import MLflowReporter, Tracker
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = tracker.start_run(tracker.experiment("reliance"), "stage2")
+    cfg = resolve("smoke", overrides={"train.stage2_iters": 4, "train.eval_every": 2, "train.check_reliance": True})
+    reporter = MLflowReporter(tracker, run_id, every_s=3600)
+    history = fit_stage(cfg, "stage2", smoke_base[2], smoke_base[1], smoke_data, path=None,
+                        reporter=reporter)["history"]
+    assert [h["iter"] for h in history] == [2, 4] and not reporter.pending
+    for key in names.CHECK_RELIANCE_KEYS:
+        points = tracker.history(run_id, f"{smoke_data.select_name}_{key}")
+        assert points == [(h["iter"], h[key]) for h in history], key
 
 
 class Crash(Exception):

@@ -87,9 +87,15 @@ class Evaluation:
         return out
 
     def checks(self) -> dict:
-        """What a held-out check during training reports and keeps (names.CHECK_KEYS)."""
+        """What a held-out check during training reports and keeps (names.CHECK_KEYS); with the reliance
+        diagnostic also its three last-step mIoUs and the multi-step gain (names.CHECK_RELIANCE_KEYS)."""
         summary = self.summary()
-        return {k: summary[k] for k in names.CHECK_KEYS}
+        out = {k: summary[k] for k in names.CHECK_KEYS}
+        if self.reliance:
+            r = self.reliance
+            out.update({names.RELIANCE_OWN: r.own, names.RELIANCE_ORACLE: r.oracle, names.RELIANCE_RANDOM: r.random,
+                        names.MULTISTEP_GAIN: self.last.mIoU - self.steps[0].mIoU})
+        return out
 
     def history(self) -> list[tuple[int, dict[str, float]]]:
         """The run's MLflow metrics by step: (0, the base's) then (k, step k's), each with the per-class IoU;

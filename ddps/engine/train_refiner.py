@@ -52,6 +52,12 @@ def stage_iters(cfg: Config, stage: str) -> int:
     return {"stage1": tc.stage1_iters, "stage2": tc.stage2_iters}.get(stage, tc.stage1_iters + tc.stage2_iters)
 
 
+def checks_reliance(cfg: Config, stage: str) -> bool:
+    """Whether the stage's held-out checks run the mask-reliance diagnostic (train.check_reliance): only the
+    multi-step stages; stage 1 and the head refine in one step, with no trajectory of their own to feed back."""
+    return cfg.train.check_reliance and stage in ("stage2", "multistep")
+
+
 def stage_hash(cfg: Config, stage: str, base_hash: str) -> str:
     """What determines a stage's weights: data, denoiser, diffusion and train sections plus the base's hash
     (and, for stage 2, stage 1's hash); stage 1 leaves out what only stage 2 reads."""
@@ -253,7 +259,8 @@ def fit_stage(cfg: Config, stage: str, base, base_payload: dict, data: RefinerDa
         reporter.info(f"UNet-{cfg.denoiser.size} {run.denoiser.unet_params() / 1e6:.2f}M params, "
                       f"{iters} iters of batch {tc.batch_size} on {worker.world_size} worker(s) ({device}, "
                       f"{tc.precision}), "
-                      f"T={run.process.steps}, target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}")
+                      f"T={run.process.steps}, target {tc.target}, loss {tc.loss}, evaluated on {data.select_name}"
+                      + (" (with the mask-reliance trajectories)" if checks_reliance(cfg, stage) else ""))
 
     # ---- the loop --------------------------------------------------------------------------------------
     window_start, window_images = time.perf_counter(), 0
@@ -382,7 +389,9 @@ def _synced(model, sync: bool):
 
 def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, base, device) -> dict:
     """A held-out check: the EMA weights (when kept) on the selection split (its cached features, else its
-    images through the base), in eval.precision; stage 1 at one step."""
+    images through the base), in eval.precision; stage 1 at one step. With :func:`checks_reliance` also the
+    mask-reliance diagnostic and the multi-step gain: a second trajectory (a fresh random mask at every step)
+    and one oracle call per batch, about twice the check's denoiser calls."""
     model = run.denoiser
     if run.ema:
         model = copy.deepcopy(run.denoiser)
@@ -392,7 +401,7 @@ def _evaluate(cfg: Config, stage: str, run: _StageRun, data: RefinerData, base, 
         cfg = replace(cfg, infer=replace(cfg.infer, times="even"))
     result = evaluate_refiner(model, run.process, data.select, cfg, num_classes=data.num_classes,
                               ignore_index=data.ignore_index, steps=steps, device=device, head=stage == "head",
-                              base=base, dataset=data.select_set)
+                              base=base, dataset=data.select_set, reliance=checks_reliance(cfg, stage))
     return result.checks()
 
 
