@@ -224,6 +224,19 @@ def test_reliance_diagnostic_separates_a_mask_reader_from_random_input():
     assert r.oracle > 95 and r.random < 40 and len(result.steps) == 5
 
 
+def test_the_reliance_diagnostic_leaves_the_trajectorys_scores_as_they_are_over_several_batches():
+    """Its draws come from a generator of its own: with or without it, every batch's trajectory draws the same."""
+    cfg = resolve("smoke", overrides={"diffusion.steps": 10, "infer.steps": 5, "eval.batch_size": 2})
+    torch.manual_seed(0)
+    net = MaskDenoiser(feature_channels=C, num_classes=K, size="XXS", num_states=K, dropout=0.0).eval()
+    labels = torch.randint(0, K, (8, 16, 16))
+    cache = FeatureCache(torch.randn(8, C, 4, 4).half(), torch.randn(8, K, 4, 4).half(), labels.to(torch.uint8))
+    runs = [evaluate_refiner(net, MaskDiffusion(K, 10), cache, cfg, num_classes=K, ignore_index=255,
+                             reliance=reliance) for reliance in (False, True)]
+    assert [s.mIoU for s in runs[0].steps] == [s.mIoU for s in runs[1].steps]  # 4 batches of 2
+    assert runs[0].reliance is None and runs[1].reliance.own == runs[1].steps[-1].mIoU
+
+
 @pytest.mark.parametrize("process", [MaskDiffusion(K, 10), MaskDiffusion(K, 10, transition="uniform+mask"),
                                      BitDiffusion(K, 10)], ids=["uniform", "uniform+mask", "bits"])
 def test_keyed_draws_make_the_loss_independent_of_how_a_batch_is_split(process):

@@ -118,9 +118,12 @@ def generator_on(device, seed: int) -> torch.Generator:
 
 def _single_scale(denoiser, process, images: int, batches, cfg, num_classes, ignore_index, steps, reliance, head,
                   device) -> dict:
-    """The base, every step and (with ``reliance``) the diagnostic over the batches, in one pass."""
+    """The base, every step and (with ``reliance``) the diagnostic over the batches, in one pass. The
+    diagnostic draws from a generator of its own: with or without it, the trajectory gets the same draws and
+    scores the same (sharing one, the diagnostic's draws on a batch moved every later batch's)."""
     codec = build_codec(cfg)
     generator = generator_on(device, cfg.infer.seed)
+    diagnostic = generator_on(device, cfg.infer.seed + 1) if reliance else None
     initial = SegMetrics(num_classes, ignore_index)
     per_step: list[SegMetrics] = []
     extra = {name: SegMetrics(num_classes, ignore_index) for name in (("oracle", "random") if reliance else ())}
@@ -135,11 +138,12 @@ def _single_scale(denoiser, process, images: int, batches, cfg, num_classes, ign
         for metrics, logits in zip(per_step, trajectory):
             metrics.update(codec.decode(logits.float(), size).argmax(1), batch.labels)
         if reliance:
-            x = oracle_input(process, batch, codec, oracle_t, ignore_index, generator)
+            x = oracle_input(process, batch, codec, oracle_t, ignore_index, diagnostic)
             t = torch.full((len(x),), oracle_t, dtype=torch.long, device=x.device)
             oracle = codec.classes(denoiser(batch.features, x, t)).float()
             extra["oracle"].update(codec.decode(oracle, size).argmax(1), batch.labels)
-            fresh, _ = class_trajectory(denoiser, process, batch.features, cfg, steps, head, generator, renoise="fresh")
+            fresh, _ = class_trajectory(denoiser, process, batch.features, cfg, steps, head, diagnostic,
+                                        renoise="fresh")
             extra["random"].update(codec.decode(fresh[-1].float(), size).argmax(1), batch.labels)
     step_scores = tuple(Scores.from_metrics(m.compute()) for m in per_step)
     found = None
