@@ -57,3 +57,17 @@ def test_a_precision_the_rates_lack_is_named_and_a_foreign_file_is_one_line(tmp_
     bad.write_text('{"images": 3}')
     with pytest.raises(DDPSError, match=rf"^{bad} is not a GPU rates file written by benchmarks/gpu.py"):
         read_rates(bad)
+
+
+def test_gpu_hours_scale_a_refiner_by_its_masks_pixels(tmp_path):
+    path = tmp_path / "masks.yaml"  # cells that differ only in denoiser.mask_scale
+    path.write_text('{name: masks, axes: [{name: m, key: denoiser.mask_scale, values: [4, 2]}], rows: [m]}')
+    p = plan(load_experiment(path), "paper", {})
+    cells = {c.cfg.denoiser.mask_scale: c for c in p.cells}
+    assert RATES.shapes["crop"] == cells[4].cfg.data.crop == 512 and "mask_scale" not in RATES.shapes  # measured at 4
+    for s4, s2 in zip(cells[4].chain, cells[2].chain, strict=True):
+        before = s4.iters * s4.batch_size / (40.0 if s4.step == "base" else 100.0) / 3600  # bf16, as above
+        assert before > 0 and gpu_training_hours(s4, RATES) == pytest.approx(before)
+        assert gpu_training_hours(s2, RATES) == pytest.approx(before * (1 if s4.step == "base" else 4))  # 4x pixels
+    assert gpu_cell_hours(cells[4], RATES) == pytest.approx(cells[4].images * cell_calls(cells[4]) / 400.0 / 3600)
+    assert gpu_cell_hours(cells[2], RATES) == pytest.approx(4 * gpu_cell_hours(cells[4], RATES))

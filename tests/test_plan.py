@@ -169,3 +169,30 @@ def test_cells_evaluated_on_the_holdout_split_share_every_training_and_count_its
     assert {c.images for c in holdout.cells} == {holdout.cells[0].cfg.data.holdout} != {600}
     with pytest.raises(ConfigError, match=r"eval.split='holdout'.*data.holdout > 0"):
         plan(table7, "smoke", {"eval.split": "holdout"})
+
+
+def test_the_time_estimate_scales_a_refiner_by_its_mask_scale_at_the_measured_ratios(tmp_path):
+    from ddps.orchestration import estimates as e
+    doc = {"name": "masks", "axes": [{"name": "mask_scale", "key": "denoiser.mask_scale", "values": [4, 2]}],
+           "rows": ["mask_scale"]}
+    p = plan(load_experiment(_write(tmp_path, doc)), "cpu")
+    cells = {c.cfg.denoiser.mask_scale: c for c in p.cells}
+    assert sorted(cells) == [2, 4] and [t.step for t in p.trainings].count("base") == 1  # the base is shared
+    assert e.MASK_SCALE_TRAIN_RATIO[2] < 0.5 and e.MASK_SCALE_EVAL_RATIO[2] < 0.5  # more than 2x slower
+    cfg = cells[4].cfg
+    assert cfg.data.crop == 64 and cfg.denoiser.size == "XS"  # the rates' own shapes: no crop or size factor
+    for (s4, s2) in zip(cells[4].chain[1:], cells[2].chain[1:], strict=True):
+        assert s4.step == s2.step and s4.step in ("stage1", "stage2") and (s4.mask_scale, s2.mask_scale) == (4, 2)
+        iters = cfg.train.stage1_iters if s4.step == "stage1" else cfg.train.stage2_iters
+        before = e.START_S + iters * cfg.train.batch_size / e.RATE[s4.step]  # the estimate before mask scales
+        assert e.training_seconds(s4) == pytest.approx(before)
+        ratio = (e.training_seconds(s2) - e.START_S) / (e.training_seconds(s4) - e.START_S)
+        assert ratio == pytest.approx(1 / e.MASK_SCALE_TRAIN_RATIO[2], rel=1e-9)
+    base = cells[2].chain[0]
+    base_rate = e.RATE["base"] * e.BASE_RATIO.get(base.model, 1)  # the base's: no mask scale
+    assert e.training_seconds(base) == pytest.approx(e.START_S + cfg.train_base.iters * cfg.train_base.batch_size / base_rate)
+    calls = cfg.infer.steps * 3  # 20 even steps, each model's one cell with the reliance diagnostic (x3)
+    assert all(c.reliance for c in p.cells) and cells[4].images == cells[2].images > 0
+    assert e.cell_seconds(cells[4]) == pytest.approx(e.EVAL_START_S + cells[4].images * calls / e.EVAL_CALLS_PER_S)
+    ratio = (e.cell_seconds(cells[2]) - e.EVAL_START_S) / (e.cell_seconds(cells[4]) - e.EVAL_START_S)
+    assert ratio == pytest.approx(1 / e.MASK_SCALE_EVAL_RATIO[2], rel=1e-9)

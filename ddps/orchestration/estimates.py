@@ -3,12 +3,16 @@
 The rates are measured on this 2-core machine, for its presets only (``ESTIMATED_PRESETS``): images/s of the
 cpu preset's models on 2 Ray Train workers (README), times the speed of other models relative to them
 (``benchmarks/sweep_rates.py``, 2 threads; crops scale as (64 / crop) ** 1.5 there); unmeasured models count
-as the cpu preset's. The sweep's progress line starts from the same estimates (``progress.py``).
+as the cpu preset's. A refiner's training and evaluation also scale by its denoiser.mask_scale (the masks'
+resolution: 64 x 64 at mask_scale 1 against the cpu preset's 16 x 16), at the speeds ``sweep_rates.py
+--mask-scales`` measured relative to mask_scale 4 (MASK_SCALE_TRAIN_RATIO, MASK_SCALE_EVAL_RATIO); a base does not
+depend on it. The sweep's progress line starts from the same estimates (``progress.py``).
 
 Other presets (the ``paper`` one) get GPU-hours instead, from the rates ``benchmarks/gpu.py`` measured on a GPU
 (``ddps.rates``: base and refiner training images/s, evaluation denoiser calls/s, per precision, at its
 shapes); models and crops other than those measured are counted at the measured rates, scaled by their
-pixels. Without a rates file the dry run says that no GPU rate was measured.
+pixels, and refiners at another mask scale by their masks' pixels (the rates are measured at mask_scale 4
+only). Without a rates file the dry run says that no GPU rate was measured.
 """
 from __future__ import annotations
 
@@ -27,6 +31,13 @@ DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}  # by Training.m
 START_S = 25.0  # starting and stopping a TorchTrainer (worker processes, imports, mapping the feature cache)
 EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
 EVAL_START_S = 20.0
+# Speed at each denoiser.mask_scale relative to the cpu preset's 4 (UNet-XS, 64-pixel crops, 2 threads, CPU-time
+# ratios): training images/s and evaluation denoiser calls/s (10 test steps), measured by
+#   OMP_WAIT_POLICY=PASSIVE benchmarks/sweep_rates.py --mask-scales 4,8,2,1 --repeats 1 --steps 2 --eval-steps 10
+# Training slows about as the masks' pixels grow (x4 at 2, x16 at 1); evaluation less, its decoding and scoring
+# of every step at the label size do not grow. No power law fits both steps: a table (8 measured, not extrapolated).
+MASK_SCALE_TRAIN_RATIO = {8: 2.08, 4: 1.0, 2: 0.315, 1: 0.065}
+MASK_SCALE_EVAL_RATIO = {8: 1.48, 4: 1.0, 2: 0.461, 1: 0.157}
 ESTIMATED_PRESETS = ("smoke", "cpu")
 
 
@@ -36,10 +47,14 @@ def _pixels(crop: int) -> float:
 
 
 def training_seconds(t: Training) -> float:
-    """One training from scratch: a start-up, then its images at its model's rate; an imported base none."""
+    """One training from scratch: a start-up, then its images at its model's rate (a refiner's at its mask
+    scale's); an imported base none."""
     if t.imported:
         return 0.0
-    speed = (BASE_RATIO if t.step == "base" else DENOISER_RATIO).get(t.model, 1.0) / _pixels(t.crop)
+    if t.step == "base":
+        speed = BASE_RATIO.get(t.model, 1.0) / _pixels(t.crop)
+    else:
+        speed = DENOISER_RATIO.get(t.model, 1.0) * MASK_SCALE_TRAIN_RATIO[t.mask_scale] / _pixels(t.crop)
     return START_S + t.iters * t.batch_size / (RATE[t.step] * speed)
 
 
@@ -50,8 +65,9 @@ def trial_seconds(t: Training) -> float:
 
 
 def cell_seconds(cell: Cell) -> float:
-    """A cell's evaluation on this machine: its denoiser calls over its images."""
-    return EVAL_START_S + cell.images * cell_calls(cell) / EVAL_CALLS_PER_S / _pixels(cell.cfg.data.crop)
+    """A cell's evaluation on this machine: its denoiser calls over its images, at its mask scale's rate."""
+    speed = MASK_SCALE_EVAL_RATIO[cell.cfg.denoiser.mask_scale] / _pixels(cell.cfg.data.crop)
+    return EVAL_START_S + cell.images * cell_calls(cell) / (EVAL_CALLS_PER_S * speed)
 
 
 def cell_calls(cell: Cell) -> int:
@@ -71,22 +87,33 @@ class NoRate(Exception):
     """The rates file has no rate for this precision."""
 
 
+def _gpu_mask_pixels(mask_scale: int, rates: GPURates) -> float:
+    """A refiner's cost on a GPU relative to the rates' mask scale: its masks' pixels. benchmarks/gpu.py
+    measures at the paper preset's mask_scale 4 only (its file names no other), so there is no measured basis
+    for a GPU's ratios, and the pixels are a first guess: the base's forward pass in its refiner rate does not
+    grow with the masks, the UNet's middle attention grows with their square (on this machine, MASK_SCALE_*)."""
+    return (rates.shapes.get("mask_scale", 4) / mask_scale) ** 2
+
+
 def gpu_training_hours(t: Training, rates: GPURates) -> float:
-    """One training on GPUs at the measured rate of its kind and precision, scaled by its crop's pixels."""
+    """One training on GPUs at the measured rate of its kind and precision, scaled by its crop's pixels (a
+    refiner also by its masks' pixels)."""
     if t.imported:
         return 0.0
     table = rates.base_images_per_s if t.step == "base" else rates.refiner_images_per_s
     if t.precision not in table:
         raise NoRate(t.precision)
-    return t.iters * t.batch_size * (t.crop / rates.shapes["crop"]) ** 2 / table[t.precision] / 3600
+    scale = (t.crop / rates.shapes["crop"]) ** 2 * (1.0 if t.step == "base" else _gpu_mask_pixels(t.mask_scale, rates))
+    return t.iters * t.batch_size * scale / table[t.precision] / 3600
 
 
 def gpu_cell_hours(cell: Cell, rates: GPURates) -> float:
-    """A cell's evaluation on a GPU: its denoiser calls over its images at the measured calls/s."""
+    """A cell's evaluation on a GPU: its denoiser calls over its images at the measured calls/s, scaled by its
+    crop's pixels and its masks'."""
     precision = cell.cfg.eval.precision
     if precision not in rates.eval_calls_per_s:
         raise NoRate(precision)
-    scale = (cell.cfg.data.crop / rates.shapes["crop"]) ** 2
+    scale = (cell.cfg.data.crop / rates.shapes["crop"]) ** 2 * _gpu_mask_pixels(cell.cfg.denoiser.mask_scale, rates)
     return cell.images * cell_calls(cell) * scale / rates.eval_calls_per_s[precision] / 3600
 
 
@@ -155,8 +182,9 @@ def _gpu_hours(plans: list[Plan], finished: dict[str, set[str]], rates: GPURates
                 f"({source or '$DDPS_HOME/rates/gpu.json'}; give another with --gpu-rates FILE)")
     shapes = ", ".join(f"{k} {v}" for k, v in sorted(rates.shapes.items()))
     lines = [f"\nGPU-hours at the rates benchmarks/gpu.py measured on {rates.device} ({rates.measured}; {shapes}; "
-             f"{source}): other models counted at the measured models' rates, other crops scaled by their pixels; "
-             f"a training on N GPUs takes about as many GPU-hours as on one\n",
+             f"{source}): other models counted at the measured models' rates, other crops scaled by their pixels, "
+             f"other mask scales by their masks' pixels; a training on N GPUs takes about as many GPU-hours as "
+             f"on one\n",
              "| experiment | trainings | evaluations | GPU-hours alone |", "|---|---|---|---|"]
     for p in plans:
         done = finished.get(p.experiment.name, set())

@@ -78,6 +78,7 @@ class Training:
     crop: int  # the side of its training crops
     imported: str = ""  # a base not trained but imported: base.pretrained (no iterations)
     precision: str = "fp32"  # what its forward passes run in (train_base.precision, train.precision)
+    mask_scale: int = 4  # a refiner stage's denoiser.mask_scale: its masks' resolution, its cost (a base's: 4)
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ def chain_of(cfg: Config) -> list[Training]:
     for stage in train_refiner.stages_of(cfg):
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
                               cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h),
-                              cfg.denoiser.size, cfg.data.crop, precision=cfg.train.precision))
+                              cfg.denoiser.size, cfg.data.crop, precision=cfg.train.precision,
+                              mask_scale=cfg.denoiser.mask_scale))
     return chain
 
 
