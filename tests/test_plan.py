@@ -196,3 +196,15 @@ def test_the_time_estimate_scales_a_refiner_by_its_mask_scale_at_the_measured_ra
     assert e.cell_seconds(cells[4]) == pytest.approx(e.EVAL_START_S + cells[4].images * calls / e.EVAL_CALLS_PER_S)
     ratio = (e.cell_seconds(cells[2]) - e.EVAL_START_S) / (e.cell_seconds(cells[4]) - e.EVAL_START_S)
     assert ratio == pytest.approx(1 / e.MASK_SCALE_EVAL_RATIO[2], rel=1e-9)
+
+
+def test_the_prior_pilot_scores_holdout_checks_reliance_and_shares_the_paper_sweeps_trainings():
+    """experiments/studies/prior-pilot.yaml: every cell on the holdout split with reliance at each check; its
+    default refiner's stage 1 and its UNet head are table 7's (what the checks read is not in their hash)."""
+    from ddps.orchestration.plan import experiment_files
+    pilot = plan(load_experiment(ROOT / "experiments" / "studies" / "prior-pilot.yaml"), "cpu")
+    table7 = plan(load_experiment(ROOT / "experiments" / "table7.yaml"), "cpu")
+    assert {(c.cfg.eval.split, c.cfg.train.check_reliance) for c in pilot.cells} == {("holdout", True)}
+    shared = {t.hash for t in pilot.trainings} & {t.hash for t in table7.trainings}
+    assert sorted(t.step for t in table7.trainings if t.hash in shared) == ["base", "head", "stage1"]
+    assert "prior-pilot" not in {p.stem for p in experiment_files(ROOT / "experiments")}  # not in --all

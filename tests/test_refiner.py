@@ -203,6 +203,11 @@ def test_stage_plan_and_hashes():
     assert stage_hash(cfg, "stage1", "b") != stage_hash(cfg, "stage1", "other-base")
     chatty = resolve("cpu", overrides={"train.log_every": 1, "infer.steps": 5})
     assert stage_hash(cfg, "stage2", "b") == stage_hash(chatty, "stage2", "b")  # not what it computes
+    checking = resolve("cpu", overrides={"train.check_reliance": True})  # what only multi-step checks read
+    assert stage_hash(cfg, "stage1", "b") == stage_hash(checking, "stage1", "b")
+    assert stage_hash(cfg, "stage2", "b") != stage_hash(checking, "stage2", "b")  # its history differs
+    head_checking = resolve("cpu", overrides={"denoiser.method": "head", "train.check_reliance": True})
+    assert stage_hash(head, "head", "b") == stage_hash(head_checking, "head", "b")
 
 
 class GroundTruthReader(torch.nn.Module):

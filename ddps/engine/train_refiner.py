@@ -36,7 +36,8 @@ from ddps.refiner.checkpoint import refiner_payload
 from ddps.refiner.objective import head_loss, refiner_loss
 from ddps.segmentors.checkpoint import base_from_payload, read_checkpoint
 
-STAGE1_ONLY_KEYS = ("train.stage2_iters",)  # what stage 1 does not depend on
+# what stage 1 does not depend on: stage 2's length, and the reliance checks only multi-step stages run
+STAGE1_ONLY_KEYS = ("train.stage2_iters", "train.check_reliance")
 
 
 def stages_of(cfg: Config) -> list[str]:
@@ -67,7 +68,8 @@ def stage_hash(cfg: Config, stage: str, base_hash: str) -> str:
     inputs = [base_hash, stage]
     if stage == "stage2":
         inputs.append(stage_hash(cfg, "stage1", base_hash))
-    return content_hash(cfg, sections, inputs)
+    single_step = ("train.check_reliance",) if stage == "head" else ()  # the head refines in one step: no checks
+    return content_hash(cfg, sections, inputs, exclude=single_step)
 
 
 def stage_checkpoint(cfg: Config, stage: str, base_hash: str, out_dir: str | Location | None = None) -> Location:
