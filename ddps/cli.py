@@ -261,6 +261,8 @@ def cmd_sweep(args) -> int:
     from ddps.orchestration.plan import experiment_files, load_experiment, plan
     if args.all == bool(args.experiments):
         raise ConfigError("give experiment files or --all (every file in experiments/), not both and not neither")
+    if not args.verbose:  # before the store is first read (and created, by a real run): no MLflow start-up lines
+        quiet_libraries()
     if not args.dry_run:  # --gpu on a machine without one: one line before the plan and MLflow are read
         from ddps.orchestration.runtime import check_gpu
         check_gpu(_cluster(args))

@@ -62,6 +62,7 @@ def test_a_killed_sweep_driver_is_resumed_by_the_same_command_without_duplicates
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+    assert "INFO mlflow" not in (tmp_path / "first.log").read_text()  # it created the store, quietly
     before = _runs(db)
     assert any(r.info.status == "RUNNING" for r in before)  # what the dead driver left behind
     finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}

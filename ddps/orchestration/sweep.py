@@ -355,7 +355,7 @@ def run_sweeps(plans: list[Plan], cluster: Cluster, tracking_uri: str | None = N
     check_gpu(cluster)  # --gpu on a machine without one: one line before MLflow and Ray start
     sweeps = [Sweep(p, cluster, tracking_uri, log) for p in plans]  # every tracking check before compute
     ensure_ray(cluster, extra_cpus=TRIAL_CPUS, log_to_driver=verbose, log=log)
-    if not verbose:
+    if not verbose and os.environ.get("RAY_ADDRESS"):  # an in-process Ray's start said where (ensure_ray)
         log("workers' output goes to Ray's logs (/tmp/ray/session_latest/logs; --verbose shows it here)")
     if len(sweeps) == 1:
         return [sweeps[0].run()]
