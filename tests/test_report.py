@@ -235,7 +235,9 @@ def test_the_prior_study_table_gives_gain_reliance_and_ddps_against_the_head_of_
     """experiments/prior.yaml's layout: per cell base, step 1, last, last − step 1, own / oracle / random,
     own − random, and DDPS − the UNet head that shares its other coordinates."""
     from ddps.report.runs import load_table
-    from ddps.report.tables import render
+    from dataclasses import replace
+
+    from ddps.report.tables import layout, render, study
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     eid = tracker.experiment("prior")
     parent = tracker.start_run(eid, "sweep-prior", {"ddps.step": "sweep", "ddps.sweep": "prior",
@@ -249,7 +251,9 @@ def test_the_prior_study_table_gives_gain_reliance_and_ddps_against_the_head_of_
         if coords["method"] == "head":
             tracker.set_tags(run, {"denoiser": "head-UNet-XS"})
     tracker.end_run(parent, "FINISHED")
-    lines = render(load_table(tracker, "prior")).splitlines()
+    table = load_table(tracker, "prior")
+    assert layout(table) is layout(replace(table, name="prior-pilot")) is study
+    lines = render(table).splitlines()
     assert lines[4] == ("| iters | method | base | step 1 | last | last − step 1 | own / oracle / random | own − random "
                         "| DDPS − head |")
     rows = [line for line in lines if line.startswith("| 400 ") or line.startswith("| 2000 ")]

@@ -199,6 +199,8 @@ LAYOUTS = {"table1": bases, "table2": bases, "table4": bases, "table3e": matrix,
 def layout(table: Table):
     if table.rows == ["run"]:
         return pipeline
+    if table.name.startswith("prior-"):  # the mask-prior study's other experiments (its pilot)
+        return study
     return LAYOUTS.get(table.name, matrix if table.columns else steps)
 
 
