@@ -262,3 +262,32 @@ def test_the_prior_study_table_gives_gain_reliance_and_ddps_against_the_head_of_
         "| 400 | DDPS | 62.00 | 61.00 (-1.00) | 62.50 (+0.50) | +1.50 | 62.50 / 63.00 / 62.40 | +0.10 | +0.70 |",
         "| 400 | head | 62.00 | 61.80 (-0.20) | 61.80 (-0.20) | – | 61.80 / 62.30 / 61.70 | +0.10 | – |",
         "| 2000 | DDPS | 62.00 | 63.00 (+1.00) | 63.25 (+1.25) | +0.25 | 63.25 / 63.75 / 63.15 | +0.10 | – |"]
+
+
+def test_the_checks_figure_draws_reliance_and_gain_along_training_from_the_trained_models_run(tmp_path):
+    """An evaluation names the run that trained its model (ddps.training_run); that run's held-out checks with
+    train.check_reliance logged holdout_reliance_own / _random and holdout_multistep_gain by iteration."""
+    from ddps.report.figures import check_curves
+    from ddps.report.runs import load_table
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    eid = tracker.experiment("prior-pilot")
+    training = tracker.start_run(eid, "stage2", {"ddps.step": "stage2"})
+    for it, (own, random, gain) in zip((100, 200, 300), ((60.0, 59.5, 0.2), (61.0, 60.0, 0.4), (62.0, 60.5, 0.9))):
+        tracker.log_metrics(training, {"holdout_reliance_own": own, "holdout_reliance_random": random,
+                                       "holdout_multistep_gain": gain}, it)
+    tracker.end_run(training, "FINISHED")
+    parent = tracker.start_run(eid, "sweep-prior-pilot", {"ddps.step": "sweep", "ddps.title": "Pilot",
+                                                          "ddps.rows": "setting", "ddps.columns": ""})
+    checked = _eval_run(tracker, eid, parent, "prior-pilot", {"setting": "checked"}, 61.0, 62.0, 40.0, 0)
+    tracker.set_tags(checked, {"ddps.training_run": training})
+    _eval_run(tracker, eid, parent, "prior-pilot", {"setting": "unchecked"}, 61.0, 62.0, 40.0, 1)
+    tracker.end_run(parent, "FINISHED")
+    table = load_table(tracker, "prior-pilot")
+    curves = {c.coords["setting"]: check_curves(tracker, c) for c in table.cells}
+    assert curves["unchecked"] == {}
+    assert curves["checked"] == {"reliance": [(100, 0.5), (200, 1.0), (300, 1.5)],
+                                 "gain": [(100, 0.2), (200, 0.4), (300, 0.9)], "split": "holdout"}
+    written = write_report(tracker, ["prior-pilot"], tmp_path / "out", parquet=False, log_figures=False,
+                           log=lambda _: None)
+    figure = tmp_path / "out" / "figures" / "prior-pilot-checks.png"
+    assert figure in written.files and Image.open(figure).size[0] > 500

@@ -1,6 +1,9 @@
 """The report's figures (matplotlib, PNG), drawn from what the evaluation runs logged to MLflow.
 
 - ``<table>-steps.png``: mIoU and mBIoU against the refinement step (0 = the base), one line per cell;
+- ``<table>-checks.png`` (cells trained with ``train.check_reliance``): the reliance (own − random) and the
+  multi-step gain (last − step 1) at every held-out check of the trained model's stage 2, against the
+  iteration, one line per cell — from the training run each evaluation names (``ddps.training_run``);
 - ``<table>-<cell>-classes.png``: per-class IoU change, DDPS's last step minus the base (the paper's Fig. 6);
 - ``<table>-<cell>-logits.png``: the base's against the refined log-probability of one class at every pixel
   of a fixed val image (the paper's Fig. 5), from the run's ``probabilities.npz``;
@@ -46,10 +49,56 @@ def steps_figure(tracker, table: Table, path: Path) -> Path:
             ax.plot([s for s, _ in history], [v for _, v in history], marker=".", label=cell_name(cell))
     for ax, metric in zip(axes, names.SCORES):
         ax.set_xlabel("refinement step (0 = base segmentor)")
-        ax.set_ylabel(f"val {metric}")
+        ax.set_ylabel(f"{table.split} {metric}")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(table.title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+CHECK_SPLITS = ("holdout", "val")  # where a training's held-out checks ran (holdout when data.holdout > 0)
+
+
+def check_curves(tracker, cell: Cell) -> dict[str, list[tuple[int, float]]]:
+    """The held-out checks of the model a cell evaluates, when they ran the reliance diagnostic: own − random
+    and the multi-step gain by iteration ({} when its training run logged none)."""
+    run = cell.tags.get(names.TRAINING_RUN)
+    if not run:
+        return {}
+    for split in CHECK_SPLITS:
+        own = dict(tracker.history(run, f"{split}_{names.RELIANCE_OWN}"))
+        if own:
+            random = dict(tracker.history(run, f"{split}_{names.RELIANCE_RANDOM}"))
+            gain = tracker.history(run, f"{split}_{names.MULTISTEP_GAIN}")
+            return {"reliance": [(i, own[i] - random[i]) for i in sorted(own) if i in random], "gain": gain,
+                    "split": split}
+    return {}
+
+
+def checks_figure(tracker, table: Table, path: Path) -> Path | None:
+    """Reliance (own − random) and the multi-step gain against the training iteration, one line per cell whose
+    model's checks measured them; None when no cell's did."""
+    curves = {cell_name(c): check_curves(tracker, c) for c in table.sorted_cells()}
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("reliance", "gain")):
+            ax.plot([i for i, _ in c[key]], [v for _, v in c[key]], marker=".", label=name)
+    split = next(iter(curves.values()))["split"]
+    for ax, label in zip(axes, (f"reliance: own − random, last-step {split} mIoU",
+                                f"multi-step gain: last − step 1, {split} mIoU")):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("training iteration (stage 2)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{table.title}: the held-out checks along training", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -136,6 +136,8 @@ def _figures(tracker, tables: dict[str, Table], folder: Path, log_figures: bool,
     paths: dict[str, list[Path]] = {}
     for name, table in tables.items():
         made = [figs.steps_figure(tracker, table, folder / f"{name}-steps.png")]
+        checks = figs.checks_figure(tracker, table, folder / f"{name}-checks.png")
+        made += [checks] if checks else []
         if layout(table).__name__ in CELL_FIGURES:
             for cell in table.sorted_cells():
                 made += figs.cell_figures(tracker, table, cell, folder)
