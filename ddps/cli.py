@@ -525,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         resumable = args.func in (cmd_train_base, cmd_train) and args.checkpoint_every > 0
-        print("ddps: interrupted" + ("; rerun the same command to resume from its last training state"
-                                     if resumable else ""), file=sys.stderr)
+        hint = ("; rerun the same command to resume from its last training state" if resumable else
+                "; rerun the same command to resume: finished trainings and cells are kept" if args.func is cmd_sweep
+                else "")
+        print("ddps: interrupted" + hint, file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into head & co.: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

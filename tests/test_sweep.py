@@ -162,3 +162,38 @@ def test_two_tables_run_as_one_schedule_and_a_shared_training_runs_once(ray_loca
     assert any("2 tables" in line and "cells 4/4" in line for line in lines)
     assert all(left.empty for left in run_sweeps(plans, cluster, uri, log=lines.append))
     assert sum(len(_runs(client, s.experiment_id)) for s in sweeps) == 9  # the rerun logged nothing
+
+
+@pytest.mark.reliability(kind="fault", case="Ctrl-C during a sweep ends it")
+def test_ctrl_c_during_a_wave_is_seen_so_the_next_wave_does_not_start(ray_local, tmp_path):
+    """On SIGINT Ray Tune saves its state and returns from fit() as if done; `interrupted` tells the two
+    apart (the sweep then stops with "interrupted; rerun the same command to resume" instead of starting its
+    next wave — seen before: a Ctrl-C'd sweep went on to its second stages)."""
+    import os
+    import signal
+    import threading
+
+    from ray import tune
+
+    from ddps.orchestration.sweep import interrupted
+
+    def sleeper(config):  # defined here: pickled by value (the workers cannot import this test module)
+        import time
+        time.sleep(config["seconds"])
+        tune.report({"done": 1})
+
+    def fit(seconds: float, name: str):
+        tuner = tune.Tuner(tune.with_resources(sleeper, {"CPU": 0.5}),
+                           param_space={"seconds": tune.grid_search([seconds, seconds])},
+                           run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
+        return tuner.fit()
+
+    whole = fit(0.1, "whole")
+    assert whole.num_terminated == 2 and not interrupted(whole)
+    timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGINT))  # while the trials sleep
+    timer.start()
+    try:
+        results = fit(120.0, "stopped")
+    finally:
+        timer.cancel()
+    assert results.num_terminated == 2 and interrupted(results)  # "terminated", but not done

@@ -292,11 +292,20 @@ def _run_wave(name: str, wave: str, jobs: list[Job], resources: dict, at_once: i
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
+    if interrupted(results):
+        raise KeyboardInterrupt  # Ctrl-C: Tune saved its state and returned; the next wave must not start
     errors = [(r.config["trial"]["label"], r.error) for r in results if r.error]
     if errors:
         label, error = errors[0]
         raise SweepError(f"{len(errors)} of {len(jobs)} {wave} failed; the first, {label}: "
                          f"{_last_line(error)}")
+
+
+def interrupted(results) -> bool:
+    """Whether Tune's run stopped before every trial ended: on SIGINT (Ctrl-C) Tune saves its state and
+    returns normally, its unfinished trials TERMINATED as the finished ones; only a finished trial's last
+    result says ``done``."""
+    return any(not r.error and not r.metrics.get("done") for r in results)
 
 
 def _trial_name(trial) -> str:
