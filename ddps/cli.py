@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ddps.config.presets import PRESETS
+from ddps.config.schema import EVAL_SPLITS
 from ddps.errors import DDPSError
 from ddps.storage import STORAGE_VAR, location, use_storage
 
@@ -405,7 +406,7 @@ def _model_commands(sub) -> None:
     ev.add_argument("--all-steps", action="store_true", help="refiners: metrics after every refinement step")
     ev.add_argument("--json", action="store_true", help="print every score at full precision as one JSON "
                                                         "object (per step, per class, mask reliance)")
-    ev.add_argument("--split", choices=("val", "holdout"), help="val | holdout (the data.holdout training images "
+    ev.add_argument("--split", choices=EVAL_SPLITS, help="val | holdout (the data.holdout training images "
                     "kept out of every training, for choosing hyper-parameters); default: the config's eval.split, val")
     _device_args(ev)
     ev.set_defaults(func=cmd_eval)
@@ -476,7 +477,7 @@ def _platform_commands(sub) -> None:
     rp.add_argument("--no-figures", action="store_true", help="Markdown only")
     rp.add_argument("--no-log", action="store_true", help="do not log the figures to the tables' parent runs")
     rp.add_argument("--no-parquet", action="store_true", help="no parquet export of the runs")
-    rp.add_argument("--split", choices=("val", "holdout"), help="the evaluations on this split (eval.split); "
+    rp.add_argument("--split", choices=EVAL_SPLITS, help="the evaluations on this split (eval.split); "
                     "default: each table's val evaluations, or its holdout ones when it has no val")
     rp.set_defaults(func=cmd_report)
 

@@ -13,7 +13,7 @@ from ddps.errors import ConfigError, choices
 
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")  # ddps.engine.device.DTYPES; checked to match
-EVAL_SPLITS = ("val", "holdout")  # what a refiner evaluation scores (ddps.engine.evaluate_checkpoint.evaluation_split)
+EVAL_SPLITS = ("val", "holdout")  # what an evaluation scores: eval.split, --split of ddps eval and ddps report
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:

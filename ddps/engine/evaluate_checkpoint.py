@@ -58,9 +58,10 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), multisc
 
 def evaluation_split(cfg, split: str):
     """The val split, or the holdout split (data.holdout) for choosing hyper-parameters."""
-    from ddps.errors import ConfigError
-    if split not in ("holdout", "val"):
-        raise ConfigError(f"unknown evaluation split {split!r}; choose from: holdout, val")
+    from ddps.config.schema import EVAL_SPLITS
+    from ddps.errors import ConfigError, choices
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"unknown evaluation split {split!r}; choose from: {choices(EVAL_SPLITS)}")
     return build_dataset(cfg.data, split)
 
 
