@@ -185,8 +185,10 @@ def test_the_time_estimate_scales_a_refiner_by_its_mask_scale_at_the_measured_ra
         assert s4.step == s2.step and s4.step in ("stage1", "stage2") and (s4.mask_scale, s2.mask_scale) == (4, 2)
         iters = cfg.train.stage1_iters if s4.step == "stage1" else cfg.train.stage2_iters
         before = e.START_S + iters * cfg.train.batch_size / e.RATE[s4.step]  # the estimate before mask scales
-        assert e.training_seconds(s4) == pytest.approx(before)
-        ratio = (e.training_seconds(s2) - e.START_S) / (e.training_seconds(s4) - e.START_S)
+        assert s4.check_calls == s2.check_calls > 0  # the same held-out checks, at the evaluation's rates
+        assert e.training_seconds(s4) == pytest.approx(before + s4.check_calls / e.EVAL_CALLS_PER_S)
+        checks2 = s2.check_calls / (e.EVAL_CALLS_PER_S * e.MASK_SCALE_EVAL_RATIO[2])
+        ratio = (e.training_seconds(s2) - checks2 - e.START_S) / (before - e.START_S)
         assert ratio == pytest.approx(1 / e.MASK_SCALE_TRAIN_RATIO[2], rel=1e-9)
     base = cells[2].chain[0]
     base_rate = e.RATE["base"] * e.BASE_RATIO.get(base.model, 1)  # the base's: no mask scale
@@ -208,3 +210,27 @@ def test_the_prior_pilot_scores_holdout_checks_reliance_and_shares_the_paper_swe
     shared = {t.hash for t in pilot.trainings} & {t.hash for t in table7.trainings}
     assert sorted(t.step for t in table7.trainings if t.hash in shared) == ["base", "head", "stage1"]
     assert "prior-pilot" not in {p.stem for p in experiment_files(ROOT / "experiments")}  # not in --all
+
+
+def test_the_time_estimate_counts_a_refiners_held_out_checks_and_their_reliance_trajectories(tmp_path):
+    """One check every train.eval_every iterations and one at the end (the engine's condition), each over the
+    selection split's images capped by eval.max_images: stage 1 and the head one call per image, stage 2 its
+    test steps, with train.check_reliance 2 x steps + 1 (the random trajectory and the oracle call)."""
+    from ddps.orchestration import estimates as e
+    doc = {"name": "checks", "axes": [{"name": "method", "key": "denoiser.method", "values": ["ddps", "head"]}],
+           "rows": ["method"]}
+    experiment = load_experiment(_write(tmp_path, doc))
+    every = {"train.stage1_iters": 100, "train.stage2_iters": 250, "train.eval_every": 100, "eval.max_images": 0}
+    plain, diag = plan(experiment, "cpu", every), plan(experiment, "cpu", {**every, "train.check_reliance": True})
+    cfg = plain.cells[0].cfg
+    images, steps = cfg.data.holdout, cfg.infer.steps  # the cpu preset checks on its holdout scenes
+    assert images > 0 and steps <= cfg.diffusion.steps
+    calls = [{t.step: t.check_calls for t in p.trainings if t.step != "base"} for p in (plain, diag)]
+    head_iters = cfg.train.stage1_iters + cfg.train.stage2_iters  # the head trains both stages' iterations at once
+    assert calls[0] == {"stage1": images, "stage2": 3 * images * steps, "head": (head_iters // 100 + 1) * images}
+    assert calls[1] == {**calls[0], "stage2": 3 * images * (2 * steps + 1)}  # stage 2 only: the others refine once
+    capped = plan(experiment, "cpu", {**every, "eval.max_images": 50})
+    assert {t.step: t.check_calls for t in capped.trainings if t.step == "stage1"} == {"stage1": 50}
+    stage2 = [next(t for t in p.trainings if t.step == "stage2") for p in (plain, diag)]
+    extra = e.training_seconds(stage2[1]) - e.training_seconds(stage2[0])
+    assert extra == pytest.approx(3 * images * (steps + 1) / e.EVAL_CALLS_PER_S)  # the diagnostic's calls, priced

@@ -48,14 +48,15 @@ def _pixels(crop: int) -> float:
 
 def training_seconds(t: Training) -> float:
     """One training from scratch: a start-up, then its images at its model's rate (a refiner's at its mask
-    scale's); an imported base none."""
+    scale's) and a refiner's held-out checks at the evaluation's rate; an imported base none."""
     if t.imported:
         return 0.0
     if t.step == "base":
         speed = BASE_RATIO.get(t.model, 1.0) / _pixels(t.crop)
-    else:
-        speed = DENOISER_RATIO.get(t.model, 1.0) * MASK_SCALE_TRAIN_RATIO[t.mask_scale] / _pixels(t.crop)
-    return START_S + t.iters * t.batch_size / (RATE[t.step] * speed)
+        return START_S + t.iters * t.batch_size / (RATE[t.step] * speed)
+    speed = DENOISER_RATIO.get(t.model, 1.0) * MASK_SCALE_TRAIN_RATIO[t.mask_scale] / _pixels(t.crop)
+    checks = t.check_calls / (EVAL_CALLS_PER_S * MASK_SCALE_EVAL_RATIO[t.mask_scale] / _pixels(t.crop))
+    return START_S + t.iters * t.batch_size / (RATE[t.step] * speed) + checks
 
 
 def trial_seconds(t: Training) -> float:

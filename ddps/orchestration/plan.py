@@ -32,9 +32,11 @@ from typing import Any
 
 from ddps.config import Config, content_hash, resolve, to_flat
 from ddps.config.load import parse_set, read_experiment, read_experiment_file
+from ddps.data.datasets import selection_split
 from ddps.engine import train_base, train_refiner
 from ddps.errors import ConfigError, choices
 from ddps.paths import safe_name
+from ddps.refiner.steps import step_times
 
 EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # what an evaluation reads
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
@@ -79,6 +81,7 @@ class Training:
     imported: str = ""  # a base not trained but imported: base.pretrained (no iterations)
     precision: str = "fp32"  # what its forward passes run in (train_base.precision, train.precision)
     mask_scale: int = 4  # a refiner stage's denoiser.mask_scale: its masks' resolution, its cost (a base's: 4)
+    check_calls: int = 0  # a refiner stage's denoiser calls in all its held-out checks (train.eval_every)
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,25 @@ def chain_of(cfg: Config) -> list[Training]:
         chain.append(Training(stage, train_refiner.stage_hash(cfg, stage, base_h), train_refiner.stage_iters(cfg, stage),
                               cfg.train.batch_size, train_refiner.stage_checkpoint(cfg, stage, base_h),
                               cfg.denoiser.size, cfg.data.crop, precision=cfg.train.precision,
-                              mask_scale=cfg.denoiser.mask_scale))
+                              mask_scale=cfg.denoiser.mask_scale, check_calls=check_calls(cfg, stage)))
     return chain
+
+
+def check_calls(cfg: Config, stage: str) -> int:
+    """The denoiser calls of a refiner stage's held-out checks (one every train.eval_every iterations and one
+    at the end, over the selection split capped by eval.max_images): stage 1 and the head one call per image,
+    a multi-step stage its test steps, with train.check_reliance twice them and one oracle call."""
+    iters = train_refiner.stage_iters(cfg, stage)
+    checks = iters // cfg.train.eval_every + (1 if iters % cfg.train.eval_every else 0)
+    data = cfg.data
+    count = data.holdout if selection_split(data) == "holdout" else data.val_scenes
+    images = min(count, cfg.eval.max_images or count)
+    per_image = 1
+    if stage in ("stage2", "multistep"):
+        per_image = len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
+        if train_refiner.checks_reliance(cfg, stage):
+            per_image = 2 * per_image + 1
+    return checks * images * per_image
 
 
 def eval_hash(cfg: Config, chain: Sequence[Training]) -> str:
