@@ -291,3 +291,36 @@ def test_the_checks_figure_draws_reliance_and_gain_along_training_from_the_train
                            log=lambda _: None)
     figure = tmp_path / "out" / "figures" / "prior-pilot-checks.png"
     assert figure in written.files and Image.open(figure).size[0] > 500
+
+
+def test_the_prior_study_over_seeds_gives_each_settings_mean_and_sd_the_pooled_noise_and_whether_the_prior_acts():
+    """A study with a ``seed`` axis: per setting the mean ± sd over seeds of last − step 1 and own − random,
+    the noise (their pooled seed-to-seed sd), and 'prior acts' only where both means are above it."""
+    from ddps.report.runs import Cell, Table
+    from ddps.report.tables import render
+
+    def cell(setting, seed, step1, last, own, random, head=False):
+        summary = {"base_mIoU": 44.0, "step1_mIoU": step1, "last_mIoU": last, "steps": 1 if head else 20,
+                   "reliance_own": own, "reliance_random": random}
+        return Cell(f"{setting}-{seed}", {"setting": setting, "seed": seed}, summary,
+                    {"denoiser": "head-UNet-XS" if head else "ddps-UNet-XS", "ddps.content_hash": f"{setting}{seed}"})
+    cells = [cell("default", s, 45.0, 45.0 + g, 45.0 + g + r, 45.0 + g)
+             for s, g, r in (("0", 0.0, 0.1), ("1", 0.2, -0.1), ("2", -0.2, 0.0))]  # gain sd 0.2, reliance sd 0.1
+    cells += [cell("no residual", s, 44.0, 44.0 + g, 44.0 + g + r, 44.0 + g)
+              for s, g, r in (("0", 0.4, 0.3), ("1", 0.6, 0.4), ("2", 0.5, 0.2))]  # gain sd 0.1, reliance sd 0.1
+    cells += [cell("dropout", s, 44.0, 44.0 + g, 44.0 + g + r, 44.0 + g)
+              for s, g, r in (("0", 0.5, 0.05), ("1", 0.5, 0.1))]  # the gain acts, the reliance does not
+    cells += [cell("UNet head", s, 45.5, 45.5, 45.5, 45.5, head=True) for s in ("0", "1")]  # no row: no steps
+    order = {"setting": ["default", "no residual", "dropout", "UNet head"], "seed": ["0", "1", "2"]}
+    table = Table("prior", "The mask prior", ["setting", "seed"], [], order, cells, runs=len(cells))
+    lines = render(table).splitlines()
+    start = lines.index("| setting | seeds | last | last − step 1 | own − random | prior acts |")
+    # pooled sd: gain sqrt((0.04 + 0.01 + 0) / 3) = 0.129, reliance sqrt((0.01 + 0.01 + 0.00125) / 3) = 0.0842
+    assert lines[start + 2:start + 5] == [
+        "| default | 3 | 45.00 | +0.00 ± 0.20 | +0.00 ± 0.10 | no |",
+        "| no residual | 3 | 44.50 | +0.50 ± 0.10 | +0.30 ± 0.10 | yes |",
+        "| dropout | 2 | 44.50 | +0.50 ± 0.00 | +0.07 ± 0.04 | no |"]
+    assert lines[start + 6] == ("Noise (the pooled seed-to-seed standard deviation): last − step 1 0.13, own − random "
+                                "0.08. The prior acts where both means are above their noise.")
+    one_seed = Table("prior-pilot", "Pilot", ["setting"], [], order, [c for c in cells if c.coords["seed"] == "0"], runs=4)
+    assert "Over the training seeds" not in render(one_seed)  # no seed axis: no summary, no verdict

@@ -188,7 +188,56 @@ def study(table: Table) -> list[str]:
     return _md(axes + ["base", "step 1", "last", "last − step 1", "own / oracle / random", "own − random",
                        "DDPS − head"], rows) + [
         "", "mIoU. Reliance: last-step mIoU fed the denoiser's own trajectory / the ground truth re-noised / a "
-            "fresh random mask at every step; own − random near 0: the mask input is not read."]
+            "fresh random mask at every step; own − random near 0: the mask input is not read."] + _over_seeds(table)
+
+
+SEED_AXIS = "seed"  # a study's axis of training seeds (train.seed): its cells are one setting's repeats
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return DASH
+    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):+.2f}{sd}"
+
+
+def _pooled_sd(groups: list[list[float]]) -> float:
+    """The seed-to-seed standard deviation: the root mean of each setting's sample variance (settings of
+    two or more seeds); NaN without any."""
+    variances = [statistics.variance(g) for g in groups if len(g) > 1]
+    return math.sqrt(statistics.mean(variances)) if variances else math.nan
+
+
+def _over_seeds(table: Table) -> list[str]:
+    """With a ``seed`` axis: each setting's mean ± standard deviation over its seeds of the multi-step gain
+    (last − step 1) and the reliance (own − random), the noise (their pooled standard deviation over seeds),
+    and whether the prior acts — both means above their noise."""
+    axes = [a for a in table.rows + table.columns if a != SEED_AXIS]
+    if SEED_AXIS not in table.rows + table.columns:
+        return []
+    groups: dict[tuple, list[Cell]] = {}
+    for c in table.sorted_cells():
+        if not _is_head(c) and c.steps >= 2:
+            groups.setdefault(tuple(c.coords.get(a, DASH) for a in axes), []).append(c)
+    gain = {k: [c.get(names.LAST_MIOU) - c.get(names.STEP1_MIOU) for c in cs] for k, cs in groups.items()}
+    reliance = {k: [c.get(names.RELIANCE_OWN) - c.get(names.RELIANCE_RANDOM) for c in cs] for k, cs in groups.items()}
+    gain_noise = _pooled_sd([[v for v in g if not math.isnan(v)] for g in gain.values()])
+    reliance_noise = _pooled_sd([[v for v in g if not math.isnan(v)] for g in reliance.values()])
+    rows = []
+    for k, cs in groups.items():
+        g = [v for v in gain[k] if not math.isnan(v)]
+        r = [v for v in reliance[k] if not math.isnan(v)]
+        acts = "?" if not g or not r or math.isnan(gain_noise) or math.isnan(reliance_noise) else (
+            "yes" if statistics.mean(g) > gain_noise and statistics.mean(r) > reliance_noise else "no")
+        rows.append(list(k) + [str(len(cs)), f"{statistics.mean(c.get(names.LAST_MIOU) for c in cs):.2f}",
+                               _mean_sd(g), _mean_sd(r), acts])
+    if not rows:
+        return []
+    return ["", "Over the training seeds (mean ± standard deviation):", ""] + _md(
+        axes + ["seeds", "last", "last − step 1", "own − random", "prior acts"], rows) + [
+        "", f"Noise (the pooled seed-to-seed standard deviation): last − step 1 {num(gain_noise)}, own − random "
+            f"{num(reliance_noise)}. The prior acts where both means are above their noise."]
 
 
 LAYOUTS = {"table1": bases, "table2": bases, "table4": bases, "table3e": matrix, "table6": matrix,
