@@ -185,9 +185,9 @@ def test_the_time_estimate_scales_a_refiner_by_its_mask_scale_at_the_measured_ra
         assert s4.step == s2.step and s4.step in ("stage1", "stage2") and (s4.mask_scale, s2.mask_scale) == (4, 2)
         iters = cfg.train.stage1_iters if s4.step == "stage1" else cfg.train.stage2_iters
         before = e.START_S + iters * cfg.train.batch_size / e.RATE[s4.step]  # the estimate before mask scales
-        assert s4.check_calls == s2.check_calls > 0  # the same held-out checks, at the evaluation's rates
-        assert e.training_seconds(s4) == pytest.approx(before + s4.check_calls / e.EVAL_CALLS_PER_S)
-        checks2 = s2.check_calls / (e.EVAL_CALLS_PER_S * e.MASK_SCALE_EVAL_RATIO[2])
+        assert s4.check_calls == s2.check_calls > 0  # the same held-out checks, at the check's rates
+        assert e.training_seconds(s4) == pytest.approx(before + s4.check_calls / e.CHECK_CALLS_PER_S)
+        checks2 = s2.check_calls / (e.CHECK_CALLS_PER_S * e.MASK_SCALE_EVAL_RATIO[2])
         ratio = (e.training_seconds(s2) - checks2 - e.START_S) / (before - e.START_S)
         assert ratio == pytest.approx(1 / e.MASK_SCALE_TRAIN_RATIO[2], rel=1e-9)
     base = cells[2].chain[0]
@@ -233,4 +233,4 @@ def test_the_time_estimate_counts_a_refiners_held_out_checks_and_their_reliance_
     assert {t.step: t.check_calls for t in capped.trainings if t.step == "stage1"} == {"stage1": 50}
     stage2 = [next(t for t in p.trainings if t.step == "stage2") for p in (plain, diag)]
     extra = e.training_seconds(stage2[1]) - e.training_seconds(stage2[0])
-    assert extra == pytest.approx(3 * images * (steps + 1) / e.EVAL_CALLS_PER_S)  # the diagnostic's calls, priced
+    assert extra == pytest.approx(3 * images * (steps + 1) / e.CHECK_CALLS_PER_S)  # the diagnostic's calls, priced

@@ -31,6 +31,10 @@ DENOISER_RATIO = {"XXS": 1.25, "XS": 1.0, "T": 0.58, "S": 0.35}  # by Training.m
 START_S = 25.0  # starting and stopping a TorchTrainer (worker processes, imports, mapping the feature cache)
 EVAL_CALLS_PER_S = 400.0  # denoiser calls per second in evaluation (1,000 images x 60 calls in 151 s)
 EVAL_START_S = 20.0
+# A refiner's held-out check runs in the main Ray Train worker alone (one thread of its worker's share, the other
+# workers waiting): denoiser calls per second measured on the prior pilot's stage 2 (cpu preset, 2 workers, check
+# with train.check_reliance: 200 holdout images x 41 calls in ~60 s, three checks alike).
+CHECK_CALLS_PER_S = 137.0
 # Speed at each denoiser.mask_scale relative to the cpu preset's 4 (UNet-XS, 64-pixel crops, 2 threads, CPU-time
 # ratios): training images/s and evaluation denoiser calls/s (10 test steps), measured by
 #   OMP_WAIT_POLICY=PASSIVE benchmarks/sweep_rates.py --mask-scales 4,8,2,1 --repeats 1 --steps 2 --eval-steps 10
@@ -48,14 +52,14 @@ def _pixels(crop: int) -> float:
 
 def training_seconds(t: Training) -> float:
     """One training from scratch: a start-up, then its images at its model's rate (a refiner's at its mask
-    scale's) and a refiner's held-out checks at the evaluation's rate; an imported base none."""
+    scale's) and a refiner's held-out checks at theirs; an imported base none."""
     if t.imported:
         return 0.0
     if t.step == "base":
         speed = BASE_RATIO.get(t.model, 1.0) / _pixels(t.crop)
         return START_S + t.iters * t.batch_size / (RATE[t.step] * speed)
     speed = DENOISER_RATIO.get(t.model, 1.0) * MASK_SCALE_TRAIN_RATIO[t.mask_scale] / _pixels(t.crop)
-    checks = t.check_calls / (EVAL_CALLS_PER_S * MASK_SCALE_EVAL_RATIO[t.mask_scale] / _pixels(t.crop))
+    checks = t.check_calls / (CHECK_CALLS_PER_S * MASK_SCALE_EVAL_RATIO[t.mask_scale] / _pixels(t.crop))
     return START_S + t.iters * t.batch_size / (RATE[t.step] * speed) + checks
 
 
