@@ -314,12 +314,13 @@ def test_the_prior_study_over_seeds_gives_each_settings_mean_and_sd_the_pooled_n
     order = {"setting": ["default", "no residual", "dropout", "UNet head"], "seed": ["0", "1", "2"]}
     table = Table("prior", "The mask prior", ["setting", "seed"], [], order, cells, runs=len(cells))
     lines = render(table).splitlines()
-    start = lines.index("| setting | seeds | last | last − step 1 | own − random | prior acts |")
-    # pooled sd: gain sqrt((0.04 + 0.01 + 0) / 3) = 0.129, reliance sqrt((0.01 + 0.01 + 0.00125) / 3) = 0.0842
+    start = lines.index("| setting | seeds | last | last − step 1 | own − random | DDPS − head | prior acts |")
+    # pooled sd: gain sqrt((0.04 + 0.01 + 0) / 3) = 0.129, reliance sqrt((0.01 + 0.01 + 0.00125) / 3) = 0.0842;
+    # DDPS − head: against the head of the same seed (the setting axis tells heads apart here), seed 2 has none
     assert lines[start + 2:start + 5] == [
-        "| default | 3 | 45.00 | +0.00 ± 0.20 | +0.00 ± 0.10 | no |",
-        "| no residual | 3 | 44.50 | +0.50 ± 0.10 | +0.30 ± 0.10 | yes |",
-        "| dropout | 2 | 44.50 | +0.50 ± 0.00 | +0.07 ± 0.04 | no |"]
+        "| default | 3 | 45.00 | +0.00 ± 0.20 | +0.00 ± 0.10 | -0.40 ± 0.14 | no |",
+        "| no residual | 3 | 44.50 | +0.50 ± 0.10 | +0.30 ± 0.10 | -1.00 ± 0.14 | yes |",
+        "| dropout | 2 | 44.50 | +0.50 ± 0.00 | +0.07 ± 0.04 | -1.00 ± 0.00 | no |"]
     assert lines[start + 6] == ("Noise (the pooled seed-to-seed standard deviation): last − step 1 0.13, own − random "
                                 "0.08. The prior acts where both means are above their noise.")
     one_seed = Table("prior-pilot", "Pilot", ["setting"], [], order, [c for c in cells if c.coords["seed"] == "0"], runs=4)

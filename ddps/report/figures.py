@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from ddps import names
 from ddps.report.runs import Cell, Table
+from ddps.report.tables import SEED_AXIS
 
 STRIPS_PER_CELL = 2
 
@@ -80,17 +82,25 @@ def check_curves(tracker, cell: Cell) -> dict[str, list[tuple[int, float]]]:
 
 def checks_figure(tracker, table: Table, path: Path) -> Path | None:
     """Reliance (own − random) and the multi-step gain against the training iteration, one line per cell whose
-    model's checks measured them; None when no cell's did."""
-    curves = {cell_name(c): check_curves(tracker, c) for c in table.sorted_cells()}
-    curves = {name: c for name, c in curves.items() if c}
+    model's checks measured them, one colour per setting (a study's seeds share it); None when no cell's did."""
+    curves = [(c, check_curves(tracker, c)) for c in table.sorted_cells()]
+    curves = [(cell, c) for cell, c in curves if c]
     if not curves:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, c in curves.items():
+
+    def setting(cell: Cell) -> str:  # a study's training seeds (its seed axis) are one setting, one colour
+        return ", ".join(f"{k}={v}" for k, v in cell.coords.items() if k != SEED_AXIS)
+    seeds = Counter(setting(cell) for cell, _ in curves)
+    colours: dict[str, str] = {}
+    for cell, c in curves:
+        name = setting(cell)
+        label = None if name in colours else name + (f" ({seeds[name]} seeds)" if seeds[name] > 1 else "")
+        colours.setdefault(name, f"C{len(colours) % 10}")
         for ax, key in zip(axes, ("reliance", "gain")):
-            ax.plot([i for i, _ in c[key]], [v for _, v in c[key]], marker=".", label=name)
-    split = next(iter(curves.values()))["split"]
+            ax.plot([i for i, _ in c[key]], [v for _, v in c[key]], marker=".", color=colours[name], label=label)
+    split = curves[0][1]["split"]
     for ax, label in zip(axes, (f"reliance: own − random, last-step {split} mIoU",
                                 f"multi-step gain: last − step 1, {split} mIoU")):
         ax.axhline(0, color="grey", lw=0.8)

@@ -164,6 +164,20 @@ def _head_axis(table: Table) -> str | None:
     return axes[0] if len(axes) == 1 else None
 
 
+def _against_head(table: Table):
+    """cell -> its last-step mIoU minus that of the UNet head sharing its other coordinates (NaN for a head,
+    or without one)."""
+    axes = table.rows + table.columns
+    method = _head_axis(table)
+    heads = {tuple(c.coords.get(a) for a in axes if a != method): c for c in table.cells if _is_head(c)}
+
+    def over_head(cell: Cell) -> float:
+        head = None if _is_head(cell) or method is None else heads.get(
+            tuple(cell.coords.get(a) for a in axes if a != method))
+        return math.nan if head is None else cell.get(names.LAST_MIOU) - head.get(names.LAST_MIOU)
+    return over_head
+
+
 def study(table: Table) -> list[str]:
     """A study of the mask prior (experiments/prior.yaml), one row per cell: base, step 1 and last-step mIoU,
     the multi-step gain (last − step 1), the reliance diagnostic — last-step mIoU fed its own trajectory, the
@@ -171,20 +185,17 @@ def study(table: Table) -> list[str]:
     denoiser reads its mask), and DDPS − the UNet head of the same other coordinates (the head trained as
     long: the prior against a decode head)."""
     axes = table.rows + table.columns
-    method = _head_axis(table)
-    heads = {tuple(c.coords.get(a) for a in axes if a != method): c for c in table.cells if _is_head(c)}
+    over_head = _against_head(table)
     rows = []
     for c in table.sorted_cells():
         last, first = c.get(names.LAST_MIOU), c.get(names.STEP1_MIOU)
         own, random = c.get(names.RELIANCE_OWN), c.get(names.RELIANCE_RANDOM)
-        head = None if _is_head(c) or method is None else heads.get(tuple(c.coords.get(a) for a in axes
-                                                                           if a != method))
         gain = DASH if _is_head(c) or c.steps < 2 else f"{last - first:+.2f}"
         rows.append(_coords(c, axes) + [
             num(c.get(names.BASE_MIOU)), delta(first, c.get(names.BASE_MIOU)), delta(last, c.get(names.BASE_MIOU)),
             gain, f"{num(own)} / {num(c.get(names.RELIANCE_ORACLE))} / {num(random)}",
             DASH if math.isnan(own - random) else f"{own - random:+.2f}",
-            DASH if head is None else f"{last - head.get(names.LAST_MIOU):+.2f}"])
+            DASH if math.isnan(over_head(c)) else f"{over_head(c):+.2f}"])
     return _md(axes + ["base", "step 1", "last", "last − step 1", "own / oracle / random", "own − random",
                        "DDPS − head"], rows) + [
         "", "mIoU. Reliance: last-step mIoU fed the denoiser's own trajectory / the ground truth re-noised / a "
@@ -220,6 +231,7 @@ def _over_seeds(table: Table) -> list[str]:
     for c in table.sorted_cells():
         if not _is_head(c) and c.steps >= 2:
             groups.setdefault(tuple(c.coords.get(a, DASH) for a in axes), []).append(c)
+    over_head = _against_head(table)
     gain = {k: [c.get(names.LAST_MIOU) - c.get(names.STEP1_MIOU) for c in cs] for k, cs in groups.items()}
     reliance = {k: [c.get(names.RELIANCE_OWN) - c.get(names.RELIANCE_RANDOM) for c in cs] for k, cs in groups.items()}
     gain_noise = _pooled_sd([[v for v in g if not math.isnan(v)] for g in gain.values()])
@@ -231,11 +243,11 @@ def _over_seeds(table: Table) -> list[str]:
         acts = "?" if not g or not r or math.isnan(gain_noise) or math.isnan(reliance_noise) else (
             "yes" if statistics.mean(g) > gain_noise and statistics.mean(r) > reliance_noise else "no")
         rows.append(list(k) + [str(len(cs)), f"{statistics.mean(c.get(names.LAST_MIOU) for c in cs):.2f}",
-                               _mean_sd(g), _mean_sd(r), acts])
+                               _mean_sd(g), _mean_sd(r), _mean_sd([over_head(c) for c in cs]), acts])
     if not rows:
         return []
     return ["", "Over the training seeds (mean ± standard deviation):", ""] + _md(
-        axes + ["seeds", "last", "last − step 1", "own − random", "prior acts"], rows) + [
+        axes + ["seeds", "last", "last − step 1", "own − random", "DDPS − head", "prior acts"], rows) + [
         "", f"Noise (the pooled seed-to-seed standard deviation): last − step 1 {num(gain_noise)}, own − random "
             f"{num(reliance_noise)}. The prior acts where both means are above their noise."]
 
