@@ -325,3 +325,27 @@ def test_the_prior_study_over_seeds_gives_each_settings_mean_and_sd_the_pooled_n
                                 "0.08. The prior acts where both means are above their noise.")
     one_seed = Table("prior-pilot", "Pilot", ["setting"], [], order, [c for c in cells if c.coords["seed"] == "0"], runs=4)
     assert "Over the training seeds" not in render(one_seed)  # no seed axis: no summary, no verdict
+
+
+def test_ddps_is_compared_with_a_head_only_at_the_same_budget_same_base_and_data_as_many_iterations(tmp_path):
+    """A pilot's one setting axis holds the head beside DDPS cells trained longer or on another base: only the
+    cell with the head's base, data and iterations (stage 1 + stage 2; the head trains them at once) is
+    compared with it, from the config params the evaluation runs log."""
+    from ddps.report.runs import load_table
+    from ddps.report.tables import render
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    eid = tracker.experiment("prior-pilot")
+    parent = tracker.start_run(eid, "sweep-prior-pilot", {"ddps.step": "sweep", "ddps.title": "Pilot",
+                                                          "ddps.rows": "setting", "ddps.columns": ""})
+    base = {"base.arch": "segformer", "base.backbone": "mit_b0", "train_base.iters": "2000", "data.crop": "64"}
+    cells = [("default", 45.0, {}), ("UNet head", 44.6, {}), ("longer", 46.7, {"train.stage2_iters": "1200"}),
+             ("weak base", 28.4, {"base.arch": "deeplabv3plus", "base.backbone": "mobilenet_v2"})]
+    for i, (setting, last, changed) in enumerate(cells):
+        run = _eval_run(tracker, eid, parent, "prior-pilot", {"setting": setting}, last, last, 30.0, i)
+        tracker.log_params(run, {**base, "train.stage1_iters": "100", "train.stage2_iters": "300", **changed})
+        if setting == "UNet head":
+            tracker.set_tags(run, {"denoiser": "head-UNet-XS"})
+    tracker.end_run(parent, "FINISHED")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[-1].rstrip(" |")
+            for line in render(load_table(tracker, "prior-pilot")).splitlines() if line.startswith("| ")}
+    assert (rows["default"], rows["UNet head"], rows["longer"], rows["weak base"]) == ("+0.40", "–", "–", "–")

@@ -23,6 +23,7 @@ class Cell:
     tags: dict[str, str]
     params_base: float = math.nan  # #P(M) of the base segmentor and of the denoiser
     params_denoiser: float = math.nan
+    budget: str = ""  # what a refiner had to work with: its base and data (their config) and its iterations
 
     def get(self, key: str) -> float:
         return float(self.summary.get(key, math.nan))
@@ -87,6 +88,19 @@ def _newest_first(df):
     return df.sort_values(["start_time", "run_id"], ascending=[False, True], kind="stable")
 
 
+BUDGET_SECTIONS = ("params.data.", "params.base.", "params.train_base.")
+
+
+def _budget(row) -> str:
+    """A refiner's budget from its evaluation run's config params: the base and the data it refines (their
+    sections) and its training iterations (both stages; the UNet head trains as many at once)."""
+    config = {k: row[k] for k in row.index if k.startswith(BUDGET_SECTIONS) and isinstance(row[k], str)}
+    iters = [row.get(f"params.train.{k}") for k in ("stage1_iters", "stage2_iters")]
+    if not config or not all(isinstance(i, str) for i in iters):
+        return ""
+    return json.dumps({**config, "iters": sum(int(i) for i in iters)}, sort_keys=True)
+
+
 def load_table(tracker, name: str, evaluations: set[str] | None = None, split: str | None = None
                ) -> Table | None:
     """The table of experiment ``name`` (only these evaluations' content hashes, if given) on one split:
@@ -129,7 +143,7 @@ def load_table(tracker, name: str, evaluations: set[str] | None = None, split: s
             coords = {"run": f"{tags.get('base', '?')} + {tags.get('denoiser', '?')} "
                              f"({tags.get(names.CONTENT_HASH, '')[:8]})"}
         cells.append(Cell(row["run_id"], coords, json.loads(tags.get(names.SUMMARY, "{}")), tags,
-                          _metric(row, names.PARAMS_BASE), _metric(row, names.PARAMS_DENOISER)))
+                          _metric(row, names.PARAMS_BASE), _metric(row, names.PARAMS_DENOISER), _budget(row)))
     if rows == ["run"]:
         starts = dict(zip(evals["run_id"], evals["start_time"]))
         order = {"run": [c.coords["run"] for c in sorted(cells, key=lambda c: (starts[c.run_id], c.run_id))]}

@@ -165,15 +165,15 @@ def _head_axis(table: Table) -> str | None:
 
 
 def _against_head(table: Table):
-    """cell -> its last-step mIoU minus that of the UNet head sharing its other coordinates (NaN for a head,
-    or without one)."""
+    """cell -> its last-step mIoU minus that of the UNet head at the same budget: the head sharing its other
+    coordinates, trained on the same base and data for as many iterations (NaN for a head, or without one)."""
     axes = table.rows + table.columns
     method = _head_axis(table)
-    heads = {tuple(c.coords.get(a) for a in axes if a != method): c for c in table.cells if _is_head(c)}
+    heads = {(tuple(c.coords.get(a) for a in axes if a != method), c.budget): c for c in table.cells if _is_head(c)}
 
     def over_head(cell: Cell) -> float:
         head = None if _is_head(cell) or method is None else heads.get(
-            tuple(cell.coords.get(a) for a in axes if a != method))
+            (tuple(cell.coords.get(a) for a in axes if a != method), cell.budget))
         return math.nan if head is None else cell.get(names.LAST_MIOU) - head.get(names.LAST_MIOU)
     return over_head
 
@@ -182,8 +182,8 @@ def study(table: Table) -> list[str]:
     """A study of the mask prior (experiments/prior.yaml), one row per cell: base, step 1 and last-step mIoU,
     the multi-step gain (last − step 1), the reliance diagnostic — last-step mIoU fed its own trajectory, the
     ground truth re-noised (oracle), a fresh random mask at each step — with own − random (how much the
-    denoiser reads its mask), and DDPS − the UNet head of the same other coordinates (the head trained as
-    long: the prior against a decode head)."""
+    denoiser reads its mask), and DDPS − the UNet head of the same other coordinates and budget (the same
+    base and data, as many iterations: the prior against a decode head)."""
     axes = table.rows + table.columns
     over_head = _against_head(table)
     rows = []
