@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
