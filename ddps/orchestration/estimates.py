@@ -75,11 +75,16 @@ def cell_seconds(cell: Cell) -> float:
     return EVAL_START_S + cell.images * cell_calls(cell) / (EVAL_CALLS_PER_S * speed)
 
 
+def test_steps(cfg) -> int:
+    """The refinement steps of one trajectory at test time (infer.steps of the diffusion.steps, infer.times)."""
+    return len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
+
+
 def cell_calls(cell: Cell) -> int:
     """Denoiser calls per image of a cell's evaluation: every step, x3 with the reliance diagnostic, every
     scale and mirror image of a multi-scale evaluation, x2 with guidance."""
     cfg = cell.cfg
-    steps = len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
+    steps = test_steps(cfg)
     calls = 1 if cfg.denoiser.method == "head" else steps * (3 if cell.reliance else 1)
     if cfg.eval.multiscale:  # every scale (and its mirror image) refined once more
         calls += (1 if cfg.denoiser.method == "head" else steps) * len(cfg.eval.scales) * (

@@ -35,8 +35,8 @@ from ddps.config.load import parse_set, read_experiment, read_experiment_file
 from ddps.data.datasets import selection_split
 from ddps.engine import train_base, train_refiner
 from ddps.errors import ConfigError, choices
+from ddps.orchestration.estimates import test_steps
 from ddps.paths import safe_name
-from ddps.refiner.steps import step_times
 
 EVAL_SECTIONS = ("data", "denoiser", "diffusion", "train", "infer", "eval")  # what an evaluation reads
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
@@ -96,9 +96,7 @@ class Cell:
     def images(self) -> int:
         """The images its evaluation scores: the split of eval.split (val, or the holdout scenes), capped by
         eval.max_images."""
-        data = self.cfg.data
-        count = data.holdout if self.cfg.eval.split == "holdout" else data.val_scenes
-        return min(count, self.cfg.eval.max_images or count)
+        return split_images(self.cfg, self.cfg.eval.split)
 
 
 @dataclass(frozen=True)
@@ -264,15 +262,19 @@ def check_calls(cfg: Config, stage: str) -> int:
     a multi-step stage its test steps, with train.check_reliance twice them and one oracle call."""
     iters = train_refiner.stage_iters(cfg, stage)
     checks = iters // cfg.train.eval_every + (1 if iters % cfg.train.eval_every else 0)
-    data = cfg.data
-    count = data.holdout if selection_split(data) == "holdout" else data.val_scenes
-    images = min(count, cfg.eval.max_images or count)
     per_image = 1
     if stage in ("stage2", "multistep"):
-        per_image = len(step_times(cfg.diffusion.steps, min(cfg.infer.steps, cfg.diffusion.steps), cfg.infer.times))
+        per_image = test_steps(cfg)
         if train_refiner.checks_reliance(cfg, stage):
             per_image = 2 * per_image + 1
-    return checks * images * per_image
+    return checks * split_images(cfg, selection_split(cfg.data)) * per_image
+
+
+def split_images(cfg: Config, split: str) -> int:
+    """The embedded benchmark's images an evaluation of ``split`` scores: the holdout scenes or the val scenes,
+    capped by eval.max_images."""
+    count = cfg.data.holdout if split == "holdout" else cfg.data.val_scenes
+    return min(count, cfg.eval.max_images or count)
 
 
 def eval_hash(cfg: Config, chain: Sequence[Training]) -> str:

@@ -38,8 +38,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "cell"
 
 
-def cell_name(cell: Cell) -> str:
-    return ", ".join(f"{k}={v}" for k, v in cell.coords.items())
+def cell_name(cell: Cell, omit: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cell.coords.items() if k not in omit)
 
 
 def steps_figure(tracker, table: Table, path: Path) -> Path:
@@ -89,13 +89,10 @@ def checks_figure(tracker, table: Table, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-
-    def setting(cell: Cell) -> str:  # a study's training seeds (its seed axis) are one setting, one colour
-        return ", ".join(f"{k}={v}" for k, v in cell.coords.items() if k != SEED_AXIS)
-    seeds = Counter(setting(cell) for cell, _ in curves)
+    seeds = Counter(cell_name(cell, omit=(SEED_AXIS,)) for cell, _ in curves)  # a study's seeds: one setting
     colours: dict[str, str] = {}
     for cell, c in curves:
-        name = setting(cell)
+        name = cell_name(cell, omit=(SEED_AXIS,))
         label = None if name in colours else name + (f" ({seeds[name]} seeds)" if seeds[name] > 1 else "")
         colours.setdefault(name, f"C{len(colours) % 10}")
         for ax, key in zip(axes, ("reliance", "gain")):

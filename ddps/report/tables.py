@@ -199,14 +199,21 @@ def study(table: Table) -> list[str]:
     return _md(axes + ["base", "step 1", "last", "last − step 1", "own / oracle / random", "own − random",
                        "DDPS − head"], rows) + [
         "", "mIoU. Reliance: last-step mIoU fed the denoiser's own trajectory / the ground truth re-noised / a "
-            "fresh random mask at every step; own − random near 0: the mask input is not read."] + _over_seeds(table)
+            "fresh random mask at every step; own − random near 0: the mask input is not read."] + _over_seeds(
+                table, over_head)
 
 
 SEED_AXIS = "seed"  # a study's axis of training seeds (train.seed): its cells are one setting's repeats
 
 
+def _known(values) -> list[float]:
+    """The values that are numbers (NaN: a metric a cell does not have, or a cell without a head)."""
+    return [v for v in values if not math.isnan(v)]
+
+
 def _mean_sd(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
+    """'+0.39 ± 0.13' over the known values."""
+    values = _known(values)
     if not values:
         return DASH
     sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
@@ -220,7 +227,7 @@ def _pooled_sd(groups: list[list[float]]) -> float:
     return math.sqrt(statistics.mean(variances)) if variances else math.nan
 
 
-def _over_seeds(table: Table) -> list[str]:
+def _over_seeds(table: Table, over_head) -> list[str]:
     """With a ``seed`` axis: each setting's mean ± standard deviation over its seeds of the multi-step gain
     (last − step 1) and the reliance (own − random), the noise (their pooled standard deviation over seeds),
     and whether the prior acts — both means above their noise."""
@@ -231,15 +238,13 @@ def _over_seeds(table: Table) -> list[str]:
     for c in table.sorted_cells():
         if not _is_head(c) and c.steps >= 2:
             groups.setdefault(tuple(c.coords.get(a, DASH) for a in axes), []).append(c)
-    over_head = _against_head(table)
-    gain = {k: [c.get(names.LAST_MIOU) - c.get(names.STEP1_MIOU) for c in cs] for k, cs in groups.items()}
-    reliance = {k: [c.get(names.RELIANCE_OWN) - c.get(names.RELIANCE_RANDOM) for c in cs] for k, cs in groups.items()}
-    gain_noise = _pooled_sd([[v for v in g if not math.isnan(v)] for g in gain.values()])
-    reliance_noise = _pooled_sd([[v for v in g if not math.isnan(v)] for g in reliance.values()])
+    gain = {k: _known(c.get(names.LAST_MIOU) - c.get(names.STEP1_MIOU) for c in cs) for k, cs in groups.items()}
+    reliance = {k: _known(c.get(names.RELIANCE_OWN) - c.get(names.RELIANCE_RANDOM) for c in cs)
+                for k, cs in groups.items()}
+    gain_noise, reliance_noise = _pooled_sd(list(gain.values())), _pooled_sd(list(reliance.values()))
     rows = []
     for k, cs in groups.items():
-        g = [v for v in gain[k] if not math.isnan(v)]
-        r = [v for v in reliance[k] if not math.isnan(v)]
+        g, r = gain[k], reliance[k]
         acts = "?" if not g or not r or math.isnan(gain_noise) or math.isnan(reliance_noise) else (
             "yes" if statistics.mean(g) > gain_noise and statistics.mean(r) > reliance_noise else "no")
         rows.append(list(k) + [str(len(cs)), f"{statistics.mean(c.get(names.LAST_MIOU) for c in cs):.2f}",
