@@ -212,6 +212,22 @@ def test_the_prior_pilot_scores_holdout_checks_reliance_and_shares_the_paper_swe
     assert "prior-pilot" not in {p.stem for p in experiment_files(ROOT / "experiments")}  # not in --all
 
 
+def test_the_preset_study_runs_on_the_cpu_presets_own_base_with_its_stage_2_and_four_times_it(tmp_path):
+    """experiments/studies/prior-preset.yaml: both cells refine the base `ddps train --preset cpu` plans (no
+    _cpu.yaml), on the first 200 holdout scenes with reliance at each check; only stage 2's length differs."""
+    study = plan(load_experiment(ROOT / "experiments" / "studies" / "prior-preset.yaml"), "cpu")
+    doc = {"name": "preset", "axes": [{"name": "method", "key": "denoiser.method", "values": ["ddps"]}],
+           "rows": ["method"]}
+    preset = plan(load_experiment(_write(tmp_path, doc)), "cpu")
+    bases = [{t.hash for t in p.trainings if t.step == "base"} for p in (study, preset)]
+    assert len(bases[0]) == 1 and bases[0] == bases[1]
+    assert {(c.cfg.eval.split, c.cfg.eval.max_images, c.cfg.train.check_reliance) for c in study.cells} == {
+        ("holdout", 200, True)}
+    default = preset.cells[0].cfg.train
+    assert [(c.cfg.train.stage1_iters, c.cfg.train.stage2_iters) for c in study.cells] == [
+        (default.stage1_iters, default.stage2_iters), (default.stage1_iters, 4 * default.stage2_iters)]
+
+
 def test_the_time_estimate_counts_a_refiners_held_out_checks_and_their_reliance_trajectories(tmp_path):
     """One check every train.eval_every iterations and one at the end (the engine's condition), each over the
     selection split's images capped by eval.max_images: stage 1 and the head one call per image, stage 2 its

@@ -179,7 +179,7 @@ def _against_head(table: Table):
 
 
 def study(table: Table) -> list[str]:
-    """A study of the mask prior (experiments/prior.yaml), one row per cell: base, step 1 and last-step mIoU,
+    """A study of the mask prior (experiments/studies/prior*.yaml), one row per cell: base, step 1 and last-step mIoU,
     the multi-step gain (last − step 1), the reliance diagnostic — last-step mIoU fed its own trajectory, the
     ground truth re-noised (oracle), a fresh random mask at each step — with own − random (how much the
     denoiser reads its mask), and DDPS − the UNet head of the same other coordinates and budget (the same
@@ -265,7 +265,7 @@ LAYOUTS = {"table1": bases, "table2": bases, "table4": bases, "table3e": matrix,
 def layout(table: Table):
     if table.rows == ["run"]:
         return pipeline
-    if table.name.startswith("prior-"):  # the mask-prior study's other experiments (its pilot)
+    if table.name.startswith("prior-"):  # the mask-prior study's other experiments (its pilot, the preset's)
         return study
     return LAYOUTS.get(table.name, matrix if table.columns else steps)
 
