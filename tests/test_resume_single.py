@@ -81,6 +81,8 @@ def interrupt_once_saved(command: list[str], states: Path, log: Path) -> int:
         deadline = time.monotonic() + 300
         while not list(states.glob("state-*.pt.sha256")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert proc.poll() is None, (  # the runs below are long enough after their first state for a loaded machine
+            f"the run ended (exit {proc.returncode}) before a state in {states} was seen\n" + log.read_text()[-3000:])
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130, log.read_text()[-3000:]
     assert "ddps: interrupted; rerun the same command to resume from its last training state" in log.read_text()
@@ -96,7 +98,9 @@ def rerun(command: list[str]) -> str:
 
 # ---- the refiner ---------------------------------------------------------------------------------------
 
-REFINER = {"train.stage1_iters": 4, "train.stage2_iters": 8, "train.eval_every": 100, "train.log_every": 1,
+# stage 2 runs on for ~2 s after its first state (~50 ms an iteration): room for the test's polling to see that
+# state and press Ctrl-C even on a loaded machine (with 8 iterations, once, the run ended first)
+REFINER = {"train.stage1_iters": 4, "train.stage2_iters": 40, "train.eval_every": 100, "train.log_every": 1,
            "train.threads": 1}
 STAGE1 = {**REFINER, "train.stage2_iters": 1}  # the same stage 1 (its hash leaves stage2_iters out), a short stage 2
 
@@ -214,7 +218,7 @@ def test_the_image_path_resumes_its_augmentation_where_it_was(base, tmp_path):
 
 # ---- the base --------------------------------------------------------------------------------------------
 
-BASE = {"train_base.iters": 10, "train_base.eval_every": 100, "train_base.log_every": 1, "train_base.threads": 1}
+BASE = {"train_base.iters": 40, "train_base.eval_every": 100, "train_base.log_every": 1, "train_base.threads": 1}
 
 
 def test_train_base_cli_ctrl_c_then_the_same_command_resumes_at_the_saved_iteration_and_data_position(tmp_path):
